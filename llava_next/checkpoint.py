@@ -1,0 +1,198 @@
+"""Finding a checkpoint's files, reading its (sharded) safetensors and mapping weight names onto ours.
+
+Weight names in the wild, all mapped here and nowhere else:
+  transformers 4.x on disk   vision_tower.vision_model.*, language_model.model.*, language_model.lm_head.weight
+  transformers 5.x on disk   vision_tower.* (no vision_model), the rest as 4.x
+  transformers in memory     model.vision_tower.*, model.language_model.*, model.multi_modal_projector.*, lm_head.weight
+Ours are the 5.x names with `language_model.` for the decoder and `lm_head.` at the top. Weights are only ever read
+from safetensors: pickle files can run code when loaded, so a checkpoint that has nothing else is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+# Files a LLaVA checkpoint needs, for downloading only those from the Hub.
+CHECKPOINT_FILE_PATTERNS = [
+    "*.json",
+    "*.jinja",
+    "*.safetensors",
+    "tokenizer.model",  # not read, but a user's local copy is more useful with it
+]
+
+# Present in some checkpoints, derived from the config by us: never weights.
+IGNORED_SUFFIXES = (".position_ids", ".rotary_emb.inv_freq")
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo" / "model"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be found, downloaded or matched to the model."""
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory holding the checkpoint: the path itself, the bundled demo, or a Hub snapshot."""
+    if str(name_or_path) == "demo":
+        if not (DEMO_MODEL_DIR / "config.json").exists():
+            raise CheckpointError(f"the bundled demo model is missing from {DEMO_MODEL_DIR}; run `make demo-model`")
+        return DEMO_MODEL_DIR
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; point at the checkpoint's directory (the one with config.json)")
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path} has no config.json: it is not a checkpoint directory")
+        return path
+    name = str(name_or_path)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise CheckpointError(f"{name!r} is neither an existing directory nor a Hub id of the form 'owner/name'")
+    return _download(name, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    how_to_copy = (
+        f"On a machine with network access run `hf download {repo_id} --local-dir DIR` "
+        "(or copy the repository's files), then pass that DIR as the model."
+    )
+    try:
+        # Use a complete cached copy when there is one, so repeated loads need no network.
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_FILE_PATTERNS,
+                                      local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_FILE_PATTERNS))
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"the Hugging Face Hub has no repository {repo_id!r} (or it is private: log in with "
+                              "`hf auth login`)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise CheckpointError(
+            f"could not download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            + how_to_copy
+        ) from None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards its index names, or the single file."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{directory}: the shard index names files that are not there: {', '.join(missing)}")
+        return files
+    single = directory / "model.safetensors"
+    if single.exists():
+        return [single]
+    others = sorted(p.name for p in directory.glob("*.safetensors"))
+    if others:
+        return [directory / name for name in others]
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise CheckpointError(
+            f"{directory} holds only pickle weights ({', '.join(pickles[:3])}); they can run code when loaded, so they "
+            "are not read. Convert them to safetensors (e.g. load and save_pretrained with transformers) first."
+        )
+    raise CheckpointError(f"{directory} has no model.safetensors (nor sharded *.safetensors with an index)")
+
+
+def map_weight_name(name: str) -> str | None:
+    """A checkpoint's weight name -> ours, or None for entries that are not weights."""
+    if name.endswith(IGNORED_SUFFIXES):
+        return None
+    if name.startswith("model."):
+        name = name[len("model."):]  # transformers' in-memory layout nests everything but lm_head under `model.`
+    if name.startswith("vision_tower.vision_model."):
+        return "vision_tower." + name[len("vision_tower.vision_model."):]
+    if name.startswith("language_model.model."):
+        return "language_model." + name[len("language_model.model."):]
+    if name.startswith("language_model.lm_head."):
+        return "lm_head." + name[len("language_model.lm_head."):]
+    return name
+
+
+def iter_checkpoint_tensors(files: list[Path]):
+    """(checkpoint name, lazily read tensor) for every tensor of every file."""
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                yield key, (lambda f=f, key=key: f.get_tensor(key))
+
+
+def load_weights(model: torch.nn.Module, files: list[Path], dtype: torch.dtype, device, progress: bool = False) -> None:
+    """Copy every checkpoint tensor into `model` (which may hold uninitialised memory), strictly.
+
+    Every parameter must be found and every weight in the files must have a place; otherwise this fails naming
+    the keys, because a model that runs with some weights left random gives plausible-looking wrong answers.
+    """
+    params = dict(model.named_parameters())  # tied weights appear once, under their first name
+    total_bytes = sum(p.stat().st_size for p in files)
+    bar = None
+    if progress and total_bytes > 200 * 2**20:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", leave=False)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    shape_errors: list[str] = []
+    tied_aliases = _tied_aliases(model)
+    for key, read in iter_checkpoint_tensors(files):
+        name = map_weight_name(key)
+        if name is None:
+            continue
+        if name in tied_aliases:
+            continue  # a tied weight stored twice: its first name is the one loaded
+        if name not in params:
+            unexpected.append(key)
+            continue
+        tensor = read()
+        if bar is not None:
+            bar.update(tensor.numel() * tensor.element_size())
+        target = params[name]
+        if tuple(tensor.shape) != tuple(target.shape):
+            shape_errors.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+            continue
+        with torch.no_grad():
+            target.copy_(tensor.to(device=device, dtype=dtype))
+        loaded.add(name)
+    if bar is not None:
+        bar.close()
+    missing = sorted(set(params) - loaded)
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint: {_preview(missing)}")
+    if unexpected:
+        problems.append(f"in the checkpoint but not in the model: {_preview(unexpected)}")
+    if shape_errors:
+        problems.append(f"shapes differ: {_preview(shape_errors)}")
+    if problems:
+        raise CheckpointError(
+            "the checkpoint's weights do not match its config (" + "; ".join(problems) + "). "
+            "The config.json and the weights may come from different models."
+        )
+
+
+def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Names of parameters that are another, earlier parameter (a tied lm_head) -> that parameter's name."""
+    seen: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            aliases[name] = seen[id(p)]
+        else:
+            seen[id(p)] = name
+    return aliases
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -1,0 +1,258 @@
+"""The generation engine: KV cache, sampling, stopping, batched and streaming generation.
+
+The model is stateless; this engine owns the cache. One prefill pass over the whole (left-padded) batch, then one
+token per row per step, each row stopping on its own. Per step the only Python work is bookkeeping of the rows
+still running; everything that can be computed once (EOS ids, the cache, the penalty mask) is computed once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .model.decoder import KVCache
+from .model.llava import LlavaModel, positions_from_mask
+from .prompt import IncrementalDetokenizer, Tokenizer
+
+
+class GenerationError(ValueError):
+    """Generation settings that cannot work."""
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. temperature 0 is greedy (argmax); the other knobs then only shape the distribution."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output
+    seed: int | None = None
+    stop: Sequence[str] = ()  # stop when the output contains one of these; it is not included in the text
+
+    def validate(self) -> "SamplingParams":
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise GenerationError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise GenerationError("stop strings must be non-empty strings")
+        return self
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]  # the new tokens only, the EOS token included when generation ended on it
+    finish_reason: str  # "stop": an EOS token or a stop string; "length": max_new_tokens or the context window
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Tokens seen before: positive logits divided by the penalty, negative ones multiplied (CTRL's rule)."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits outside the top k, or outside the smallest set whose probability reaches top_p, set to -inf."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove_sorted = cumulative <= 1 - top_p
+        remove_sorted[..., -1] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def choose_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,)."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class _Row:
+    """Output state of one prompt of the batch."""
+
+    detok: IncrementalDetokenizer
+    stops: Sequence[str]
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of detok.text already handed out
+    searched: int = 0  # characters of detok.text already searched for stop strings
+    done: bool = False
+    finish_reason: str = "length"
+    stop_at: int | None = None  # where a stop string begins in detok.text
+
+    @property
+    def text(self) -> str:
+        return self.detok.text if self.stop_at is None else self.detok.text[: self.stop_at]
+
+    def safe_text_end(self) -> int:
+        """How far the text can be handed out without possibly emitting the beginning of a stop string."""
+        if self.done:
+            return len(self.text)
+        hold = max((len(s) - 1 for s in self.stops), default=0)
+        return max(self.emitted, len(self.detok.text) - hold)
+
+
+class Generator:
+    def __init__(self, model: LlavaModel, tokenizer: Tokenizer, eos_token_ids: Sequence[int]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = sorted(set(eos_token_ids))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    def _steps(self, inputs: dict[str, torch.Tensor], params: SamplingParams, rows: list[_Row]) -> Iterator[None]:
+        """Runs prefill and decoding, updating `rows` and yielding after every step."""
+        model, device = self.model, self.device
+        input_ids = inputs["input_ids"].to(device)
+        mask = inputs["attention_mask"].to(device).bool()
+        batch, prompt_len = input_ids.shape
+        window = model.cfg.text.max_position_embeddings
+        max_new = min(params.max_new_tokens, window - int(mask.sum(-1).max()))
+        if max_new < 1:
+            for row in rows:
+                row.done = True
+            return
+        cache = KVCache.allocate(model.cfg.text, batch, prompt_len + max_new, model.lm_head.weight.dtype, device)
+        key_mask = torch.zeros((batch, prompt_len + max_new), dtype=torch.bool, device=device)
+        key_mask[:, :prompt_len] = mask
+        positions = positions_from_mask(mask)
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros((batch, model.cfg.text.vocab_size), dtype=torch.bool, device=device)
+            seen.scatter_(1, input_ids.masked_fill(~mask, 0), mask)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(params.seed)
+        eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
+        pixel_values = inputs.get("pixel_values")
+        image_sizes = inputs.get("image_sizes")
+        logits = model(
+            input_ids, mask,
+            pixel_values=pixel_values.to(device) if pixel_values is not None else None,
+            image_sizes=image_sizes.to(device) if image_sizes is not None else None,
+            cache=cache, start=0, positions=positions, key_mask=key_mask[:, :prompt_len], logits_to_keep=1,
+        )
+        next_positions = positions[:, -1:] + 1
+        for step in range(max_new):
+            tokens = choose_next(logits[:, -1], params, seen, generator)
+            is_eos = torch.isin(tokens, eos).tolist()
+            for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
+                if row.done:
+                    continue
+                row.token_ids.append(token)
+                if is_eos[i]:
+                    row.done, row.finish_reason = True, "stop"
+                    continue
+                row.detok.add(token)
+                if row.stops:
+                    self._check_stop(row)
+            if step == max_new - 1 or all(row.done for row in rows):
+                yield
+                return
+            yield
+            if seen is not None:
+                seen.scatter_(1, tokens[:, None], True)
+            slot = prompt_len + step
+            key_mask[:, slot] = True
+            logits = model(tokens[:, None], cache=cache, start=slot, positions=next_positions,
+                           key_mask=key_mask[:, : slot + 1], logits_to_keep=1)
+            next_positions = next_positions + 1
+
+    @staticmethod
+    def _check_stop(row: _Row) -> None:
+        # Only the new end of the text can hold a stop string that was not there before.
+        start = max(0, row.searched - max(len(s) for s in row.stops) + 1)
+        row.searched = len(row.detok.text)
+        found = [i for i in (row.detok.text.find(s, start) for s in row.stops) if i >= 0]
+        if found:
+            row.stop_at = min(found)
+            row.done, row.finish_reason = True, "stop"
+
+    def _rows(self, inputs: dict[str, torch.Tensor], params: SamplingParams) -> list[_Row]:
+        lengths = inputs["attention_mask"].sum(-1).tolist()
+        return [_Row(IncrementalDetokenizer(self.tokenizer), tuple(params.stop), int(n)) for n in lengths]
+
+    @torch.inference_mode()
+    def generate(self, inputs: dict[str, torch.Tensor], params: SamplingParams) -> list[Generation]:
+        params.validate()
+        rows = self._rows(inputs, params)
+        for _ in self._steps(inputs, params, rows):
+            pass
+        for row in rows:
+            if row.stop_at is None:
+                row.detok.flush()
+        return [Generation(row.text, row.token_ids, row.finish_reason, row.prompt_tokens) for row in rows]
+
+    def stream(self, inputs: dict[str, torch.Tensor], params: SamplingParams) -> "TextStream":
+        """Text pieces of a single prompt as they are generated; joined, they equal `generate(...)`'s text."""
+        params.validate()
+        if inputs["input_ids"].shape[0] != 1:
+            raise GenerationError("stream() takes one prompt; use generate() for a batch")
+        return TextStream(self, inputs, params)
+
+    @staticmethod
+    def _take(row: _Row) -> str:
+        end = row.safe_text_end()
+        piece = row.text[row.emitted : end]
+        row.emitted = max(row.emitted, end)
+        return piece
+
+
+class TextStream:
+    """An iterator of text pieces; once exhausted, `generation` holds the whole result (finish reason included)."""
+
+    def __init__(self, generator: Generator, inputs: dict[str, torch.Tensor], params: SamplingParams):
+        self._rows = generator._rows(inputs, params)
+        self._steps = generator._steps(inputs, params, self._rows)
+        self.generation: Generation | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        row = self._rows[0]
+        while True:
+            # Inference mode per step: a generator suspended inside the context would leak it into the caller.
+            with torch.inference_mode():
+                finished = next(self._steps, StopIteration) is StopIteration
+            if finished:
+                break
+            piece = Generator._take(row)
+            if piece:
+                yield piece
+        if row.stop_at is None:
+            row.detok.flush()
+        row.done = True
+        piece = Generator._take(row)
+        if piece:
+            yield piece
+        self.generation = Generation(row.text, row.token_ids, row.finish_reason, row.prompt_tokens)

@@ -1,0 +1,397 @@
+"""Images: decoding with limits, RGB conversion, the anyres geometry, preprocessing and token counting.
+
+`anyres_grid` is the one place that computes LLaVA-NeXT's geometry. The processor uses it to cut tiles and to count
+an image's tokens, the model uses it to pack the tiles' features: the two can never disagree.
+
+Every rounding below is the reference's (transformers' PIL image processors), because a one-pixel difference in a
+resize changes every feature of the image:
+  - pinpoints are (height, width); the best one maximises the effective area (int() of the scaled sides), then
+    minimises the waste, and a full tie goes to the first in the list;
+  - the image is resized into the chosen canvas with ceil() on the scaled side and Pillow's bicubic on uint8 pixels;
+  - it is padded with black, centred, the odd pixel on the bottom/right, and cut into tiles row by row;
+  - the base tile is the whole original squashed to one tile and comes first;
+  - unpadding the feature grid uses the original (H, W) and int(round(x, 7)).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+DEFAULT_MAX_PIXELS = 50_000_000  # a 7000 x 7000 photo fits; a decompression bomb does not
+DEFAULT_MAX_BYTES = 64 * 2**20
+
+
+class ImageError(ValueError):
+    """An image could not be used: unreadable, truncated, too large, or of an unsupported kind."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+
+def decode_image(source: str | os.PathLike | bytes, limits: ImageLimits = ImageLimits(), name: str | None = None) -> Image.Image:
+    """A file path or encoded bytes -> a fully decoded PIL image, EXIF orientation applied.
+
+    The size is checked from the header before any pixel is decoded, so a small file that would expand into
+    gigabytes is refused cheaply. Truncated and corrupt files are errors, never partially grey images.
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "image bytes")
+    if isinstance(source, bytes):
+        data = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{label}: no such image file")
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise ImageError(f"{label}: {size} bytes is over the limit of {limits.max_bytes} bytes")
+        data = path.read_bytes()
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"{label}: {len(data)} bytes is over the limit of {limits.max_bytes} bytes")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError(f"{label}: not an image format Pillow can read (or the file is corrupt)") from None
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            f"{label}: {width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels} "
+            "(raise it with max_image_pixels if you trust this image)"
+        )
+    return _load_pixels(image, label)
+
+
+def _load_pixels(image: Image.Image, label: str) -> Image.Image:
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise ImageError(f"{label}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on, so truncated files would decode "
+                         "partly grey instead of failing; turn it off")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)  # what transformers' load_image does with files and URLs
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{label}: refused as a decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{label}: the image data is truncated or corrupt ({e})") from None
+    return image
+
+
+def check_image(image: Image.Image, limits: ImageLimits = ImageLimits(), label: str = "image") -> Image.Image:
+    """A PIL image given directly: enforce the pixel limit and make sure its pixels decode."""
+    if not isinstance(image, Image.Image):
+        raise ImageError(f"{label}: expected a PIL image, a path or bytes, got {type(image).__name__}")
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError(f"{label}: an image of size {width}x{height} has no pixels")
+    if width * height > limits.max_pixels:
+        raise ImageError(f"{label}: {width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels}")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{label}: the image data is truncated or corrupt ({e})") from None
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB as the reference does: transparency composited on white, high bit depths clipped."""
+    if image.mode == "RGB" and image.info.get("transparency") is None:
+        return image
+    try:
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as e:
+        raise ImageError(f"images of Pillow mode {image.mode!r} cannot be converted to RGB ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Anyres geometry
+
+
+def select_best_resolution(image_size: tuple[int, int], pinpoints: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The (height, width) canvas that keeps the most of the image's pixels, then wastes the least."""
+    height, width = image_size
+    best, best_effective, best_wasted = None, 0, float("inf")
+    for canvas_h, canvas_w in pinpoints:
+        scale = min(canvas_w / width, canvas_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = canvas_w * canvas_h - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (canvas_h, canvas_w), effective, wasted
+    return best
+
+
+def fit_inside(image_size: tuple[int, int], canvas: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the image scaled to touch the canvas on one side, keeping its aspect ratio."""
+    height, width = image_size
+    canvas_h, canvas_w = canvas
+    scale_w, scale_h = canvas_w / width, canvas_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), canvas_h), canvas_w
+    return canvas_h, min(math.ceil(width * scale_h), canvas_w)
+
+
+@dataclass(frozen=True)
+class AnyresGrid:
+    """How one image of a given size is tiled and how its features are packed."""
+
+    canvas: tuple[int, int]  # the chosen pinpoint, (height, width) in pixels
+    resized: tuple[int, int]  # the image scaled into the canvas, (height, width)
+    rows: int  # tiles down
+    cols: int  # tiles across
+    feature_offset: tuple[int, int]  # (top, left) of the unpadded region in the (rows * side, cols * side) grid
+    feature_height: int
+    feature_width: int
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the grid part: the unpadded features, and a newline after every row."""
+        return self.feature_height * (self.feature_width + 1)
+
+
+def anyres_grid(image_size: tuple[int, int], pinpoints: Sequence[tuple[int, int]], tile_size: int, patch_size: int) -> AnyresGrid:
+    height, width = int(image_size[0]), int(image_size[1])
+    if height < 1 or width < 1:
+        raise ImageError(f"image size {height}x{width} has no pixels")
+    canvas = select_best_resolution((height, width), pinpoints)
+    rows, cols = canvas[0] // tile_size, canvas[1] // tile_size
+    side = tile_size // patch_size
+    grid_h, grid_w = rows * side, cols * side
+    # Remove the rows (or columns) of features that only saw padding. The reference slices `padding` off both
+    # ends, so an odd leftover keeps one padded row: the count must be computed the same way.
+    if width / height > grid_w / grid_h:
+        new_h = int(round(height * (grid_w / width), 7))
+        pad = (grid_h - new_h) // 2
+        offset, feature_h, feature_w = (pad, 0), grid_h - 2 * pad, grid_w
+    else:
+        new_w = int(round(width * (grid_h / height), 7))
+        pad = (grid_w - new_w) // 2
+        offset, feature_h, feature_w = (0, pad), grid_h, grid_w - 2 * pad
+    return AnyresGrid(canvas, fit_inside((height, width), canvas), rows, cols, offset, feature_h, feature_w)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+@dataclass
+class ImageProcessorConfig:
+    """What preprocessor_config.json (transformers 4.x) or processor_config.json's image_processor (5.x) says."""
+
+    anyres: bool = True
+    shortest_edge: int | None = 336  # resize so the short side is this...
+    size_hw: tuple[int, int] | None = None  # ...or to exactly this (height, width)
+    do_resize: bool = True
+    do_center_crop: bool = True
+    crop_size: tuple[int, int] = (336, 336)  # (height, width)
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    resample: int = 3  # Pillow's BICUBIC
+    pad_to_square: bool = False  # LLaVA 1.5 "pad" aspect ratio: pad to a square of the mean colour first
+    image_grid_pinpoints: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def tile_size(self) -> int:
+        if self.do_center_crop:
+            return self.crop_size[0]
+        if self.size_hw is not None:
+            return self.size_hw[0]
+        return self.shortest_edge
+
+    @property
+    def base_size(self) -> tuple[int, int]:
+        """(height, width) the whole image is squashed to for the anyres base tile."""
+        if self.size_hw is not None:
+            return self.size_hw
+        return (self.shortest_edge, self.shortest_edge)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], anyres: bool, pinpoints: list[tuple[int, int]] | None) -> "ImageProcessorConfig":
+        def hw(value, default):
+            if value is None:
+                return default
+            if isinstance(value, int):
+                return (value, value)
+            if "height" in value:
+                return (int(value["height"]), int(value["width"]))
+            return (int(value["shortest_edge"]),) * 2
+
+        size = d.get("size", {"shortest_edge": 336})
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        shortest = int(size["shortest_edge"]) if "shortest_edge" in size else None
+        size_hw = (int(size["height"]), int(size["width"])) if "height" in size else None
+        raw_pinpoints = d.get("image_grid_pinpoints") or pinpoints or []
+        return cls(
+            anyres=anyres,
+            shortest_edge=shortest,
+            size_hw=size_hw,
+            do_resize=bool(d.get("do_resize", True)),
+            do_center_crop=bool(d.get("do_center_crop", True)),
+            crop_size=hw(d.get("crop_size"), (shortest or 224,) * 2),
+            do_rescale=bool(d.get("do_rescale", True)),
+            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
+            do_normalize=bool(d.get("do_normalize", True)),
+            image_mean=tuple(d.get("image_mean") or OPENAI_CLIP_MEAN),
+            image_std=tuple(d.get("image_std") or OPENAI_CLIP_STD),
+            resample=int(d.get("resample", 3)),
+            pad_to_square=bool(d.get("do_pad", False)) and not anyres,
+            image_grid_pinpoints=[(int(h), int(w)) for h, w in raw_pinpoints],
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        d: dict[str, Any] = dict(
+            image_processor_type="LlavaNextImageProcessor" if self.anyres else "LlavaImageProcessor",
+            do_resize=self.do_resize,
+            size={"height": self.size_hw[0], "width": self.size_hw[1]} if self.size_hw else {"shortest_edge": self.shortest_edge},
+            do_center_crop=self.do_center_crop,
+            crop_size={"height": self.crop_size[0], "width": self.crop_size[1]},
+            do_rescale=self.do_rescale,
+            rescale_factor=self.rescale_factor,
+            do_normalize=self.do_normalize,
+            image_mean=list(self.image_mean),
+            image_std=list(self.image_std),
+            resample=self.resample,
+            do_convert_rgb=True,
+        )
+        if self.anyres:
+            d.update(do_pad=True, image_grid_pinpoints=[list(p) for p in self.image_grid_pinpoints])
+        else:
+            d["do_pad"] = self.pad_to_square
+        return d
+
+
+def _resize(image: Image.Image, size_hw: tuple[int, int], resample: int) -> Image.Image:
+    height, width = size_hw
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), resample=resample, reducing_gap=None)
+
+
+def _shortest_edge_size(image_size: tuple[int, int], shortest: int) -> tuple[int, int]:
+    height, width = image_size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shortest * long / short)
+    return (new_long, shortest) if width <= height else (shortest, new_long)
+
+
+def _center_crop(image: Image.Image, crop_hw: tuple[int, int]) -> Image.Image:
+    crop_h, crop_w = crop_hw
+    width, height = image.size
+    if height < crop_h or width < crop_w:
+        # Smaller than the crop: centre on black, the odd pixel of padding on the top/left (the reference's rule).
+        canvas_h, canvas_w = max(crop_h, height), max(crop_w, width)
+        canvas = Image.new("RGB", (canvas_w, canvas_h))
+        canvas.paste(image, (math.ceil((canvas_w - width) / 2), math.ceil((canvas_h - height) / 2)))
+        image, (width, height) = canvas, (canvas_w, canvas_h)
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    if (top, left, crop_w, crop_h) == (0, 0, width, height):
+        return image
+    return image.crop((left, top, left + crop_w, top + crop_h))
+
+
+def _pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+class ImageProcessor:
+    """PIL images -> pixel_values and image_sizes with the same values and shapes as transformers' processors."""
+
+    def __init__(self, cfg: ImageProcessorConfig):
+        self.cfg = cfg
+        self._mean = torch.tensor(cfg.image_mean, dtype=torch.float32)[:, None, None]
+        self._std = torch.tensor(cfg.image_std, dtype=torch.float32)[:, None, None]
+
+    def _resize_and_crop(self, image: Image.Image) -> Image.Image:
+        cfg = self.cfg
+        if cfg.do_resize:
+            height, width = image.height, image.width
+            target = cfg.size_hw or _shortest_edge_size((height, width), cfg.shortest_edge)
+            image = _resize(image, target, cfg.resample)
+        if cfg.do_center_crop:
+            image = _center_crop(image, cfg.crop_size)
+        return image
+
+    def tiles(self, image: Image.Image) -> list[Image.Image]:
+        """One RGB image -> its tiles as images: the base tile first, then the grid row by row (anyres)."""
+        cfg = self.cfg
+        if not cfg.anyres:
+            if cfg.pad_to_square:
+                image = _pad_to_square(image, cfg.image_mean)
+            return [self._resize_and_crop(image)]
+        tile = cfg.tile_size
+        grid = anyres_grid((image.height, image.width), cfg.image_grid_pinpoints, tile, 1)
+        canvas_h, canvas_w = grid.canvas
+        resized = _resize(image, grid.resized, cfg.resample)
+        canvas = Image.new("RGB", (canvas_w, canvas_h))  # black
+        canvas.paste(resized, ((canvas_w - resized.width) // 2, (canvas_h - resized.height) // 2))
+        cells = [
+            canvas.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(grid.rows) for c in range(grid.cols)
+        ]
+        base = _resize(image, cfg.base_size, cfg.resample)
+        return [self._resize_and_crop(t) for t in [base, *cells]]
+
+    def to_tensor(self, tiles: list[Image.Image]) -> torch.Tensor:
+        """uint8 tiles -> (n, 3, H, W) float32, rescaled and normalised exactly as the reference rounds."""
+        pixels = torch.from_numpy(np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])).permute(0, 3, 1, 2)
+        if self.cfg.do_rescale:
+            # float64 multiply then float32, as the reference: x * (1/255) in float32 differs in the last bit.
+            x = (pixels.double() * self.cfg.rescale_factor).float()
+        else:
+            x = pixels.float()
+        if self.cfg.do_normalize:
+            x = (x - self._mean) / self._std
+        return x
+
+    def __call__(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """RGB-converted images -> pixel_values (N, max_tiles, 3, S, S) [anyres] or (N, 3, S, S), image_sizes (N, 2)."""
+        per_image = [self.to_tensor(self.tiles(im)) for im in images]
+        sizes = torch.tensor([[im.height, im.width] for im in images], dtype=torch.long).reshape(-1, 2)
+        if not self.cfg.anyres:
+            return {"pixel_values": torch.cat(per_image), "image_sizes": sizes}
+        most = max(t.shape[0] for t in per_image)
+        padded = torch.zeros((len(per_image), most, *per_image[0].shape[1:]), dtype=torch.float32)
+        for i, t in enumerate(per_image):
+            padded[i, : t.shape[0]] = t
+        return {"pixel_values": padded, "image_sizes": sizes}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Token counting
+
+
+def num_image_tokens(cfg, image_size: tuple[int, int]) -> int:
+    """How many placeholder tokens an image of (height, width) costs under a model config: the one count used by the
+    processor, the model's check and the server."""
+    if not cfg.is_anyres:
+        return cfg.base_tokens_per_tile
+    grid = anyres_grid(image_size, cfg.image_grid_pinpoints, cfg.vision.image_size, cfg.vision.patch_size)
+    return cfg.base_tokens_per_tile + grid.num_tokens

@@ -1,0 +1,187 @@
+"""One decoder for llama (vicuna, Yi, Llama-3), mistral and qwen2: they differ only in `TextConfig` fields.
+
+Pre-norm transformer with RMSNorm, rotary positions, grouped-query attention and a SwiGLU MLP. Parameter names follow
+transformers' LlamaModel so checkpoints map by prefix alone. The KV cache is not owned here: the generation engine
+passes a `KVCache` in and this code writes into it at explicit positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import RopeConfig, TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the activations' dtype, then scale in theirs (as the reference does).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.type == "linear":
+        return inv_freq / rope.factor
+    if rope.type == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, heads, T, D); cos, sin: (B, 1, T, D)
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values for every layer: (layers, B, kv_heads, capacity, head_dim) each."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def allocate(cls, cfg: TextConfig, batch: int, capacity: int, dtype: torch.dtype, device) -> "KVCache":
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        # (B, T, heads * D) -> (B, heads, T, D)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.keys[self.layer, :, :, start : start + t] = k
+            cache.values[self.layer, :, :, start : start + t] = v
+            k = cache.keys[self.layer, :, :, : start + t]
+            v = cache.values[self.layer, :, :, : start + t]
+        # Grouped-query attention: each kv head serves num_heads / num_kv_heads query heads, without copying the cache.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.window = cfg.layer_window(layer)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, masks, cache, start) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.window], cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg.rope, cfg.head_dim), persistent=False)
+        self.gradient_checkpointing = False
+
+    def reset_rope(self) -> None:
+        """Recompute the rotary table in float32 (after building on the meta device, or a cast to half precision)."""
+        self.inv_freq = rope_inverse_frequencies(self.cfg.rope, self.cfg.head_dim).to(self.embed_tokens.weight.device)
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions (B, T) -> cos, sin (B, 1, T, D), computed in float32 and then cast, as the reference does
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    def attention_masks(self, positions_in_cache: torch.Tensor, key_mask: torch.Tensor) -> dict:
+        """Boolean masks (B, 1, T, S), True where a query may attend, one per distinct window size.
+
+        `positions_in_cache` (T,) are the slots the queries occupy; `key_mask` (B, S) is False for padding slots.
+        """
+        keys = torch.arange(key_mask.shape[1], device=key_mask.device)
+        distance = positions_in_cache[:, None] - keys[None, :]  # (T, S)
+        masks = {}
+        for window in {layer.window for layer in self.layers}:
+            allowed = distance >= 0
+            if window is not None:
+                allowed = allowed & (distance < window)
+            mask = allowed[None, None] & key_mask[:, None, None, :]
+            # A query row with no visible key (a padding query) would give NaN; let it see itself instead.
+            masks[window] = mask | (~mask.any(-1, keepdim=True) & (distance == 0)[None, None])
+        return masks
+
+    def forward(
+        self,
+        embeds: torch.Tensor,  # (B, T, C)
+        positions: torch.Tensor,  # (B, T) rotary positions
+        key_mask: torch.Tensor,  # (B, S) with S = start + T: which cache slots hold real tokens
+        cache: KVCache | None = None,
+        start: int = 0,  # cache slot of the first query
+    ) -> torch.Tensor:  # hidden states after the final norm: (B, T, C)
+        t = embeds.shape[1]
+        cos, sin = self.rope_tables(positions, embeds.dtype)
+        slots = torch.arange(start, start + t, device=embeds.device)
+        masks = self.attention_masks(slots, key_mask)
+        x = embeds
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks, cache, start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, masks, cache, start)
+        return self.norm(x)

@@ -1,0 +1,144 @@
+"""The LLaVA model: vision tower -> projector -> (LLaVA-NeXT: anyres packing) -> merged into the decoder's input.
+
+Liu et al., "Visual Instruction Tuning" (2023) and "Improved Baselines with Visual Instruction Tuning" (LLaVA 1.5);
+LLaVA-NeXT (2024) adds the anyres tiling whose geometry lives in `llava_next.image.anyres_grid`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LlavaConfig
+from ..image import anyres_grid
+from .decoder import Decoder, KVCache
+from .vision import VisionTransformer
+
+
+class ImageTokenMismatch(ValueError):
+    """The prompt's image placeholders and the images' features do not line up."""
+
+
+class Projector(nn.Module):
+    """Two-layer MLP from vision width to text width, exact (erf) GELU between."""
+
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        vision_width = cfg.vision.hidden_size * len(cfg.feature_layers)
+        self.linear_1 = nn.Linear(vision_width, cfg.text.hidden_size, bias=cfg.projector_bias)
+        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=cfg.projector_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = VisionTransformer(cfg.vision)
+        self.multi_modal_projector = Projector(cfg)
+        if cfg.is_anyres:
+            self.image_newline = nn.Parameter(torch.zeros(cfg.text.hidden_size))
+        self.language_model = Decoder(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    # -- images ------------------------------------------------------------------------------------------------------
+
+    def tile_counts(self, image_sizes: torch.Tensor | None, num_images: int) -> list[int]:
+        if not self.cfg.is_anyres:
+            return [1] * num_images
+        counts = []
+        for h, w in image_sizes.tolist():
+            grid = anyres_grid((h, w), self.cfg.image_grid_pinpoints, self.cfg.vision.image_size, self.cfg.vision.patch_size)
+            counts.append(1 + grid.rows * grid.cols)
+        return counts
+
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """pixel_values (N, max_tiles, 3, S, S) [anyres] or (N, 3, S, S) -> one (k_i, C) tensor per image."""
+        if pixel_values.dim() == 4:
+            pixel_values = pixel_values[:, None]
+        counts = self.tile_counts(image_sizes, pixel_values.shape[0])
+        # Tiles that only pad the batch to max_tiles are dropped before the tower; all the rest go in one call.
+        tiles = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)])  # (sum n, 3, S, S)
+        hidden = self.vision_tower(tiles, self.cfg.feature_layers)  # (sum n, P + 1, C_v * k)
+        if self.cfg.vision_feature_select_strategy == "default":
+            hidden = hidden[:, 1:]  # drop CLS
+        features = self.multi_modal_projector(hidden)  # (sum n, P, C)
+        per_image = features.split(counts)
+        if not self.cfg.is_anyres:
+            return [f.flatten(0, 1) for f in per_image]
+        return [self.pack_image_features(f, (h, w)) for f, (h, w) in zip(per_image, image_sizes.tolist())]
+
+    def pack_image_features(self, features: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """(1 + rows * cols, P, C) tile features -> (k, C): base tile, then the grid unpadded, a newline per row."""
+        side = self.cfg.vision.patches_per_side
+        grid = anyres_grid(image_size, self.cfg.image_grid_pinpoints, self.cfg.vision.image_size, self.cfg.vision.patch_size)
+        base, tiles = features[0], features[1:]
+        c = features.shape[-1]
+        # (rows * cols, side * side, C) -> (rows, cols, side, side, C) -> (rows, side, cols, side, C) -> (H, W, C)
+        canvas = tiles.view(grid.rows, grid.cols, side, side, c).permute(0, 2, 1, 3, 4)
+        canvas = canvas.reshape(grid.rows * side, grid.cols * side, c)
+        top, left = grid.feature_offset
+        canvas = canvas[top : top + grid.feature_height, left : left + grid.feature_width]  # (h, w, C)
+        newline = self.image_newline.to(canvas.dtype).expand(grid.feature_height, 1, c)
+        packed = torch.cat([canvas, newline], dim=1).flatten(0, 1)  # (h * (w + 1), C)
+        return torch.cat([base, packed])
+
+    # -- text --------------------------------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor, image_features: list[torch.Tensor] | None) -> torch.Tensor:
+        """Token embeddings with each image-placeholder row replaced, in order, by the images' feature rows."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        placeholders = input_ids == self.cfg.image_token_id
+        n_placeholders = int(placeholders.sum())
+        n_features = sum(f.shape[0] for f in image_features) if image_features else 0
+        if n_placeholders != n_features:
+            raise ImageTokenMismatch(
+                f"the input has {n_placeholders} image placeholder tokens but the images give {n_features} features; "
+                "build inputs with the processor, which expands each <image> to its image's exact token count"
+            )
+        if n_features:
+            embeds = embeds.masked_scatter(placeholders[..., None], torch.cat(image_features).to(embeds.dtype))
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T), 0 on (left) padding
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits (B, T, V), or for the last `logits_to_keep` positions only.
+
+        Without a cache this is the plain full-sequence forward pass. With one, the queries occupy cache slots
+        start .. start + T and `key_mask` (B, start + T) tells which slots are real tokens.
+        """
+        features = None
+        if pixel_values is not None:
+            features = self.image_features(pixel_values, image_sizes)
+        embeds = self.embed(input_ids, features)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        if key_mask is None:
+            key_mask = attention_mask
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        hidden = self.language_model(embeds, positions, key_mask, cache, start)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Rotary positions that start at 0 on each row's first real token, whatever the left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

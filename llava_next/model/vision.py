@@ -1,0 +1,109 @@
+"""CLIP vision transformer (Radford et al. 2021), as LLaVA uses it: a feature extractor cut at an inner layer.
+
+Module and parameter names follow transformers' CLIPVisionTransformer so that checkpoints map by prefix alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VisionConfig
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(
+            cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False
+        )
+        self.position_embedding = nn.Embedding(cfg.patches_per_side**2 + 1, cfg.hidden_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        # pixels: (n, 3, S, S) -> patches: (n, P, C) with P = (S / patch)^2, then CLS first: (n, P + 1, C)
+        weight = self.patch_embedding.weight
+        patches = self.patch_embedding(pixels.to(weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, width = x.shape
+        # (n, L, C) -> (n, heads, L, head_dim)
+        q, k, v = (p(x).view(n, length, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v)  # no mask: every patch sees every patch
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, width))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = quick_gelu if cfg.hidden_act == "quick_gelu" else F.gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = VisionAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = VisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the checkpoints' spelling
+        self.encoder = VisionEncoder(cfg)
+        # Never applied: LLaVA takes inner-layer features. Kept so saved models stay complete for other tools.
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def hidden_state_index(self, layer: int) -> int:
+        """transformers' hidden_states[layer]: index 0 is the embeddings, index i the output of block i."""
+        return layer % (self.cfg.num_layers + 1)
+
+    def forward(self, pixels: torch.Tensor, feature_layers: list[int]) -> torch.Tensor:
+        """pixels (n, 3, S, S) -> hidden states of `feature_layers`, concatenated on the channel axis: (n, P + 1, C * k).
+
+        Stops after the deepest requested layer: the layers after it (and the final norm) would be wasted work.
+        """
+        wanted = [self.hidden_state_index(layer) for layer in feature_layers]
+        x = self.pre_layrnorm(self.embeddings(pixels))
+        kept = {0: x} if 0 in wanted else {}
+        for i, block in enumerate(self.encoder.layers[: max(wanted)], start=1):
+            x = block(x)
+            if i in wanted:
+                kept[i] = x
+        return torch.cat([kept[i] for i in wanted], dim=-1)

@@ -1,0 +1,172 @@
+"""The processor: chat messages or prompt text plus images -> the model's input tensors.
+
+Its outputs have transformers' names, meanings and shapes (input_ids, attention_mask, pixel_values, image_sizes).
+Each `<image>` becomes exactly `num_image_tokens(config, (H, W))` placeholder tokens: the same function the model's
+packing is built on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from .config import LlavaConfig
+from .image import ImageLimits, ImageProcessor, ImageProcessorConfig, check_image, decode_image, num_image_tokens, to_rgb
+from .prompt import (
+    IMAGE_TOKEN,
+    ChatTemplate,
+    PromptError,
+    Tokenizer,
+    builtin_template,
+    count_placeholders,
+    default_template_name,
+    expand_placeholders,
+    find_chat_template,
+    image_count_message,
+    normalize_messages,
+)
+
+
+def read_image_processor_config(directory: Path, cfg: LlavaConfig) -> ImageProcessorConfig:
+    """preprocessor_config.json (transformers 4.x) or the image_processor inside processor_config.json (5.x)."""
+    legacy = directory / "preprocessor_config.json"
+    combined = directory / "processor_config.json"
+    d = None
+    if combined.exists():
+        d = json.loads(combined.read_text()).get("image_processor")
+    if d is None and legacy.exists():
+        d = json.loads(legacy.read_text())
+    if d is None:
+        # No image processor saved: the published recipes' settings for this tile size.
+        side = cfg.vision.image_size
+        d = {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
+    ipc = ImageProcessorConfig.from_hf(d, anyres=cfg.is_anyres, pinpoints=cfg.image_grid_pinpoints)
+    if cfg.is_anyres:
+        # The model packs features by its own pinpoints; tiles cut by different ones would not line up.
+        ipc.image_grid_pinpoints = list(cfg.image_grid_pinpoints)
+    if ipc.tile_size != cfg.vision.image_size:
+        raise PromptError(
+            f"{directory}: the image processor makes {ipc.tile_size} px tiles but the vision tower takes "
+            f"{cfg.vision.image_size} px; the preprocessor config does not belong to this model"
+        )
+    return ipc
+
+
+class Processor:
+    def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor, chat_template: ChatTemplate,
+                 config: LlavaConfig, image_limits: ImageLimits = ImageLimits()):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.config = config
+        self.image_limits = image_limits
+        if tokenizer.image_token_id is None:
+            raise PromptError(f"the tokenizer has no {IMAGE_TOKEN} token")
+        if tokenizer.image_token_id != config.image_token_id:
+            raise PromptError(
+                f"the tokenizer's {IMAGE_TOKEN} is id {tokenizer.image_token_id} but the model config says "
+                f"image_token_index {config.image_token_id}; tokenizer and weights come from different checkpoints"
+            )
+
+    @classmethod
+    def from_dir(cls, directory: Path, config: LlavaConfig, chat_template: str | None = None,
+                 image_limits: ImageLimits = ImageLimits()) -> "Processor":
+        tokenizer = Tokenizer.from_dir(directory)
+        if chat_template is not None:
+            source, origin = chat_template, "the chat_template argument"
+        else:
+            source, origin = find_chat_template(directory, tokenizer)
+            if source is None:
+                name = default_template_name(tokenizer, config.text.model_type)
+                source, origin = builtin_template(name), f"built-in template {name!r} (the checkpoint has none)"
+        template = ChatTemplate(source, origin, tokenizer.special_tokens)
+        image_processor = ImageProcessor(read_image_processor_config(directory, config))
+        return cls(tokenizer, image_processor, template, config, image_limits)
+
+    # -- text --------------------------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> str:
+        plain, _ = normalize_messages(messages)
+        return self.chat_template.render(plain, add_generation_prompt=add_generation_prompt, **kwargs).text
+
+    def image_tokens(self, image_size: tuple[int, int]) -> int:
+        """Placeholder tokens an image of (height, width) costs."""
+        return num_image_tokens(self.config, image_size)
+
+    # -- images ------------------------------------------------------------------------------------------------------
+
+    def load_image(self, source: Any, label: str = "image") -> Image.Image:
+        """A PIL image, a path or bytes -> an RGB PIL image, within the limits."""
+        if isinstance(source, Image.Image):
+            image = check_image(source, self.image_limits, label)
+        elif isinstance(source, (str, Path, bytes)):
+            if isinstance(source, str) and source.startswith(("http://", "https://")):
+                raise PromptError(f"{label}: images are not fetched from URLs; download it and pass the file")
+            image = decode_image(source, self.image_limits, name=label if not isinstance(source, (str, Path)) else None)
+        else:
+            raise PromptError(f"{label}: expected a PIL image, a file path or bytes, got {type(source).__name__}")
+        return to_rgb(image)
+
+    # -- the whole input ---------------------------------------------------------------------------------------------
+
+    def __call__(self, text: str | Sequence[str], images: Sequence[Any] | None = None,
+                 padding_side: str | None = None, add_special_tokens: bool | None = None,
+                 return_lengths: bool = False) -> dict[str, torch.Tensor]:
+        """Prompt text(s) with `<image>` placeholders and the images, in order across the texts -> model inputs.
+
+        add_special_tokens: None adds the tokenizer's BOS unless the text already starts with it (a template that
+        writes BOS itself would otherwise give two).
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise PromptError("text must be a string or a non-empty list of strings")
+        images = [self.load_image(im, f"image {i}") for i, im in enumerate(images or [])]
+        placeholders = [count_placeholders(t) for t in texts]
+        if sum(placeholders) != len(images):
+            raise PromptError(image_count_message(sum(placeholders), len(images)))
+        sizes = [(im.height, im.width) for im in images]
+        costs = [self.image_tokens(s) for s in sizes]
+        ids, first = [], 0
+        for t, n in zip(texts, placeholders):
+            expanded = expand_placeholders(t, costs[first : first + n])
+            add = (not self.tokenizer.starts_with_bos(t)) if add_special_tokens is None else add_special_tokens
+            ids.append(self.tokenizer.encode(expanded, add_special_tokens=add))
+            self._check_fits(ids[-1], sizes[first : first + n], costs[first : first + n])
+            first += n
+        out = self.pad(ids, padding_side or self.tokenizer.padding_side)
+        if images:
+            out.update(self.image_processor(images))
+        return out
+
+    def _check_fits(self, ids: list[int], sizes, costs) -> None:
+        window = self.config.text.max_position_embeddings
+        if len(ids) > window:
+            per_image = ", ".join(f"{h}x{w} px: {c} tokens" for (h, w), c in zip(sizes, costs)) or "no images"
+            raise PromptError(
+                f"the prompt is {len(ids)} tokens with its images ({per_image}) but the model's context window is "
+                f"{window} tokens; use fewer or smaller images or a shorter text"
+            )
+
+    def pad(self, ids: list[list[int]], padding_side: str = "left") -> dict[str, torch.Tensor]:
+        if padding_side not in ("left", "right"):
+            raise PromptError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        pad_id = self.pad_token_id
+        longest = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        for i, row in enumerate(ids):
+            span = slice(longest - len(row), longest) if padding_side == "left" else slice(0, len(row))
+            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    @property
+    def pad_token_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.config.text.pad_token_id, self.tokenizer.eos_token_id):
+            if candidate is not None:
+                return candidate
+        return 0

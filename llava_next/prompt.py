@@ -1,0 +1,327 @@
+"""Text in and out: the tokenizer, chat templates, image-placeholder expansion and streaming detokenization.
+
+The tokenizer is the checkpoint's own `tokenizer.json`, run by the `tokenizers` library exactly as stored (its
+normalizer, pre-tokenizer, post-processor and decoder), which is what transformers 5 does for LLaVA checkpoints.
+`tokenizer_config.json` supplies the names of the special tokens, added tokens missing from tokenizer.json, and
+possibly a chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Tokenizer as HFTokenizer
+
+IMAGE_TOKEN = "<image>"
+
+
+class PromptError(ValueError):
+    """A prompt, a conversation or a template cannot be turned into model input."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any] | None = None):
+        self.backend = tokenizer
+        config = config or {}
+        # Added tokens that tokenizer_config.json declares but tokenizer.json lacks (transformers adds them too).
+        existing = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+        for index, spec in sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
+            if spec["content"] in existing or tokenizer.token_to_id(spec["content"]) is not None:
+                continue
+            token = AddedToken(spec["content"], single_word=spec.get("single_word", False), lstrip=spec.get("lstrip", False),
+                               rstrip=spec.get("rstrip", False), normalized=spec.get("normalized", False),
+                               special=spec.get("special", True))
+            tokenizer.add_tokens([token])
+            if tokenizer.token_to_id(spec["content"]) != int(index):
+                raise PromptError(f"tokenizer_config.json gives {spec['content']!r} id {index}, but tokenizer.json "
+                                  f"has {tokenizer.get_vocab_size()} tokens; the two files do not belong together")
+        self.special_tokens = {
+            name: _token_text(config.get(name)) for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+        }
+        self.bos_token_id = self.token_id(self.special_tokens["bos_token"])
+        self.eos_token_id = self.token_id(self.special_tokens["eos_token"])
+        self.pad_token_id = self.token_id(self.special_tokens["pad_token"])
+        self.image_token_id = self.token_id(IMAGE_TOKEN)
+        self.padding_side = config.get("padding_side", "left")
+        self.chat_template = config.get("chat_template")
+        self._special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> "Tokenizer":
+        path = directory / "tokenizer.json"
+        if not path.exists():
+            raise PromptError(
+                f"{directory} has no tokenizer.json. Checkpoints with only a sentencepiece tokenizer.model are not "
+                "supported yet; save the tokenizer once with transformers (AutoTokenizer.from_pretrained(...)"
+                ".save_pretrained(dir)) to write a tokenizer.json."
+            )
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        return cls(HFTokenizer.from_file(str(path)), config)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def starts_with_bos(self, text: str) -> bool:
+        bos = self.special_tokens["bos_token"]
+        return bool(bos) and text.startswith(bos)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text pieces that never split a character or lose a space.
+
+    Decoding token by token breaks multi-byte characters (byte-fallback tokens) and drops the leading space that
+    sentencepiece-style decoders strip from the start of any decoded run. So each step decodes a short window that
+    starts a few tokens back, compares it with the same window without the new tokens, and emits only the
+    difference, holding it back while it ends in an incomplete character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
+        full = decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            piece = full[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self.text += piece
+            return piece
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end), as the full decode has it."""
+        full = self.tokenizer.decode(self.ids, self.skip_special_tokens)
+        rest = full[len(self.text) :] if full.startswith(self.text) else ""
+        self.text += rest
+        return rest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chat templates
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text; we render it and remember where it was."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        marker = jinja2.nodes.Name("__generation_marker", "load")
+        return jinja2.nodes.CallBlock(self.call_method("_mark", [marker]), [], [], body).set_lineno(lineno)
+
+    def _mark(self, marker, caller):
+        return f"{marker}[{caller()}{marker}]" if marker else caller()
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+_ENV = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                     extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+_ENV.filters["tojson"] = _tojson
+_ENV.globals["raise_exception"] = _raise_exception
+_ENV.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+
+
+BUILTIN_TEMPLATES = ("vicuna", "mistral", "chatml_yi", "chatml_qwen", "llama3")
+
+
+def builtin_template(name: str) -> str:
+    if name not in BUILTIN_TEMPLATES:
+        raise PromptError(f"no built-in chat template {name!r} (there are: {', '.join(BUILTIN_TEMPLATES)})")
+    return resources.files("llava_next").joinpath(f"templates/{name}.jinja").read_text()
+
+
+def find_chat_template(directory: Path, tokenizer: Tokenizer) -> tuple[str | None, str]:
+    """The checkpoint's chat template and where it came from, in transformers 5's order of precedence."""
+    processor_config = directory / "processor_config.json"
+    if processor_config.exists():
+        template = json.loads(processor_config.read_text()).get("chat_template")
+        if template:
+            return template, "processor_config.json"
+    legacy = directory / "chat_template.json"
+    if legacy.exists():
+        return json.loads(legacy.read_text())["chat_template"], "chat_template.json"
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.exists():
+        return jinja_file.read_text(), "chat_template.jinja"
+    template = tokenizer.chat_template
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    if template:
+        return template, "tokenizer_config.json"
+    return None, ""
+
+
+def default_template_name(tokenizer: Tokenizer, text_model_type: str) -> str:
+    """The built-in template for a checkpoint that ships none, from the special tokens its tokenizer knows."""
+    if tokenizer.token_id("<|start_header_id|>") is not None:
+        return "llama3"
+    if tokenizer.token_id("<|im_start|>") is not None:
+        return "chatml_qwen" if text_model_type == "qwen2" else "chatml_yi"
+    if text_model_type == "mistral":
+        return "mistral"
+    return "vicuna"
+
+
+def normalize_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Messages in transformers' chat format -> (plain copies for the template, one entry per image item in order:
+    the image given inline, or None where the image is to come from the separate `images` list).
+
+    String content becomes one text item (transformers' templates would silently drop it) and OpenAI-style
+    `image_url` items become image items.
+    """
+    if isinstance(messages, dict) or not isinstance(messages, Sequence) or isinstance(messages, str):
+        raise PromptError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    out, images = [], []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise PromptError(f"message {i} must be a dict with a 'role' and a 'content'")
+        content = message.get("content")
+        if content is None:
+            content = []
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        items = []
+        for j, item in enumerate(content):
+            if not isinstance(item, dict) or "type" not in item:
+                raise PromptError(f"message {i}, content item {j}: expected a dict with a 'type'")
+            kind = item["type"]
+            if kind == "text":
+                if not isinstance(item.get("text"), str):
+                    raise PromptError(f"message {i}, content item {j}: a text item needs a string 'text'")
+                items.append({"type": "text", "text": item["text"]})
+            elif kind in ("image", "image_url"):
+                source = item.get("image", item.get("path", item.get("url")))
+                if kind == "image_url":
+                    url = item.get("image_url")
+                    source = url.get("url") if isinstance(url, dict) else url
+                images.append(source)
+                items.append({"type": "image"})
+            else:
+                raise PromptError(f"message {i}, content item {j}: content type {kind!r} is not supported "
+                                  "(use 'text' and 'image')")
+        plain = {k: v for k, v in message.items() if k != "content" and v is not None}
+        plain["content"] = items
+        out.append(plain)
+    return out, images
+
+
+@dataclass
+class RenderedChat:
+    text: str
+    generation_spans: list[tuple[int, int]]  # character spans the template marked with {% generation %}
+
+
+class ChatTemplate:
+    def __init__(self, source: str, origin: str, special_tokens: dict[str, str | None]):
+        self.source = source
+        self.origin = origin
+        self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
+        try:
+            self._template = _ENV.from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise PromptError(f"the chat template from {origin} does not parse: {e}") from None
+
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> RenderedChat:
+        marker = "\x00gen" + uuid.uuid4().hex
+        variables = {**self.special_tokens, "tools": None, "documents": None, **kwargs}
+        try:
+            raw = self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                        __generation_marker=marker, **variables)
+        except jinja2.TemplateError as e:
+            raise PromptError(f"the chat template ({self.origin}) refused the conversation: {e}") from None
+        text, spans, pos = [], [], 0
+        while True:
+            start = raw.find(marker + "[", pos)
+            if start < 0:
+                text.append(raw[pos:])
+                break
+            end = raw.find(marker + "]", start)
+            text.append(raw[pos:start])
+            offset = sum(map(len, text))
+            body = raw[start + len(marker) + 1 : end]
+            text.append(body)
+            spans.append((offset, offset + len(body)))
+            pos = end + len(marker) + 1
+        return RenderedChat("".join(text), spans)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Placeholders
+
+
+def count_placeholders(text: str) -> int:
+    return text.count(IMAGE_TOKEN)
+
+
+def expand_placeholders(text: str, tokens_per_image: Iterable[int]) -> str:
+    """Each `<image>` in `text`, in order, repeated to its image's exact token count."""
+    counts = list(tokens_per_image)
+    pieces = text.split(IMAGE_TOKEN)
+    if len(pieces) - 1 != len(counts):
+        raise PromptError(image_count_message(len(pieces) - 1, len(counts)))
+    out = [pieces[0]]
+    for n, piece in zip(counts, pieces[1:]):
+        out.append(IMAGE_TOKEN * n)
+        out.append(piece)
+    return "".join(out)
+
+
+def image_count_message(placeholders: int, images: int) -> str:
+    return (
+        f"the prompt has {placeholders} {IMAGE_TOKEN} placeholder{'s' * (placeholders != 1)} but "
+        f"{images} image{'s' * (images != 1)} {'was' if images == 1 else 'were'} given; put one {IMAGE_TOKEN} in the "
+        "prompt where each image goes, in order, or pass chat messages with image items"
+    )
