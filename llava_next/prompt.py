@@ -65,6 +65,10 @@ class Tokenizer:
         self.padding_side = config.get("padding_side", "left")
         self.chat_template = config.get("chat_template")
         self._special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        # sentencepiece-style byte-fallback tokens: a run of them decodes as one UTF-8 sequence, or all as U+FFFD
+        self.byte_token_ids = frozenset(
+            i for i in (tokenizer.token_to_id(f"<0x{b:02X}>") for b in range(256)) if i is not None
+        ) if json.loads(tokenizer.to_str()).get("model", {}).get("byte_fallback") else frozenset()
 
     @classmethod
     def from_dir(cls, directory: Path) -> "Tokenizer":
@@ -106,10 +110,10 @@ class Tokenizer:
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text pieces that never split a character or lose a space.
 
-    Decoding token by token breaks multi-byte characters (byte-fallback tokens) and drops the leading space that
-    sentencepiece-style decoders strip from the start of any decoded run. So each step decodes a short window that
-    starts a few tokens back, compares it with the same window without the new tokens, and emits only the
-    difference, holding it back while it ends in an incomplete character.
+    Decoding token by token breaks multi-byte characters and drops the leading space that sentencepiece-style
+    decoders strip from the start of any decoded run. So each step decodes a short window that starts a few tokens
+    back, compares it with the same window without the new tokens, and emits only the difference, holding it back
+    while it ends in an incomplete character or in byte-fallback tokens (whose whole run decodes together).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -122,6 +126,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
+        if token_id in self.tokenizer.byte_token_ids:
+            return ""
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
         full = decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
@@ -133,10 +139,10 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """Whatever is still held back (an incomplete character at the very end), as the full decode has it."""
+        """Whatever is still held back at the very end. Afterwards `text` is the full decode of all the ids."""
         full = self.tokenizer.decode(self.ids, self.skip_special_tokens)
         rest = full[len(self.text) :] if full.startswith(self.text) else ""
-        self.text += rest
+        self.text = full
         return rest
 
 

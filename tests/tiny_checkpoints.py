@@ -6,7 +6,7 @@ are tiny. Each family gets a tokenizer built with the `tokenizers` library in th
 (sentencepiece-like byte-fallback BPE for llama/mistral/Yi, byte-level BPE for Llama-3 and Qwen2) and the chat
 template its llava-hf repository ships.
 
-    python tests/tiny_checkpoints.py OUT_DIR name=family[,option=value...] ...
+    python tests/tiny_checkpoints.py OUT_DIR '{"name": "mistral", "family": "mistral", "sharded": true}' ...
 """
 
 from __future__ import annotations
@@ -128,16 +128,6 @@ def build_tokenizer_json(kind: str) -> tuple[dict, dict]:
     return j, roles
 
 
-def parse_spec(spec: str) -> tuple[str, dict]:
-    name, _, rest = spec.partition("=")
-    family, *options = rest.split(",")
-    opts = {}
-    for option in options:
-        key, _, value = option.partition("=")
-        opts[key] = json.loads(value) if value else True
-    return name, {"family": family, **opts}
-
-
 def build(out: Path, family: str, sharded: bool = False, sparse_config: bool = False, tie: bool = False,
           feature_layer=-2, strategy: str = "default", sliding_window=None, template_location: str = "processor",
           pinpoints=None, num_layers: int = 2, seed: int = 0, rope_scaling=None, max_positions: int = 16384) -> None:
@@ -242,5 +232,5 @@ def _drop_defaults(path: Path, text_class, vision_class) -> None:
 if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
     for spec in sys.argv[2:]:
-        name, options = parse_spec(spec)
-        build(out_dir / name, **options)
+        options = json.loads(spec)
+        build(out_dir / options.pop("name"), **options)

@@ -1,0 +1,39 @@
+# Everything a fresh machine needs, from nothing. `make test` runs the tests, `make demo` the demo model.
+PYTHON ?= python3
+VENV := .venv
+TF4_VENV := .venv-tf4
+# A bare `torch` requirement pulls a multi-GB CUDA build; install the CPU build first. Override on GPU machines:
+# make test TORCH=torch
+TORCH ?= torch==2.13.0
+PIP_QUIET ?= -q
+
+.PHONY: install test demo demo-model bench clean
+
+$(VENV)/.runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_QUIET) --upgrade pip
+	$(VENV)/bin/pip install $(PIP_QUIET) "$(TORCH)"
+	$(VENV)/bin/pip install $(PIP_QUIET) -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	$(VENV)/bin/pip install $(PIP_QUIET) -e '.[test]'
+	touch $@
+
+# transformers 4.x, only to write test checkpoints in the 4.x on-disk layout (the llava-hf Hub repos' layout)
+$(TF4_VENV)/.done:
+	$(PYTHON) -m venv $(TF4_VENV)
+	$(TF4_VENV)/bin/pip install $(PIP_QUIET) "$(TORCH)"
+	$(TF4_VENV)/bin/pip install $(PIP_QUIET) transformers==4.57.6 pillow
+	touch $@
+
+install: $(VENV)/.runtime
+
+test: $(VENV)/.test $(TF4_VENV)/.done
+	LLAVA_NEXT_TF4_PYTHON=$(CURDIR)/$(TF4_VENV)/bin/python $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+demo: $(VENV)/.runtime
+	$(VENV)/bin/llava-next generate --model demo --image examples/shapes.png --prompt "What color is the circle?"
+
+clean:
+	rm -rf $(VENV) $(TF4_VENV) .pytest_cache
