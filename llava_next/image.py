@@ -68,8 +68,12 @@ def decode_image(source: str | os.PathLike | bytes, limits: ImageLimits = ImageL
         raise ImageError(f"{label}: {len(data)} bytes is over the limit of {limits.max_bytes} bytes")
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{label}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not an image format Pillow can read (or the file is corrupt)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{label}: the image data is truncated or corrupt ({e})") from None
     width, height = image.size
     if width * height > limits.max_pixels:
         raise ImageError(

@@ -145,7 +145,7 @@ class Processor:
     def _check_fits(self, ids: list[int], sizes, costs) -> None:
         window = self.config.text.max_position_embeddings
         if len(ids) > window:
-            per_image = ", ".join(f"{h}x{w} px: {c} tokens" for (h, w), c in zip(sizes, costs)) or "no images"
+            per_image = ", ".join(f"{w}x{h} px: {c} tokens" for (h, w), c in zip(sizes, costs)) or "no images"
             raise PromptError(
                 f"the prompt is {len(ids)} tokens with its images ({per_image}) but the model's context window is "
                 f"{window} tokens; use fewer or smaller images or a shorter text"
