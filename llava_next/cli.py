@@ -1,0 +1,245 @@
+"""The `llava-next` command. Each subcommand parses its flags and calls the typed function that holds the defaults."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from typing import Any, Sequence
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .generate import GenerationError, SamplingParams
+from .image import DEFAULT_MAX_PIXELS, ImageError
+from .prompt import PromptError
+
+USER_ERRORS = (CheckpointError, ConfigError, GenerationError, ImageError, PromptError, FileNotFoundError)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo",
+                   help="checkpoint directory, Hugging Face Hub id, or 'demo' (the bundled demo model; the default)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")
+    p.add_argument("--device", help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    d = SamplingParams()
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"default {d.max_new_tokens}")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy (the default)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="0: no limit (default)")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"default {d.top_p}")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1: off (default)")
+    p.add_argument("--seed", type=int, default=d.seed, help="for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop when the answer contains this (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in fields(SamplingParams)}
+
+
+def _load(args: argparse.Namespace):
+    from .pipeline import load
+
+    return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
+                max_image_pixels=args.max_image_pixels, progress=sys.stderr.isatty())
+
+
+def user_message(text: str, n_images: int) -> dict[str, Any]:
+    """The llava convention: the images first, then the question."""
+    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
+
+
+# -- generate ------------------------------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    pipe = _load(args)
+    images = list(args.image)
+    if args.raw_prompt:
+        prompt: Any = args.prompt
+    else:
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [user_message(args.prompt, len(images))]
+    if args.json:
+        result = pipe.generate(prompt, images, **_sampling(args))
+        print(json.dumps({
+            "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "model": str(args.model),
+        }, ensure_ascii=False))
+        return 0
+    stream = pipe.stream(prompt, images, **_sampling(args))
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+# -- chat ------------------------------------------------------------------------------------------------------------
+
+CHAT_HELP = """Type a message and press enter. Commands:
+  /image PATH   attach an image to your next message (repeat for several)
+  /reset        forget the conversation
+  /quit         leave (or end input with Ctrl-D)"""
+
+
+def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    pipe = _load(args)
+    interactive = stdin.isatty()
+    messages: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
+    images: list[Any] = []  # every image of the conversation, in order
+    pending: list[Any] = []  # attached to the next user message
+    if interactive:
+        print(CHAT_HELP, file=stdout)
+    while True:
+        if interactive:
+            stdout.write("you> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            if command == "/quit":
+                break
+            if command == "/reset":
+                messages, images, pending = messages[:1] if args.system else [], [], []
+                print("(conversation cleared)", file=stdout)
+            elif command == "/image":
+                try:
+                    pending.append(pipe.processor.load_image(rest.strip()))
+                    print(f"(image attached: {rest.strip()})", file=stdout)
+                except ImageError as e:
+                    print(f"error: {e}", file=stdout)
+            elif command == "/help":
+                print(CHAT_HELP, file=stdout)
+            else:
+                print(f"unknown command {command}; /help lists them", file=stdout)
+            continue
+        turn = user_message(line, len(pending))
+        try:
+            stream = pipe.stream(messages + [turn], images + pending, **_sampling(args))
+            if interactive:
+                stdout.write("assistant> ")
+            for piece in stream:
+                stdout.write(piece)
+                stdout.flush()
+            stdout.write("\n")
+        except (PromptError, GenerationError) as e:
+            print(f"error: {e}", file=stdout)
+            continue
+        messages += [turn, {"role": "assistant", "content": stream.generation.text}]
+        images += pending
+        pending = []
+    return 0
+
+
+# -- info ------------------------------------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    pipe = _load(args)
+    cfg = pipe.config
+    t, v = cfg.text, cfg.vision
+    params = sum(p.numel() for p in pipe.model.parameters())
+    info: dict[str, Any] = {
+        "model": str(args.model),
+        "directory": str(pipe.directory),
+        "model_type": cfg.model_type,
+        "text_model_type": t.model_type,
+        "parameters": params,
+        "dtype": str(pipe.model.lm_head.weight.dtype).replace("torch.", ""),
+        "device": str(pipe.model.lm_head.weight.device),
+        "text": {"layers": t.num_layers, "hidden_size": t.hidden_size, "heads": t.num_heads, "kv_heads": t.num_kv_heads,
+                 "vocab_size": t.vocab_size, "context_window": t.max_position_embeddings, "rope_theta": t.rope.theta,
+                 "sliding_window": t.sliding_window},
+        "vision": {"layers": v.num_layers, "hidden_size": v.hidden_size, "tile_size": v.image_size,
+                   "patch_size": v.patch_size, "feature_layer": cfg.vision_feature_layer,
+                   "select_strategy": cfg.vision_feature_select_strategy},
+        "image_grid_pinpoints": cfg.image_grid_pinpoints,
+        "chat_template": pipe.processor.chat_template.origin,
+        "eos_token_ids": pipe.generator.eos_token_ids,
+    }
+    if args.image:
+        costs = []
+        for path in args.image:
+            im = pipe.processor.load_image(path, str(path))
+            costs.append({"image": str(path), "width": im.width, "height": im.height,
+                          "tokens": pipe.processor.image_tokens((im.height, im.width))})
+        info["images"] = costs
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['model']}  ({cfg.model_type}, {t.model_type} text model, {params / 1e6:.1f}M parameters, "
+          f"{info['dtype']} on {info['device']})")
+    print(f"  text:   {t.num_layers} layers, width {t.hidden_size}, {t.num_heads} heads ({t.num_kv_heads} kv), "
+          f"vocab {t.vocab_size}, context {t.max_position_embeddings} tokens"
+          + (f", sliding window {t.sliding_window}" if t.sliding_window else ""))
+    print(f"  vision: CLIP {v.num_layers} layers, width {v.hidden_size}, {v.image_size} px tiles, patch {v.patch_size}, "
+          f"features from layer {cfg.vision_feature_layer}")
+    if cfg.image_grid_pinpoints:
+        print(f"  anyres canvases (h x w): {', '.join(f'{h}x{w}' for h, w in cfg.image_grid_pinpoints)}")
+    print(f"  chat template: {info['chat_template']}")
+    for c in info.get("images", []):
+        print(f"  {c['image']}: {c['width']}x{c['height']} px costs {c['tokens']} tokens")
+    return 0
+
+
+# -- entry point -----------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-next", description="Run LLaVA 1.5 and LLaVA-NeXT models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="answer one prompt about images")
+    _add_model_args(g)
+    g.add_argument("--image", action="append", default=[], help="image file (repeat for several, in order)")
+    g.add_argument("--prompt", required=True, help="the question; rendered with the model's chat template")
+    g.add_argument("--system", help="a system message, for templates that have one")
+    g.add_argument("--raw-prompt", action="store_true",
+                   help="use --prompt as the exact model input, with one <image> per image, no chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids (new tokens), ...")
+    _add_sampling_args(g)
+    g.set_defaults(run=cmd_generate)
+
+    c = sub.add_parser("chat", help="talk with a model, attaching images with /image PATH")
+    _add_model_args(c)
+    c.add_argument("--system", help="a system message")
+    _add_sampling_args(c)
+    c.set_defaults(run=cmd_chat)
+
+    i = sub.add_parser("info", help="what a checkpoint is, and what images cost")
+    _add_model_args(i)
+    i.add_argument("--image", action="append", default=[], help="show how many tokens this image costs")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as e:
+        print(f"llava-next: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The `llava-next` command, as a user runs it."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import reference_model, reference_processor, smooth_image
+from llava_next import cli
+
+
+@pytest.fixture
+def picture(tmp_path) -> Path:
+    path = tmp_path / "picture.png"
+    smooth_image(500, 316, seed=21).save(path)
+    return path
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_prints_the_same_tokens_as_transformers_generate(tiny, picture):
+    """The command-line tool, run as a separate process on a directory transformers wrote."""
+    directory = tiny("v4_mistral")
+    result = subprocess.run(
+        [sys.executable, "-m", "llava_next.cli", "generate", "--model", directory, "--image", picture,
+         "--prompt", "What is shown in this image?", "--max-new-tokens", "12", "--json"],
+        capture_output=True, text=True, check=True,
+    )
+    output = json.loads(result.stdout)
+    processor, model = reference_processor(directory), reference_model(directory)
+    from PIL import Image
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown in this image?"}]}]
+    inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                       images=[Image.open(picture)], return_tensors="pt")
+    expected = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert output["token_ids"] == expected.tolist()
+    assert output["text"] == processor.decode(expected, skip_special_tokens=True)
+    assert output["finish_reason"] in ("stop", "length") and output["prompt_tokens"] == inputs["input_ids"].shape[1]
+
+
+def test_generate_streams_the_same_text(tiny, picture, capsys, load_pipeline):
+    directory = tiny("vicuna")
+    code, out, _ = run_cli(["generate", "--model", directory, "--image", picture, "--prompt", "Describe.",
+                            "--max-new-tokens", "9"], capsys)
+    assert code == 0
+    expected = load_pipeline(directory).generate(
+        [cli.user_message("Describe.", 1)], [picture], max_new_tokens=9)
+    assert out == expected.text + "\n"
+
+
+def test_raw_prompt_and_sampling_flags(tiny, picture, capsys):
+    directory = tiny("mistral")
+    args = ["generate", "--model", directory, "--image", picture, "--raw-prompt", "--prompt", "[INST] <image>\nHi [/INST]",
+            "--temperature", "0.8", "--top-p", "0.9", "--seed", "4", "--max-new-tokens", "6", "--json"]
+    first = json.loads(run_cli(args, capsys)[1])
+    second = json.loads(run_cli(args, capsys)[1])
+    assert first["token_ids"] == second["token_ids"] and len(first["token_ids"]) == 6
+
+
+def test_info_reports_the_image_token_cost(tiny, picture, capsys):
+    code, out, _ = run_cli(["info", "--model", tiny("v4_vicuna"), "--image", picture, "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0 and info["model_type"] == "llava_next" and info["text_model_type"] == "llama"
+    assert info["images"][0]["tokens"] == 1512 and info["chat_template"] == "chat_template.json"
+    code, out, _ = run_cli(["info", "--model", tiny("llava15"), "--image", picture], capsys)
+    assert "costs 576 tokens" in out and "llava, llama text model" in out
+
+
+def test_chat_keeps_the_conversation_and_its_images(tiny, picture, load_pipeline, monkeypatch):
+    directory = tiny("vicuna")
+    stdin = io.StringIO(f"/image {picture}\nWhat is it?\nAnd the colours?\n/reset\nNew topic.\n")
+    stdout = io.StringIO()
+    args = cli.build_parser().parse_args(["chat", "--model", str(directory), "--max-new-tokens", "5"])
+    assert cli.cmd_chat(args, stdin=stdin, stdout=stdout) == 0
+    lines = stdout.getvalue().splitlines()
+    pipe = load_pipeline(directory)
+    first = pipe.generate([cli.user_message("What is it?", 1)], [picture], max_new_tokens=5).text
+    second = pipe.generate([cli.user_message("What is it?", 1), {"role": "assistant", "content": first},
+                            cli.user_message("And the colours?", 0)], [picture], max_new_tokens=5).text
+    third = pipe.generate([cli.user_message("New topic.", 0)], max_new_tokens=5).text
+    assert lines == [f"(image attached: {picture})", first, second, "(conversation cleared)", third]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"--image": "missing.png"}, "no such image file"),
+    ({"--model": "/no/such/dir"}, "neither an existing directory nor a Hub id"),
+    ({"--raw-prompt": None}, "the prompt has 0 <image> placeholders but 1 image was given"),
+    ({"--max-new-tokens": "0"}, "max_new_tokens must be a positive integer"),
+])
+def test_errors_are_one_clear_line(change, message, tiny, picture, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    options = {"--model": tiny("mistral"), "--image": picture, "--prompt": "Hi", **change}
+    args = ["generate"] + [x for flag, value in options.items() for x in ([flag] if value is None else [flag, value])]
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
