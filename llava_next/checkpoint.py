@@ -120,6 +120,48 @@ def map_weight_name(name: str) -> str | None:
     return name
 
 
+def checkpoint_weight_name(name: str) -> str:
+    """Ours -> transformers 4.x's on-disk name, which transformers 4.x and 5.x both load (the inverse of the map)."""
+    if name.startswith("vision_tower."):
+        return "vision_tower.vision_model." + name[len("vision_tower."):]
+    if name.startswith("language_model."):
+        return "language_model.model." + name[len("language_model."):]
+    if name.startswith("lm_head."):
+        return "language_model." + name
+    return name
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], directory: Path, tied: bool,
+                 max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write our state dict as safetensors in the llava-hf layout, sharded with an index when it is large."""
+    from safetensors.torch import save_file
+
+    tensors = {checkpoint_weight_name(k): v.detach().contiguous().cpu() for k, v in state_dict.items()
+               if not (tied and k == "lm_head.weight")}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    for stale in list(directory.glob("model*.safetensors")) + list(directory.glob("model.safetensors.index.json")):
+        stale.unlink()
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
 def iter_checkpoint_tensors(files: list[Path]):
     """(checkpoint name, lazily read tensor) for every tensor of every file."""
     for path in files:

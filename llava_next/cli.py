@@ -10,11 +10,19 @@ from typing import Any, Sequence
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .data.records import DataError
 from .generate import GenerationError, SamplingParams
 from .image import DEFAULT_MAX_PIXELS, ImageError
 from .prompt import PromptError
 
-USER_ERRORS = (CheckpointError, ConfigError, GenerationError, ImageError, PromptError, FileNotFoundError)
+USER_ERRORS = (CheckpointError, ConfigError, DataError, GenerationError, ImageError, PromptError, FileNotFoundError)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that are the user's to fix: one line on stderr, no traceback."""
+    from .train.recipe import RecipeError
+
+    return USER_ERRORS + (RecipeError,)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -197,6 +205,60 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train, data, eval ------------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.recipe import read_recipe
+    from .train.trainer import train
+
+    overrides = list(args.set)
+    for flag, key in (("output_dir", "train.output_dir"), ("max_steps", "train.max_steps"),
+                      ("data", "data.path"), ("model", "model.path")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    recipe = read_recipe(args.config, overrides)
+    train(recipe, resume=args.resume, progress=sys.stderr.isatty())
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from .data.synth import generate
+
+    counts = generate(args.out, args.n, args.seed, args.turns)
+    print(f"wrote {args.n} images, {args.out}/captions.json and {args.out}/qa.json "
+          f"({sum(counts.values())} questions: {', '.join(f'{k} {v}' for k, v in counts.items())})")
+    return 0
+
+
+def cmd_data_tokenizer(args: argparse.Namespace) -> int:
+    from .data.tokenizer import texts_of, train_tokenizer
+    from .prompt import builtin_template
+
+    template = builtin_template(args.template) if args.template else None
+    out = train_tokenizer(texts_of(args.data, template), args.out, args.vocab_size)
+    print(f"wrote {out}/tokenizer.json")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .eval.vqa import evaluate, write_predictions
+
+    pipe = _load(args)
+    result = evaluate(pipe, args.data, args.image_folder, args.limit, args.batch_size, args.max_new_tokens,
+                      progress=sys.stderr.isatty())
+    if args.predictions:
+        write_predictions(result, Path(args.predictions))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.table())
+    return 0
+
+
 # -- entry point -----------------------------------------------------------------------------------------------------
 
 
@@ -226,6 +288,43 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--image", action="append", default=[], help="show how many tokens this image costs")
     i.add_argument("--json", action="store_true")
     i.set_defaults(run=cmd_info)
+
+    t = sub.add_parser("train", help="run one training stage from a recipe (YAML or JSON); torchrun for many processes")
+    t.add_argument("--config", help="the recipe file; its keys mirror llava_next.train.recipe.Recipe")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.lr.projector=1e-3 (repeatable)")
+    t.add_argument("--output-dir", dest="output_dir", help="= --set train.output_dir=...")
+    t.add_argument("--max-steps", dest="max_steps", type=int, help="= --set train.max_steps=...")
+    t.add_argument("--data", help="= --set data.path=...")
+    t.add_argument("--model", help="= --set model.path=... (a LLaVA checkpoint to continue from)")
+    t.add_argument("--resume", help="'latest' (the newest checkpoint of the run) or a checkpoint directory")
+    t.set_defaults(run=cmd_train)
+
+    d = sub.add_parser("data", help="make data: synthetic shapes, or a tokenizer trained on a data set")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="synthetic coloured-shapes images with captions and questions")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, required=True, help="number of images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--turns", type=int, default=1, help="questions per image in qa.json (default 1)")
+    s.set_defaults(run=cmd_data_synth)
+    k = dsub.add_parser("tokenizer", help="train a small BPE tokenizer on LLaVA-format data")
+    k.add_argument("--data", nargs="+", required=True, help="LLaVA-format files")
+    k.add_argument("--out", required=True)
+    k.add_argument("--vocab-size", type=int, default=512)
+    k.add_argument("--template", help="a built-in chat template whose markers the tokenizer should learn")
+    k.set_defaults(run=cmd_data_tokenizer)
+
+    e = sub.add_parser("eval", help="exact-match accuracy on LLaVA-format questions, per question type")
+    _add_model_args(e)
+    e.add_argument("--data", required=True, help="LLaVA-format file; every gpt turn is a question")
+    e.add_argument("--image-folder", help="image paths are relative to this (default: the data file's folder)")
+    e.add_argument("--limit", type=int, help="only the first N questions")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-new-tokens", type=int, default=16)
+    e.add_argument("--predictions", help="write every prediction to this JSON-lines file")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(run=cmd_eval)
     return parser
 
 
@@ -234,11 +333,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except USER_ERRORS as e:
-        print(f"llava-next: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if not isinstance(e, user_errors()):
+            raise
+        print(f"llava-next: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

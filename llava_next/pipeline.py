@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, load_weights, resolve_checkpoint, weight_files
-from .config import LlavaConfig, read_config
+from .checkpoint import CheckpointError, load_weights, resolve_checkpoint, save_weights, weight_files
+from .config import LlavaConfig, read_config, to_hf_dict
 from .generate import Generation, Generator, SamplingParams, TextStream
 from .image import DEFAULT_MAX_PIXELS, ImageLimits
 from .model.llava import LlavaModel
@@ -45,7 +45,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Ll
     return saved if saved in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def eos_token_ids(directory: Path, cfg: LlavaConfig, processor: Processor) -> list[int]:
+def eos_token_ids(directory: Path, cfg: LlavaConfig, tokenizer) -> list[int]:
     """The ids that end generation: generation_config.json's when it names any, else the config's, else the
     tokenizer's EOS."""
     path = directory / "generation_config.json"
@@ -55,7 +55,7 @@ def eos_token_ids(directory: Path, cfg: LlavaConfig, processor: Processor) -> li
     if candidates is None:
         candidates = cfg.text.eos_token_id
     if candidates is None:
-        candidates = processor.tokenizer.eos_token_id
+        candidates = tokenizer.eos_token_id
     if candidates is None:
         return []
     return [int(c) for c in (candidates if isinstance(candidates, list) else [candidates])]
@@ -102,7 +102,7 @@ def load(
             f"{cfg.text.vocab_size} embeddings"
         )
     llava = build_model(cfg, weight_files(directory), dtype, device, progress)
-    return Pipeline(llava, processor, Generator(llava, processor.tokenizer, eos_token_ids(directory, cfg, processor)),
+    return Pipeline(llava, processor, Generator(llava, processor.tokenizer, eos_token_ids(directory, cfg, processor.tokenizer)),
                     directory)
 
 
@@ -176,6 +176,32 @@ class Pipeline:
         if batched:
             raise PromptError("stream() takes one prompt; use generate() for a batch")
         return self.generator.stream(inputs, sampling_params(sampling))
+
+    def save(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
+             dtype: torch.dtype | None = None) -> Path:
+        """Write the model in the llava-hf layout (transformers 4.x's, which 4.x, 5.x and `load` all read).
+
+        state_dict: the weights to write, when they are not this model's own (a gathered FSDP state, say).
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "chat_template.jinja").unlink(missing_ok=True)  # would shadow chat_template.json
+        state = state_dict if state_dict is not None else self.model.state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        saved_dtype = next(iter(state.values())).dtype
+        config = to_hf_dict(self.config)
+        config["torch_dtype"] = str(saved_dtype).replace("torch.", "")
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+        text = self.config.text
+        eos = self.generator.eos_token_ids
+        (directory / "generation_config.json").write_text(json.dumps({
+            "bos_token_id": text.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": self.processor.pad_token_id,
+        }, indent=2))
+        save_weights(state, directory, tied=self.config.tie_word_embeddings)
+        self.processor.save(directory)
+        return directory
 
     def image_tokens(self, image) -> int:
         """How many tokens an image (PIL image or path) costs in a prompt."""

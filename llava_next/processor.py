@@ -87,6 +87,22 @@ class Processor:
         image_processor = ImageProcessor(read_image_processor_config(directory, config))
         return cls(tokenizer, image_processor, template, config, image_limits)
 
+    def save(self, directory: Path) -> None:
+        """Tokenizer, image processor and chat template in transformers 4.x's file layout (5.x reads it too)."""
+        self.tokenizer.save(directory)
+        processor_class = "LlavaNextProcessor" if self.config.is_anyres else "LlavaProcessor"
+        image = {**self.image_processor.cfg.to_hf(), "processor_class": processor_class}
+        (directory / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
+        (directory / "processor_config.json").write_text(json.dumps({
+            "image_token": IMAGE_TOKEN,
+            "num_additional_image_tokens": 1,  # the CLS token, which the "default" strategy drops
+            "patch_size": self.config.vision.patch_size,
+            "processor_class": processor_class,
+            "vision_feature_select_strategy": self.config.vision_feature_select_strategy,
+        }, indent=2))
+        (directory / "chat_template.json").write_text(
+            json.dumps({"chat_template": self.chat_template.source}, indent=2, ensure_ascii=False))
+
     # -- text --------------------------------------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> str:

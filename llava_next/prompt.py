@@ -42,7 +42,8 @@ def _token_text(value: Any) -> str | None:
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any] | None = None):
         self.backend = tokenizer
-        config = config or {}
+        config = dict(config or {})
+        self.config = config
         # Added tokens that tokenizer_config.json declares but tokenizer.json lacks (transformers adds them too).
         existing = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
         for index, spec in sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
@@ -82,6 +83,21 @@ class Tokenizer:
         config_path = directory / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
         return cls(HFTokenizer.from_file(str(path)), config)
+
+    def save(self, directory: Path) -> None:
+        """tokenizer.json as run, and a tokenizer_config.json that names its special and added tokens."""
+        self.backend.save(str(directory / "tokenizer.json"))
+        config = {k: v for k, v in self.config.items() if k != "chat_template"}
+        config["added_tokens_decoder"] = {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(self.backend.get_added_tokens_decoder().items())
+        }
+        config.update({k: v for k, v in self.special_tokens.items() if v is not None})
+        config["padding_side"] = self.padding_side
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        config.setdefault("clean_up_tokenization_spaces", False)
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)

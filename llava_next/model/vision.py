@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import VisionConfig
@@ -89,6 +90,7 @@ class VisionTransformer(nn.Module):
         self.encoder = VisionEncoder(cfg)
         # Never applied: LLaVA takes inner-layer features. Kept so saved models stay complete for other tools.
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.gradient_checkpointing = False
 
     def hidden_state_index(self, layer: int) -> int:
         """transformers' hidden_states[layer]: index 0 is the embeddings, index i the output of block i."""
@@ -103,7 +105,10 @@ class VisionTransformer(nn.Module):
         x = self.pre_layrnorm(self.embeddings(pixels))
         kept = {0: x} if 0 in wanted else {}
         for i, block in enumerate(self.encoder.layers[: max(wanted)], start=1):
-            x = block(x)
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
             if i in wanted:
                 kept[i] = x
         return torch.cat([kept[i] for i in wanted], dim=-1)

@@ -1,0 +1,163 @@
+"""A training run's recipe: typed, read from YAML or JSON whose keys mirror these dataclasses, overridable by flags.
+
+    model:  where the weights come from (init: llava | parts | scratch) and the chat template
+    data:   the LLaVA-format files, the format (plain for stage 1, chat for stage 2) and the limits
+    train:  what trains and how fast, batching, schedule, precision, checkpoints
+
+The defaults are the published LLaVA-NeXT recipe's stage 2 where it says (vision tower 2e-6 while the rest trains
+at 1e-5 to 2e-5; stage 1 is the projector alone at 1e-3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .build import ScratchSizes
+from .lora import LoraConfig
+
+PARTS = ("projector", "vision", "language")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run."""
+
+
+@dataclass
+class ModelRecipe:
+    init: str = "llava"  # "llava": continue from a LLaVA checkpoint; "parts": CLIP + language model; "scratch"
+    path: str | None = None  # init=llava: checkpoint directory, Hub id or "demo"
+    vision: str | None = None  # init=parts: a CLIP checkpoint (e.g. openai/clip-vit-large-patch14-336)
+    language: str | None = None  # init=parts: a llama / mistral / qwen2 checkpoint
+    tokenizer: str | None = None  # init=scratch: directory with tokenizer.json (llava-next data tokenizer)
+    scratch: ScratchSizes = field(default_factory=ScratchSizes)  # init=scratch: the sizes
+    chat_template: str | None = None  # built-in template name, a .jinja file, or the template itself
+
+
+@dataclass
+class DataRecipe:
+    path: list[str] = field(default_factory=list)  # LLaVA JSON / JSON-lines files
+    image_folder: str | None = None  # image paths are relative to this (default: each file's folder)
+    format: str = "chat"  # "plain" (stage 1 captions) or "chat" (stage 2 conversations)
+    max_length: int = 4096  # tokens, image tokens included; longer samples are dropped, never cut
+    max_bad_fraction: float = 0.01  # fail when more records than this are unusable
+
+
+@dataclass
+class TrainRecipe:
+    output_dir: str = "runs/llava-next"
+    tune: list[str] = field(default_factory=lambda: ["projector", "vision", "language"])
+    lr: dict[str, float] = field(default_factory=lambda: {"projector": 1e-5, "vision": 2e-6, "language": 1e-5})
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    batch_size: int = 4  # samples per process per micro-step
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0  # the cosine decays to lr * this
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # "auto" (bf16 autocast on GPUs that have it, else fp32), "bf16", "fp32"
+    gradient_checkpointing: bool = False
+    group_by_modality_length: bool = True
+    seed: int = 0
+    save_every: int = 0  # optimizer steps between resumable checkpoints; 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    save_dtype: str = "float32"
+
+
+@dataclass
+class Recipe:
+    model: ModelRecipe = field(default_factory=ModelRecipe)
+    data: DataRecipe = field(default_factory=DataRecipe)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+
+    def validate(self) -> "Recipe":
+        m, d, t = self.model, self.data, self.train
+        needs = {"llava": ["path"], "parts": ["vision", "language"], "scratch": ["tokenizer"]}
+        if m.init not in needs:
+            raise RecipeError(f"model.init must be one of {', '.join(needs)}, not {m.init!r}")
+        for key in needs[m.init]:
+            if not getattr(m, key):
+                raise RecipeError(f"model.init={m.init} needs model.{key}")
+        if not d.path:
+            raise RecipeError("data.path names no data file")
+        if d.format not in ("plain", "chat"):
+            raise RecipeError(f"data.format must be 'plain' or 'chat', not {d.format!r}")
+        unknown = [p for p in t.tune if p not in PARTS]
+        if unknown or not t.tune:
+            raise RecipeError(f"train.tune must list some of {', '.join(PARTS)}; got {t.tune}")
+        missing_lr = [p for p in t.tune if p not in t.lr]
+        if missing_lr:
+            raise RecipeError(f"train.lr has no learning rate for {', '.join(missing_lr)}")
+        if t.lora.r and "language" not in t.tune:
+            raise RecipeError("train.lora is set but the language model is not in train.tune")
+        if t.lora.r and not t.lora.merge and m.init != "llava":
+            raise RecipeError("train.lora.merge: false saves only an adapter, which needs a base checkpoint to load "
+                              "onto; it works with model.init: llava")
+        if t.precision not in ("auto", "bf16", "fp32"):
+            raise RecipeError(f"train.precision must be auto, bf16 or fp32, not {t.precision!r}")
+        if t.batch_size < 1 or t.grad_accum < 1:
+            raise RecipeError("train.batch_size and train.grad_accum must be at least 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values: Any, where: str):
+    """A dataclass from a dict, recursively, refusing unknown keys (a typo must not silently use a default)."""
+    if not dataclasses.is_dataclass(cls):
+        return values
+    if not isinstance(values, dict):
+        raise RecipeError(f"{where} must be a mapping")
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise RecipeError(f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(hints)})")
+    kwargs = {}
+    for name, value in values.items():
+        default = hints[name].default_factory() if hints[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """A recipe from a YAML / JSON file (or none), then `key.sub=value` overrides applied in order."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        values = (json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)) or {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise RecipeError(f"override {override!r} must look like key.sub=value")
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _parse_value(value)
+    data = values.get("data", {})
+    if isinstance(data.get("path"), str):
+        data["path"] = [data["path"]]
+    recipe = _build(Recipe, values, "the recipe")
+    if isinstance(recipe.train.betas, list):
+        recipe.train.betas = tuple(recipe.train.betas)
+    return recipe.validate()
