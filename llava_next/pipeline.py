@@ -90,7 +90,18 @@ def load(
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
 ) -> "Pipeline":
-    """Load a LLaVA 1.5 / LLaVA-NeXT checkpoint: a local directory, a Hub id, or "demo" (the bundled demo model)."""
+    """Load a LLaVA 1.5 / LLaVA-NeXT checkpoint: a local directory, a Hub id, or "demo" (the bundled demo model).
+
+    A directory holding a LoRA adapter (adapter_config.json, as `llava-next train` writes with lora.merge: false)
+    loads its base model and merges the adapter into it.
+    """
+    from .train.lora import ADAPTER_CONFIG, merge_adapter
+
+    adapter = Path(model).expanduser() if str(model) != "demo" else None
+    if adapter is not None and (adapter / ADAPTER_CONFIG).exists() and not (adapter / "config.json").exists():
+        model = json.loads((adapter / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    else:
+        adapter = None
     directory = resolve_checkpoint(model, revision)
     cfg = read_config(directory / "config.json")
     device = resolve_device(device)
@@ -102,6 +113,8 @@ def load(
             f"{cfg.text.vocab_size} embeddings"
         )
     llava = build_model(cfg, weight_files(directory), dtype, device, progress)
+    if adapter is not None:
+        merge_adapter(llava, adapter)
     return Pipeline(llava, processor, Generator(llava, processor.tokenizer, eos_token_ids(directory, cfg, processor.tokenizer)),
                     directory)
 

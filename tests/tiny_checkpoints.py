@@ -62,10 +62,15 @@ def build_tokenizer_json(kind: str) -> tuple[dict, dict]:
 
     corpus = CORPUS * 20
     if kind in ("sentencepiece", "yi"):
+        # trained word by word (as sentencepiece is: no merge crosses a word boundary), then stored the way the
+        # llama tokenizer.json files are: a Prepend/Replace normalizer and no pre-tokenizer
         tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace("\u2581", prepend_scheme="always", split=True)
         tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=420, show_progress=False))
         j = json.loads(tok.to_str())
+        j["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                               {"type": "Replace", "pattern": {"String": " "},
+                                                                "content": "\u2581"}]}
         if kind == "sentencepiece":
             head = ["<unk>", "<s>", "</s>"]
             extra = ["<image>", "<pad>"]

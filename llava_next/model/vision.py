@@ -96,6 +96,12 @@ class VisionTransformer(nn.Module):
         """transformers' hidden_states[layer]: index 0 is the embeddings, index i the output of block i."""
         return layer % (self.cfg.num_layers + 1)
 
+    def unused_parameter_names(self, feature_layers: list[int]) -> list[str]:
+        """Parameters that never touch the features (the blocks after the deepest feature layer, the final norm)."""
+        deepest = max(self.hidden_state_index(layer) for layer in feature_layers)
+        prefixes = [f"encoder.layers.{i}." for i in range(deepest, self.cfg.num_layers)] + ["post_layernorm."]
+        return [name for name, _ in self.named_parameters() if name.startswith(tuple(prefixes))]
+
     def forward(self, pixels: torch.Tensor, feature_layers: list[int]) -> torch.Tensor:
         """pixels (n, 3, S, S) -> hidden states of `feature_layers`, concatenated on the channel axis: (n, P + 1, C * k).
 

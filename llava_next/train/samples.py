@@ -7,8 +7,9 @@ Two formats:
 
 The assistant replies are found by rendering the conversation turn by turn: the reply is what a turn adds after
 the prompt that asks for it (the template's generation prompt). Tokens are assigned to replies by their character
-offsets; a token that straddles the start of a reply makes the alignment ambiguous, which is an error naming the
-sample. Templates that write no end-of-turn token after a reply (the llava-hf vicuna one) get the EOS token
+offsets; a token that joins template text to the start of a reply makes the alignment ambiguous, which is an error
+naming the sample (one that only joins the template's white space to the reply, as Llama-3's "\n\n" + "\n" does,
+belongs to the reply). Templates that write no end-of-turn token after a reply (the llava-hf vicuna one) get the EOS token
 appended there, as the original LLaVA training format has it, so the model learns to stop.
 """
 
@@ -107,16 +108,20 @@ class SampleEncoder:
         labels = [IGNORE_INDEX] * len(ids)
         insert_eos_at = []
         eos = set(self.eos_token_ids)
-        for start, end in spans:
+        for reply, (start, end) in enumerate(spans):
+            # The separator a template writes after a reply (a space, a newline) is not the reply's to predict.
+            end = start + len(full[start:end].rstrip())
             inside = []
             for j, (a, b) in enumerate(offsets):
-                if a < start < b:
+                if b <= a or b <= start or a >= end:
+                    continue  # zero-width (a BOS the post-processor adds) or outside the reply
+                if a < start and full[a:start].strip():
                     raise DataError(
-                        f"record {record.id}: token {self.tokenizer.decode([ids[j]], False)!r} spans the boundary "
-                        f"between prompt and reply at character {start}; the reply's labels cannot be aligned"
+                        f"record {record.id}: token {self.tokenizer.decode([ids[j]], False)!r} joins template text "
+                        f"and the start of reply {reply} into one token, so the reply's "
+                        "labels cannot be aligned"
                     )
-                if start <= a and b <= end and b > a:  # zero-width tokens (a BOS the post-processor adds) never
-                    inside.append(j)
+                inside.append(j)  # a token that only joins white space of the template to the reply is the reply's
             if not inside:
                 raise _Drop("empty reply")
             ended = False

@@ -103,9 +103,10 @@ def parameter_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
     """Freeze what does not train; one optimizer group per trained part, at its own learning rate."""
     t = recipe.train
     groups: dict[str, list] = {part: [] for part in t.tune}
+    unused = {"vision_tower." + n for n in model.vision_tower.unused_parameter_names(model.cfg.feature_layers)}
     for name, p in model.named_parameters():
         part = part_of(name)
-        trains = part in t.tune and (not t.lora.r or part != "language" or ".lora_" in name)
+        trains = part in t.tune and name not in unused and (not t.lora.r or part != "language" or ".lora_" in name)
         p.requires_grad_(trains)
         if trains:
             groups[part].append(p)
@@ -397,7 +398,8 @@ def save_final(model, pipe: Pipeline, recipe: Recipe, procs: Processes) -> None:
     if t.lora.r:
         merged, adapter = split_lora_state(state, t.lora.scale)
         if not t.lora.merge:
-            save_adapter(adapter, t.lora, out, base_model=str(recipe.model.path))
+            base = Path(recipe.model.path)
+            save_adapter(adapter, t.lora, out, base_model=str(base.resolve()) if base.exists() else str(base))
             return
         state = merged
     pipe.save(out, state_dict=state, dtype=dtype)
