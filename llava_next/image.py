@@ -1,7 +1,8 @@
 """Images: decoding with limits, RGB conversion, the anyres geometry, preprocessing and token counting.
 
-`anyres_grid` is the one place that computes LLaVA-NeXT's geometry. The processor uses it to cut tiles and to count
-an image's tokens, the model uses it to pack the tiles' features: the two can never disagree.
+`anyres_grid` is the one place that computes LLaVA-NeXT's geometry (on top of `anyres_canvas`, the part that
+needs no patch size). The processor uses it to cut tiles and to count an image's tokens, the model uses it to pack
+the tiles' features: the two can never disagree.
 
 Every rounding below is the reference's (transformers' PIL image processors), because a one-pixel difference in a
 resize changes every feature of the image:
@@ -155,13 +156,19 @@ def fit_inside(image_size: tuple[int, int], canvas: tuple[int, int]) -> tuple[in
 
 
 @dataclass(frozen=True)
-class AnyresGrid:
-    """How one image of a given size is tiled and how its features are packed."""
+class AnyresCanvas:
+    """Where one image goes: the chosen pinpoint, the image scaled into it, and the tiles that cover it."""
 
     canvas: tuple[int, int]  # the chosen pinpoint, (height, width) in pixels
     resized: tuple[int, int]  # the image scaled into the canvas, (height, width)
     rows: int  # tiles down
     cols: int  # tiles across
+
+
+@dataclass(frozen=True)
+class AnyresGrid(AnyresCanvas):
+    """...and how the tiles' features are packed: the part of the feature grid that saw the image."""
+
     feature_offset: tuple[int, int]  # (top, left) of the unpadded region in the (rows * side, cols * side) grid
     feature_height: int
     feature_width: int
@@ -172,14 +179,19 @@ class AnyresGrid:
         return self.feature_height * (self.feature_width + 1)
 
 
-def anyres_grid(image_size: tuple[int, int], pinpoints: Sequence[tuple[int, int]], tile_size: int, patch_size: int) -> AnyresGrid:
+def anyres_canvas(image_size: tuple[int, int], pinpoints: Sequence[tuple[int, int]], tile_size: int) -> AnyresCanvas:
     height, width = int(image_size[0]), int(image_size[1])
     if height < 1 or width < 1:
         raise ImageError(f"image size {height}x{width} has no pixels")
     canvas = select_best_resolution((height, width), pinpoints)
-    rows, cols = canvas[0] // tile_size, canvas[1] // tile_size
+    return AnyresCanvas(canvas, fit_inside((height, width), canvas), canvas[0] // tile_size, canvas[1] // tile_size)
+
+
+def anyres_grid(image_size: tuple[int, int], pinpoints: Sequence[tuple[int, int]], tile_size: int, patch_size: int) -> AnyresGrid:
+    c = anyres_canvas(image_size, pinpoints, tile_size)
+    height, width = int(image_size[0]), int(image_size[1])
     side = tile_size // patch_size
-    grid_h, grid_w = rows * side, cols * side
+    grid_h, grid_w = c.rows * side, c.cols * side
     # Remove the rows (or columns) of features that only saw padding. The reference slices `padding` off both
     # ends, so an odd leftover keeps one padded row: the count must be computed the same way.
     if width / height > grid_w / grid_h:
@@ -190,7 +202,7 @@ def anyres_grid(image_size: tuple[int, int], pinpoints: Sequence[tuple[int, int]
         new_w = int(round(width * (grid_h / height), 7))
         pad = (grid_w - new_w) // 2
         offset, feature_h, feature_w = (0, pad), grid_h, grid_w - 2 * pad
-    return AnyresGrid(canvas, fit_inside((height, width), canvas), rows, cols, offset, feature_h, feature_w)
+    return AnyresGrid(c.canvas, c.resized, c.rows, c.cols, offset, feature_h, feature_w)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -352,7 +364,7 @@ class ImageProcessor:
                 image = _pad_to_square(image, cfg.image_mean)
             return [self._resize_and_crop(image)]
         tile = cfg.tile_size
-        grid = anyres_grid((image.height, image.width), cfg.image_grid_pinpoints, tile, 1)
+        grid = anyres_canvas((image.height, image.width), cfg.image_grid_pinpoints, tile)
         canvas_h, canvas_w = grid.canvas
         resized = _resize(image, grid.resized, cfg.resample)
         canvas = Image.new("RGB", (canvas_w, canvas_h))  # black

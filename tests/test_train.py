@@ -336,3 +336,57 @@ def test_synthetic_data_is_deterministic_and_varied(tmp_path):
     assert len(sizes) > 20 and any(w > 2 * h for w, h in sizes) or any(h > 2 * w for w, h in sizes)
     records = read_records(tmp_path / "a" / "qa.json")
     assert all(len(r.types) == 3 and r.turns[0][1].startswith("<image>\n") for r in records)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(shapes, tmp_path):
+    from llava_next.train.trainer import Collator, make_pipeline, load_samples, Processes
+
+    recipe = recipe_for(shapes, tmp_path / "gc")
+    pipe = make_pipeline(recipe)
+    samples = load_samples(recipe, pipe, Processes(), log=lambda *a: None)[:3]
+    batch = Collator(pipe)(samples)
+    labels = batch.pop("labels")
+    grads = []
+    for checkpointing in (False, True):
+        pipe.model.zero_grad()
+        pipe.model.train()
+        pipe.model.language_model.gradient_checkpointing = checkpointing
+        pipe.model.vision_tower.gradient_checkpointing = checkpointing
+        logits = pipe.model(**batch)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()).backward()
+        grads.append({n: p.grad.clone() for n, p in pipe.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7) for n in grads[0])
+
+
+def test_bf16_autocast_run(shapes, tmp_path):
+    run = train(recipe_for(shapes, tmp_path / "bf16", max_steps=12, precision="bf16"), progress=False)
+    curve = losses(run)
+    assert all(l == l for l in curve) and curve[-1] < curve[0]
+    assert llava_next.load(run, progress=False).model.lm_head.weight.dtype == torch.float32  # master weights
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    recipe = read_recipe(path)
+    assert recipe.train.output_dir and recipe.data.path
+
+
+def test_data_synth_and_eval_commands(shapes, tmp_path, capsys):
+    from llava_next import cli
+
+    assert cli.main(["data", "synth", "--out", str(tmp_path / "d"), "--n", "6", "--seed", "3"]) == 0
+    assert "wrote 6 images" in capsys.readouterr().out
+    run = train(recipe_for(shapes, tmp_path / "m", max_steps=2), progress=False)
+    capsys.readouterr()
+    predictions = tmp_path / "predictions.jsonl"
+    assert cli.main(["eval", "--model", str(run), "--data", str(tmp_path / "d" / "qa.json"), "--json",
+                     "--predictions", str(predictions)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert result["total"] == len(rows) == 6
+    assert result["correct"] == sum(r["correct"] for r in rows)
+    from llava_next.eval.vqa import normalize_answer
+
+    assert all(r["correct"] == (normalize_answer(r["prediction"]) == normalize_answer(r["answer"])) for r in rows)
+    assert normalize_answer("  Red. ") == "red" and normalize_answer("two  words!") == "two words"

@@ -83,9 +83,9 @@ def _draw(scene: Scene, rng: random.Random) -> Image.Image:
 
 
 def _scene(rng: random.Random) -> Scene:
-    # varied aspect ratios: from 1:3 to 3:1, 40 to 128 pixels a side
+    # varied aspect ratios: from 1:3 to 3:1, 32 to 112 pixels a side
     while True:
-        width, height = rng.randint(40, 128), rng.randint(40, 128)
+        width, height = rng.randint(32, 112), rng.randint(32, 112)
         if 1 / 3 <= width / height <= 3:
             break
     count = rng.choice([1, 2, 2, 3, 3, 4])

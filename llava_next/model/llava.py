@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LlavaConfig
-from ..image import anyres_grid
+from ..image import anyres_canvas, anyres_grid
 from .decoder import Decoder, KVCache
 from .vision import VisionTransformer
 
@@ -53,7 +53,7 @@ class LlavaModel(nn.Module):
             return [1] * num_images
         counts = []
         for h, w in image_sizes.tolist():
-            grid = anyres_grid((h, w), self.cfg.image_grid_pinpoints, self.cfg.vision.image_size, self.cfg.vision.patch_size)
+            grid = anyres_canvas((h, w), self.cfg.image_grid_pinpoints, self.cfg.vision.image_size)
             counts.append(1 + grid.rows * grid.cols)
         return counts
 

@@ -264,6 +264,7 @@ def load_samples(recipe: Recipe, pipe: Pipeline, procs: Processes, log) -> list[
     log(report.summary())
     if procs.main:
         out = Path(recipe.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "data_report.txt").write_text(report.summary() + "\n" + "\n".join(
             f"{reason}: {', '.join(ids)}" for reason, ids in sorted(report.dropped.items())) + "\n")
     return report.samples
