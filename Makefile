@@ -35,5 +35,9 @@ test: $(VENV)/.test $(TF4_VENV)/.done
 demo: $(VENV)/.runtime
 	$(VENV)/bin/llava-next generate --model demo --image examples/shapes.png --prompt "What color is the circle?"
 
+# retrain the bundled demo model from nothing (about 45 minutes on 2 CPU cores); writes llava_next/demo/model
+demo-model: $(VENV)/.runtime
+	bash recipes/demo/make_demo_model.sh
+
 clean:
 	rm -rf $(VENV) $(TF4_VENV) .pytest_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -333,9 +334,27 @@ def test_synthetic_data_is_deterministic_and_varied(tmp_path):
     from PIL import Image
 
     sizes = {Image.open(tmp_path / "a" / r["image"]).size for r in qa}
-    assert len(sizes) > 20 and any(w > 2 * h for w, h in sizes) or any(h > 2 * w for w, h in sizes)
+    assert len(sizes) > 20 and any(w > 2 * h for w, h in sizes) and any(h > 2 * w for w, h in sizes)
     records = read_records(tmp_path / "a" / "qa.json")
     assert all(len(r.types) == 3 and r.turns[0][1].startswith("<image>\n") for r in records)
+
+
+def test_synthetic_scenes_keep_shapes_apart_inside_the_image_and_use_every_count():
+    import random
+
+    rng = random.Random(0)
+    counts = collections.Counter()
+    for _ in range(400):
+        scene = synth._scene(rng)
+        counts[len(scene.shapes)] += 1
+        assert 32 <= scene.width <= 96 and 32 <= scene.height <= 96 and scene.width * scene.height <= 4096
+        for i, a in enumerate(scene.shapes):
+            assert a.size <= a.cx <= scene.width - a.size and a.size <= a.cy <= scene.height - a.size
+            for b in scene.shapes[i + 1 :]:
+                assert max(abs(a.cx - b.cx), abs(a.cy - b.cy)) > a.size + b.size, "two shapes' boxes overlap"
+        assert len({s.kind for s in scene.shapes}) == len({s.color for s in scene.shapes}) == len(scene.shapes)
+    # the drawn counts follow the stated mix (1: 1/6, 2: 1/3, 3: 1/3, 4: 1/6), crowded sizes do not skew it
+    assert set(counts) == {1, 2, 3, 4} and 40 <= counts[4] <= 100 and 90 <= counts[3] <= 180
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(shapes, tmp_path):

@@ -35,6 +35,9 @@ BACKGROUNDS = {
     "beige": (225, 210, 180),
     "pale blue": (200, 220, 240),
 }
+# half the side of a shape's box, as a share of the image's shorter side, by the number of shapes: large enough
+# that a small vision tower tells the kinds apart, small enough that four fit
+SHAPE_SCALE = {1: 0.3, 2: 0.26, 3: 0.22, 4: 0.2}
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 QUESTION_TYPES = ("color", "shape", "count", "position", "yes/no")
 
@@ -83,34 +86,37 @@ def _draw(scene: Scene, rng: random.Random) -> Image.Image:
 
 
 def _scene(rng: random.Random) -> Scene:
-    # varied aspect ratios: from 1:3 to 3:1, 32 to 112 pixels a side
-    while True:
-        width, height = rng.randint(32, 112), rng.randint(32, 112)
-        if 1 / 3 <= width / height <= 3:
-            break
     count = rng.choice([1, 2, 2, 3, 3, 4])
     kinds = rng.sample(SHAPES, count)
     colors = rng.sample(list(COLORS), count)
     background = rng.choice(list(BACKGROUNDS))
-    size = max(6.0, min(width, height) / 5)
-    axis = None
-    if count == 2:
-        axis = "x" if width >= height else "y"
-    for _ in range(200):
-        shapes = []
-        for kind, color in zip(kinds, colors):
-            s = size * rng.uniform(0.8, 1.15)
-            shapes.append(Shape(kind, color, rng.uniform(s + 1, width - s - 1), rng.uniform(s + 1, height - s - 1), s))
-        apart = all(
-            math.hypot(a.cx - b.cx, a.cy - b.cy) > a.size + b.size + 3 for i, a in enumerate(shapes) for b in shapes[i + 1 :]
-        )
-        if axis is not None:
-            a, b = shapes
-            gap = abs(a.cx - b.cx) if axis == "x" else abs(a.cy - b.cy)
-            apart = apart and gap > a.size + b.size + 3
-        if apart:
-            return Scene(width, height, background, shapes, axis)
-    return _scene(rng)  # crowded: draw another scene
+    while True:  # a size the shapes do not fit in: draw another size, keeping the shapes
+        # varied aspect ratios, from 1:3 to 3:1, and sizes, 32 to 96 pixels a side, at most 64x64 in area: sizes
+        # that the demo model's anyres grid (up to 64x64 or 32x96 pixels) holds without shrinking
+        width, height = rng.randint(32, 96), rng.randint(32, 96)
+        if not 1 / 3 <= width / height <= 3 or width * height > 64 * 64:
+            continue
+        size = max(6.0, min(width, height) * SHAPE_SCALE[count])
+        axis = None
+        if count == 2:
+            axis = "x" if width >= height else "y"
+        for _ in range(100):
+            shapes = []
+            for kind, color in zip(kinds, colors):
+                s = size * rng.uniform(0.85, 1.15)
+                shapes.append(Shape(kind, color, rng.uniform(s + 1, width - s - 1), rng.uniform(s + 1, height - s - 1), s))
+            # bounding boxes at least 3 pixels apart: no two shapes touch
+            apart = all(
+                max(abs(a.cx - b.cx), abs(a.cy - b.cy)) > a.size + b.size + 3
+                for i, a in enumerate(shapes)
+                for b in shapes[i + 1 :]
+            )
+            if axis is not None:
+                a, b = shapes
+                gap = abs(a.cx - b.cx) if axis == "x" else abs(a.cy - b.cy)
+                apart = apart and gap > a.size + b.size + 3
+            if apart:
+                return Scene(width, height, background, shapes, axis)
 
 
 def _ordered(scene: Scene) -> list[Shape]:
