@@ -321,8 +321,22 @@ def test_recipe_errors_are_clear(tmp_path):
         read_recipe(None, ["model.path=x", "data.path=d.json", "train.lerning_rate=1"])
     with pytest.raises(RecipeError, match="model.init=parts needs model.vision"):
         read_recipe(None, ["model.init=parts", "data.path=d.json"])
-    with pytest.raises(RecipeError, match="train.lr has no learning rate for vision"):
-        read_recipe(None, ["model.path=x", "data.path=d.json", "train.lr={projector: 1}", "train.tune=[projector, vision]"])
+    with pytest.raises(RecipeError, match="train.lr names visoin; the parts are projector, vision, language"):
+        read_recipe(None, ["model.path=x", "data.path=d.json", "train.lr.visoin=1e-4"])
+    with pytest.raises(RecipeError, match="train.lr.vision must be a non-negative number, not 'fast'"):
+        read_recipe(None, ["model.path=x", "data.path=d.json", "train.lr.vision=fast"])
+
+
+def test_learning_rates_in_exponent_notation_are_numbers(tmp_path):
+    # YAML 1.1 reads 1e-3 (no dot) as a string, in files and in --set alike
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {path: x}\ndata: {path: d.json}\ntrain: {lr: {projector: 2e-5, vision: 2e-6, language: 1E-5}}\n")
+    recipe = read_recipe(path, ["train.lr.vision=3e-6", "train.weight_decay=1e-2"])
+    assert recipe.train.lr == {"projector": 2e-5, "vision": 3e-6, "language": 1e-5}
+    assert recipe.train.weight_decay == 0.01 and recipe.model.path == "x"
+    # setting one learning rate keeps the defaults of the others
+    recipe = read_recipe(None, ["model.path=x", "data.path=d.json", "train.lr.vision=1e-4"])
+    assert recipe.train.lr == {"projector": 1e-5, "vision": 1e-4, "language": 1e-5}
 
 
 def test_synthetic_data_is_deterministic_and_varied(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,12 @@ class Recipe:
         unknown = [p for p in t.tune if p not in PARTS]
         if unknown or not t.tune:
             raise RecipeError(f"train.tune must list some of {', '.join(PARTS)}; got {t.tune}")
-        missing_lr = [p for p in t.tune if p not in t.lr]
-        if missing_lr:
-            raise RecipeError(f"train.lr has no learning rate for {', '.join(missing_lr)}")
+        unknown_lr = [p for p in t.lr if p not in PARTS]
+        if unknown_lr:
+            raise RecipeError(f"train.lr names {', '.join(unknown_lr)}; the parts are {', '.join(PARTS)}")
+        for part, lr in t.lr.items():
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0:
+                raise RecipeError(f"train.lr.{part} must be a non-negative number, not {lr!r}")
         if t.lora.r and "language" not in t.tune:
             raise RecipeError("train.lora is set but the language model is not in train.tune")
         if t.lora.r and not t.lora.merge and m.init != "llava":
@@ -127,14 +131,30 @@ def _build(cls, values: Any, where: str):
         default = hints[name].default_factory() if hints[name].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}.{name}")
+        elif isinstance(default, dict) and isinstance(value, dict):
+            kwargs[name] = {**default, **value}  # setting one learning rate keeps the others
         else:
             kwargs[name] = value
     return cls(**kwargs)
 
 
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _numbers(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string; every user means the number."""
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
+
+
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return _numbers(yaml.safe_load(text))
     except yaml.YAMLError:
         return text
 
@@ -144,7 +164,7 @@ def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     values: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
-        values = (json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)) or {}
+        values = _numbers((json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)) or {})
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep:
