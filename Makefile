@@ -32,12 +32,20 @@ install: $(VENV)/.runtime
 test: $(VENV)/.test $(TF4_VENV)/.done
 	LLAVA_NEXT_TF4_PYTHON=$(CURDIR)/$(TF4_VENV)/bin/python $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+# three questions about a bundled image (a red circle, a yellow triangle, an orange square) for the demo model
+DEMO_QUESTIONS := "What color is the circle?" "What shape is orange?" "How many shapes are there?"
 demo: $(VENV)/.runtime
-	$(VENV)/bin/llava-next generate --model demo --image examples/shapes.png --prompt "What color is the circle?"
+	@for q in $(DEMO_QUESTIONS); do \
+	  printf '%s ' "$$q"; $(VENV)/bin/llava-next generate --model demo --image examples/shapes.png --prompt "$$q"; \
+	done
 
-# retrain the bundled demo model from nothing (about 45 minutes on 2 CPU cores); writes llava_next/demo/model
+# retrain the bundled demo model from nothing (about 52 minutes on 2 CPU cores); writes llava_next/demo/model
 demo-model: $(VENV)/.runtime
 	bash recipes/demo/make_demo_model.sh
+
+# speed and memory against transformers on the same weights and inputs (BENCHMARKS.md)
+bench: $(VENV)/.test
+	$(VENV)/bin/python benchmarks/bench_generate.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TF4_VENV) .pytest_cache
