@@ -75,6 +75,27 @@ def test_max_new_tokens_and_finish_reason(tiny, load_pipeline):
     assert result.prompt_tokens == pipe.prepare(CHAT, [smooth_image(300, 300)])[0]["input_ids"].shape[1]
 
 
+def test_a_generated_image_token_is_an_ordinary_token(tiny):
+    # an undertrained model can sample the <image> id; decoding must go on, embedding it as transformers does
+    import llava_next
+
+    pipe = llava_next.load(tiny("vicuna"), progress=False)
+    image_id = pipe.config.image_token_id
+    head = pipe.model.lm_head
+
+    class FavourImageToken(torch.nn.Module):
+        weight = head.weight  # where the engine looks for the model's device and dtype
+
+        def forward(self, hidden):
+            logits = head(hidden)
+            logits[..., image_id] += 1e4
+            return logits
+
+    pipe.model.lm_head = FavourImageToken()
+    result = pipe.generate(CHAT, [smooth_image(300, 300)], max_new_tokens=3)
+    assert result.token_ids == [image_id] * 3 and result.finish_reason == "length"
+
+
 def test_stops_on_eos_from_generation_config(tiny, load_pipeline):
     pipe = load_pipeline(tiny("vicuna"))
     image = smooth_image(300, 300)

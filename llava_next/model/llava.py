@@ -122,10 +122,13 @@ class LlavaModel(nn.Module):
         Without a cache this is the plain full-sequence forward pass. With one, the queries occupy cache slots
         start .. start + T and `key_mask` (B, start + T) tells which slots are real tokens.
         """
-        features = None
-        if pixel_values is not None:
-            features = self.image_features(pixel_values, image_sizes)
-        embeds = self.embed(input_ids, features)
+        if pixel_values is None and start > 0:
+            # a decoding step: the prompt's images are in the cache, and a generated <image> id (an undertrained
+            # model can sample one) is an ordinary token here, as in transformers
+            embeds = self.language_model.embed_tokens(input_ids)
+        else:
+            features = self.image_features(pixel_values, image_sizes) if pixel_values is not None else None
+            embeds = self.embed(input_ids, features)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
