@@ -339,6 +339,17 @@ def test_learning_rates_in_exponent_notation_are_numbers(tmp_path):
     assert recipe.train.lr == {"projector": 1e-5, "vision": 1e-4, "language": 1e-5}
 
 
+def test_saved_recipe_reads_back_the_same_and_lists_only_what_the_run_used(tmp_path):
+    import yaml
+
+    for init in (["model.init=scratch", "model.tokenizer=tok"], ["model.path=x"]):
+        recipe = read_recipe(None, [*init, "data.path=d.json", "train.lr.vision=1e-4"])
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        assert read_recipe(path) == recipe
+        assert ("scratch" in yaml.safe_load(path.read_text())["model"]) == (recipe.model.init == "scratch")
+
+
 def test_synthetic_data_is_deterministic_and_varied(tmp_path):
     a = synth.generate(tmp_path / "a", 40, seed=9, turns=3)
     b = synth.generate(tmp_path / "b", 40, seed=9, turns=3)

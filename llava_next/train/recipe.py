@@ -113,7 +113,10 @@ class Recipe:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if self.model.init != "scratch":
+            del values["model"]["scratch"]  # sizes a run that loads its model never used would mislead a reader
+        return values
 
 
 def _build(cls, values: Any, where: str):
