@@ -78,13 +78,13 @@ def run_ours(directory: Path, args) -> dict:
     import torch
 
     import llava_next
-    from llava_next.generate import SamplingParams
+    from llava_next.engine import SamplingParams
 
     pipe = llava_next.load(directory, dtype=args.dtype, device=args.device, progress=False)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     img = image()
-    generator = pipe.generator
-    generator.eos_token_ids = []  # decode exactly --new-tokens tokens
+    engine = pipe.engine
+    engine.eos_token_ids = []  # decode exactly --new-tokens tokens
 
     def prefill():
         inputs, _ = pipe.prepare(messages, [img])
@@ -94,7 +94,7 @@ def run_ours(directory: Path, args) -> dict:
 
     def generate(n):
         inputs, _ = pipe.prepare(messages, [img])
-        return generator.generate(inputs, SamplingParams(max_new_tokens=n))[0]
+        return engine.generate(inputs, SamplingParams(max_new_tokens=n))[0]
 
     return measure(prefill, generate, args, sync=_sync(args))
 

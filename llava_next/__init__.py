@@ -1,6 +1,6 @@
 """llava-next: LLaVA 1.5 and LLaVA-NeXT vision-language models in plain PyTorch."""
 
-from .generate import Generation, SamplingParams
+from .engine import Generation, SamplingParams
 from .pipeline import Pipeline, load
 
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data.records import DataError
-from .generate import GenerationError, SamplingParams
+from .engine import GenerationError, SamplingParams
 from .image import DEFAULT_MAX_PIXELS, ImageError
 from .prompt import PromptError
 
@@ -178,7 +178,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                    "select_strategy": cfg.vision_feature_select_strategy},
         "image_grid_pinpoints": cfg.image_grid_pinpoints,
         "chat_template": pipe.processor.chat_template.origin,
-        "eos_token_ids": pipe.generator.eos_token_ids,
+        "eos_token_ids": pipe.engine.eos_token_ids,
     }
     if args.image:
         costs = []

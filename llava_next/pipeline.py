@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_weights, resolve_checkpoint, save_weights, weight_files
 from .config import LlavaConfig, read_config, to_hf_dict
-from .generate import Generation, Generator, SamplingParams, TextStream
+from .engine import Engine, Generation, SamplingParams, TextStream
 from .image import DEFAULT_MAX_PIXELS, ImageLimits
 from .model.llava import LlavaModel
 from .processor import Processor
@@ -115,7 +115,7 @@ def load(
     llava = build_model(cfg, weight_files(directory), dtype, device, progress)
     if adapter is not None:
         merge_adapter(llava, adapter)
-    return Pipeline(llava, processor, Generator(llava, processor.tokenizer, eos_token_ids(directory, cfg, processor.tokenizer)),
+    return Pipeline(llava, processor, Engine(llava, processor.tokenizer, eos_token_ids(directory, cfg, processor.tokenizer)),
                     directory)
 
 
@@ -123,7 +123,7 @@ def load(
 class Pipeline:
     model: LlavaModel
     processor: Processor
-    generator: Generator
+    engine: Engine
     directory: Path
 
     @property
@@ -180,7 +180,7 @@ class Pipeline:
         repetition_penalty, seed, stop.
         """
         inputs, batched = self.prepare(prompt_or_messages, images)
-        results = self.generator.generate(inputs, sampling_params(sampling))
+        results = self.engine.generate(inputs, sampling_params(sampling))
         return results if batched else results[0]
 
     def stream(self, prompt_or_messages, images=None, **sampling) -> TextStream:
@@ -188,7 +188,7 @@ class Pipeline:
         inputs, batched = self.prepare(prompt_or_messages, images)
         if batched:
             raise PromptError("stream() takes one prompt; use generate() for a batch")
-        return self.generator.stream(inputs, sampling_params(sampling))
+        return self.engine.stream(inputs, sampling_params(sampling))
 
     def save(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
              dtype: torch.dtype | None = None) -> Path:
@@ -207,7 +207,7 @@ class Pipeline:
         config["torch_dtype"] = str(saved_dtype).replace("torch.", "")
         (directory / "config.json").write_text(json.dumps(config, indent=2))
         text = self.config.text
-        eos = self.generator.eos_token_ids
+        eos = self.engine.eos_token_ids
         (directory / "generation_config.json").write_text(json.dumps({
             "bos_token_id": text.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": self.processor.pad_token_id,

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from .config import LlavaConfig
-from .image import ImageLimits, ImageProcessor, ImageProcessorConfig, check_image, decode_image, num_image_tokens, to_rgb
+from .geometry import num_image_tokens
+from .image import ImageLimits, ImageProcessor, ImageProcessorConfig, check_image, decode_image, to_rgb
 from .prompt import (
     IMAGE_TOKEN,
     ChatTemplate,

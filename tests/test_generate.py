@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import reference_model, reference_processor, smooth_image
-from llava_next.generate import (
+from llava_next.engine import (
     GenerationError,
     SamplingParams,
     apply_repetition_penalty,
@@ -101,12 +101,12 @@ def test_stops_on_eos_from_generation_config(tiny, load_pipeline):
     image = smooth_image(300, 300)
     free = pipe.generate(CHAT, [image], max_new_tokens=6)
     # make the 3rd generated token an end-of-sequence id for this engine only
-    saved = pipe.generator.eos_token_ids
-    pipe.generator.eos_token_ids = [free.token_ids[2]]
+    saved = pipe.engine.eos_token_ids
+    pipe.engine.eos_token_ids = [free.token_ids[2]]
     try:
         stopped = pipe.generate(CHAT, [image], max_new_tokens=6)
     finally:
-        pipe.generator.eos_token_ids = saved
+        pipe.engine.eos_token_ids = saved
     first = free.token_ids.index(free.token_ids[2])
     assert stopped.token_ids == free.token_ids[: first + 1] and stopped.finish_reason == "stop"
 
@@ -114,7 +114,7 @@ def test_stops_on_eos_from_generation_config(tiny, load_pipeline):
 def test_llama3_stops_on_every_eos_id_of_its_generation_config(tiny, load_pipeline):
     pipe = load_pipeline(tiny("llama3"))
     tokenizer = pipe.processor.tokenizer
-    assert pipe.generator.eos_token_ids == sorted([tokenizer.token_id("<|end_of_text|>"), tokenizer.token_id("<|eot_id|>")])
+    assert pipe.engine.eos_token_ids == sorted([tokenizer.token_id("<|end_of_text|>"), tokenizer.token_id("<|eot_id|>")])
 
 
 def test_stop_strings_cut_the_text_and_end_generation(tiny, load_pipeline):

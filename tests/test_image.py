@@ -11,17 +11,8 @@ from PIL import Image
 
 from conftest import random_image, smooth_image
 from llava_next.config import DEFAULT_PINPOINTS, llava_config_from_hf
-from llava_next.image import (
-    ImageError,
-    ImageLimits,
-    ImageProcessor,
-    ImageProcessorConfig,
-    anyres_grid,
-    decode_image,
-    num_image_tokens,
-    select_best_resolution,
-    to_rgb,
-)
+from llava_next.geometry import anyres_grid, num_image_tokens, select_best_resolution
+from llava_next.image import ImageError, ImageLimits, ImageProcessor, ImageProcessorConfig, decode_image, to_rgb
 
 PINPOINTS = [list(p) for p in DEFAULT_PINPOINTS]
 VICUNA_7B = llava_config_from_hf({"model_type": "llava_next", "text_config": {"model_type": "llama"},

@@ -62,13 +62,13 @@ def test_loss_is_only_on_the_replies_and_their_end_of_turn_token(name, expected,
     smooth_image(120, 80).save(image)
     turns = CONVERSATION if name != "mistral" else CONVERSATION  # the mistral template has a system branch too
     record = Record("r1", [image], list(turns))
-    encoder = SampleEncoder(pipe.processor, pipe.generator.eos_token_ids, "chat", 4096)
+    encoder = SampleEncoder(pipe.processor, pipe.engine.eos_token_ids, "chat", 4096)
     sample = encoder.encode(record, [(80, 120)])
     assert labelled_runs(sample, pipe.processor.tokenizer) == expected
     # the ids are what inference would see for the same conversation (plus the appended EOS for vicuna)
     text = pipe.processor.chat_template.render(record.messages(), add_generation_prompt=False).text
     ids = pipe.processor(text, [str(image)])["input_ids"][0].tolist()
-    eos = pipe.generator.eos_token_ids[0]
+    eos = pipe.engine.eos_token_ids[0]
     appended = [i for i, (a, b) in enumerate(zip(sample.input_ids, ids + [None] * 9)) if a != b]
     if name == "vicuna":
         assert [t for t in sample.input_ids if t != eos] == [t for t in ids if t != eos]
@@ -84,7 +84,7 @@ def test_plain_format_trains_the_caption_and_eos_only(tiny, load_pipeline, tmp_p
     image = tmp_path / "a.png"
     smooth_image(50, 50).save(image)
     record = Record("c1", [image], [("user", "<image>"), ("assistant", "a red circle")])
-    sample = SampleEncoder(pipe.processor, pipe.generator.eos_token_ids, "plain", 4096).encode(record, [(50, 50)])
+    sample = SampleEncoder(pipe.processor, pipe.engine.eos_token_ids, "plain", 4096).encode(record, [(50, 50)])
     assert labelled_runs(sample, pipe.processor.tokenizer) == ["a red circle</s>"]
     assert sample.input_ids[0] == pipe.processor.tokenizer.bos_token_id and sample.labels[0] == IGNORE_INDEX
 
@@ -95,7 +95,7 @@ def test_unalignable_template_is_an_error_naming_the_sample(tiny, load_pipeline,
            "{% if add_generation_prompt %}assistant says:{% endif %}")
     processor = type(pipe.processor)(pipe.processor.tokenizer, pipe.processor.image_processor,
                                      ChatTemplate(odd, "test", {}), pipe.config)
-    encoder = SampleEncoder(processor, pipe.generator.eos_token_ids, "chat", 4096)
+    encoder = SampleEncoder(processor, pipe.engine.eos_token_ids, "chat", 4096)
     with pytest.raises(DataError, match="record odd-7: the chat template .* does not render reply 0"):
         encoder.encode(Record("odd-7", [], [("user", "hi"), ("assistant", "hello")]), [])
 
@@ -122,7 +122,7 @@ def test_bad_records_are_dropped_with_their_reasons_and_too_many_fail(tiny, load
                {**good, "id": "long", "conversations": [{"from": "human", "value": "<image>\n" + "word " * 3000},
                                                         {"from": "gpt", "value": "ok"}]}]
     data = _write_records(tmp_path / "data.jsonl", records)
-    encoder = SampleEncoder(pipe.processor, pipe.generator.eos_token_ids, "chat", 2000)
+    encoder = SampleEncoder(pipe.processor, pipe.engine.eos_token_ids, "chat", 2000)
     report = validate(read_records(data), encoder, max_bad_fraction=0.9)
     assert [s.id for s in report.samples] == ["good", "text-only"]
     assert dict(report.dropped) == {

@@ -1,7 +1,7 @@
 """The LLaVA model: vision tower -> projector -> (LLaVA-NeXT: anyres packing) -> merged into the decoder's input.
 
 Liu et al., "Visual Instruction Tuning" (2023) and "Improved Baselines with Visual Instruction Tuning" (LLaVA 1.5);
-LLaVA-NeXT (2024) adds the anyres tiling whose geometry lives in `llava_next.image.anyres_grid`.
+LLaVA-NeXT (2024) adds the anyres tiling whose geometry lives in `llava_next.geometry`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LlavaConfig
-from ..image import anyres_canvas, anyres_grid
+from ..geometry import anyres_canvas, anyres_grid
 from .decoder import Decoder, KVCache
 from .vision import VisionTransformer
 

@@ -22,7 +22,7 @@ from torch import nn
 from ..checkpoint import CheckpointError, iter_checkpoint_tensors, resolve_checkpoint, weight_files
 from ..config import DEFAULT_PINPOINTS, LlavaConfig, RopeConfig, TextConfig, VisionConfig, text_config_from_hf, \
     vision_config_from_hf
-from ..generate import Generator
+from ..engine import Engine
 from ..image import ImageProcessor, ImageProcessorConfig
 from ..model.llava import LlavaModel
 from ..pipeline import Pipeline, eos_token_ids, load
@@ -74,7 +74,7 @@ def _template(tokenizer: Tokenizer, text_model_type: str, name_or_source: str | 
 
 def _pipeline(model: LlavaModel, tokenizer: Tokenizer, template: ChatTemplate, eos: list[int]) -> Pipeline:
     processor = Processor(tokenizer, _image_processor(model.cfg), template, model.cfg)
-    return Pipeline(model, processor, Generator(model, tokenizer, eos), Path("."))
+    return Pipeline(model, processor, Engine(model, tokenizer, eos), Path("."))
 
 
 def init_weights(model: LlavaModel, std: float = 0.02) -> None:

@@ -142,7 +142,7 @@ def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int, 
     Grouped (LLaVA's modality-length grouping): image and text-only samples never share a batch, and inside
     large shuffled groups samples of similar length are batched together, which saves padding.
     """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Engine().manual_seed(seed * 1_000_003 + epoch)
     if not grouped:
         order = torch.randperm(len(lengths), generator=g).tolist()
         return [order[i : i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
@@ -259,7 +259,7 @@ def load_samples(recipe: Recipe, pipe: Pipeline, procs: Processes, log) -> list[
     records = []
     for path in recipe.data.path:
         records += read_records(path, recipe.data.image_folder)
-    encoder = SampleEncoder(pipe.processor, pipe.generator.eos_token_ids, recipe.data.format, recipe.data.max_length)
+    encoder = SampleEncoder(pipe.processor, pipe.engine.eos_token_ids, recipe.data.format, recipe.data.max_length)
     report = validate(records, encoder, recipe.data.max_bad_fraction)
     log(report.summary())
     if procs.main:

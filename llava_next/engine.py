@@ -85,7 +85,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 
 def choose_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
-                generator: torch.Generator | None) -> torch.Tensor:
+                rng: torch.Generator | None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,)."""
     logits = logits.float()
     if params.repetition_penalty != 1.0 and seen is not None:
@@ -93,7 +93,7 @@ def choose_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
     if params.temperature == 0:
         return logits.argmax(-1)
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=rng).squeeze(-1)
 
 
 @dataclass
@@ -122,7 +122,7 @@ class _Row:
         return max(self.emitted, len(self.detok.text) - hold)
 
 
-class Generator:
+class Engine:
     def __init__(self, model: LlavaModel, tokenizer: Tokenizer, eos_token_ids: Sequence[int]):
         self.model = model
         self.tokenizer = tokenizer
@@ -152,9 +152,9 @@ class Generator:
         if params.repetition_penalty != 1.0:
             seen = torch.zeros((batch, model.cfg.text.vocab_size), dtype=torch.bool, device=device)
             seen.scatter_(1, input_ids.masked_fill(~mask, 0), mask)
-        generator = None
+        rng = None
         if params.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(params.seed)
+            rng = torch.Generator(device=device).manual_seed(params.seed)
         eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
         pixel_values = inputs.get("pixel_values")
         image_sizes = inputs.get("image_sizes")
@@ -166,7 +166,7 @@ class Generator:
         )
         next_positions = positions[:, -1:] + 1
         for step in range(max_new):
-            tokens = choose_next(logits[:, -1], params, seen, generator)
+            tokens = choose_next(logits[:, -1], params, seen, rng)
             is_eos = torch.isin(tokens, eos).tolist()
             for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
                 if row.done:
@@ -233,9 +233,9 @@ class Generator:
 class TextStream:
     """An iterator of text pieces; once exhausted, `generation` holds the whole result (finish reason included)."""
 
-    def __init__(self, generator: Generator, inputs: dict[str, torch.Tensor], params: SamplingParams):
-        self._rows = generator._rows(inputs, params)
-        self._steps = generator._steps(inputs, params, self._rows)
+    def __init__(self, engine: Engine, inputs: dict[str, torch.Tensor], params: SamplingParams):
+        self._rows = engine._rows(inputs, params)
+        self._steps = engine._steps(inputs, params, self._rows)
         self.generation: Generation | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -246,13 +246,13 @@ class TextStream:
                 finished = next(self._steps, StopIteration) is StopIteration
             if finished:
                 break
-            piece = Generator._take(row)
+            piece = Engine._take(row)
             if piece:
                 yield piece
         if row.stop_at is None:
             row.detok.flush()
         row.done = True
-        piece = Generator._take(row)
+        piece = Engine._take(row)
         if piece:
             yield piece
         self.generation = Generation(row.text, row.token_ids, row.finish_reason, row.prompt_tokens)
