@@ -142,7 +142,7 @@ def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int, 
     Grouped (LLaVA's modality-length grouping): image and text-only samples never share a batch, and inside
     large shuffled groups samples of similar length are batched together, which saves padding.
     """
-    g = torch.Engine().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     if not grouped:
         order = torch.randperm(len(lengths), generator=g).tolist()
         return [order[i : i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
