@@ -1,15 +1,29 @@
 """Speed and memory of image-question answering: llava_next against transformers, same weights, same inputs.
 
-It builds (once, cached) a random LLaVA-NeXT checkpoint with real geometry (336 px tiles, patch 14, the published
-pinpoints, a 500x316 image = 1512 image tokens) and a mid-size decoder, then runs each implementation in its own
-process so that peak memory is its own:
-  - prefill: preprocessing, the vision tower and the whole prompt, up to the first token's logits (median of runs)
-  - decode: greedy tokens per second over --new-tokens tokens, EOS ignored
-  - peak resident memory of the process
-The last line printed is JSON with every number and the ratios (transformers / ours: above 1 means we are faster
-or smaller).
+One question about one 500x316 image (1512 image tokens under the published pinpoints) on a random checkpoint of a
+preset (benchmarks/checkpoints.py). Every (implementation, mode) runs in its own process, so that load time and peak
+memory are its own, and the runs are interleaved: round 1 runs every configuration once, then round 2, ...; each
+figure is the median over the rounds. Per run, after a warm-up answer:
 
-    python benchmarks/bench_generate.py [--size small|medium] [--dtype float32|bfloat16] [--device cpu|cuda]
+  preprocess_s     processor: chat template, tokenizer, image decoding-free preprocessing (tiles, normalisation)
+  first_token_s    answer latency: preprocessing + vision tower + prompt prefill + the first token
+  decode_tok_s     greedy tokens per second after the first token, timed inside generation (EOS ignored), so
+                   prefill noise never enters it
+  decode_gb_s      weight bytes read per decoded token (decoder + lm_head, as stored) x tokens per second
+  load_s           load() / from_pretrained until the model is ready
+  peak_rss_mib     the process's peak resident memory, loading included
+  model_mib        bytes of the model's parameters and buffers
+
+Modes: ours in float32, bfloat16, int8, int4, w8a8 (weight-only int8/int4, int8 weights and activations);
+transformers in float32 and bfloat16 (sdpa attention). `--followup` adds the multi-turn figure: the first token of
+a second question about the same image, cold (the whole conversation again, as `generate` with the full history
+does) and through a conversation that reuses the image features and the shared prefix's KV cache.
+
+The last line printed is JSON with every number and the ratios against transformers in the same dtype
+(transformers' time / ours, ours' tokens/s / theirs: above 1 means we are faster).
+
+    python benchmarks/bench_generate.py --preset medium --rounds 3
+    python benchmarks/bench_generate.py --preset mistral-7b --modes bfloat16,int8,int4,w8a8 --reference bfloat16 --rounds 1
 """
 
 from __future__ import annotations
@@ -25,45 +39,13 @@ import sys
 import time
 from pathlib import Path
 
-SIZES = {
-    # vision: CLIP geometry at reduced width; text: a mistral-shaped decoder
-    "small": dict(vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4),
-                  text=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                            num_key_value_heads=2)),
-    "medium": dict(vision=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-                   text=dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
-                             num_key_value_heads=4)),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoints import PRESETS, build_checkpoint  # noqa: E402
+
 QUESTION = "What is shown in this image?"
-
-
-def build_checkpoint(directory: Path, size: str) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    import torch
-    from tiny_checkpoints import build_tokenizer_json
-    from tokenizers import Tokenizer
-    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessorPil, LlavaNextProcessor, MistralConfig, PreTrainedTokenizerFast)
-
-    if (directory / "config.json").exists():
-        return directory
-    tok_json, roles = build_tokenizer_json("sentencepiece")
-    backend = Tokenizer.from_str(json.dumps(tok_json))
-    vocab = 32064  # the real vocabulary size: the lm_head's cost matters in decoding
-    spec = SIZES[size]
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=256, **spec["vision"]),
-        text_config=MistralConfig(vocab_size=vocab, max_position_embeddings=8192, sliding_window=None, **spec["text"]),
-        image_token_index=backend.token_to_id("<image>"),
-    )
-    torch.manual_seed(0)
-    LlavaNextForConditionalGeneration(config).save_pretrained(directory)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, padding_side="left", **roles)
-    template = (Path(__file__).resolve().parent.parent / "llava_next" / "templates" / "mistral.jinja").read_text()
-    LlavaNextProcessor(LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-                       tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                       num_additional_image_tokens=1, chat_template=template).save_pretrained(directory)
-    return directory
+FOLLOWUP = "And what colour is it mostly?"
+OUR_MODES = ["float32", "bfloat16", "int8", "int4", "w8a8"]
+REFERENCE_MODES = ["float32", "bfloat16"]
 
 
 def image():
@@ -74,129 +56,256 @@ def image():
     return Image.fromarray(rng.integers(0, 256, (316, 500, 3), dtype=np.uint8))
 
 
-def run_ours(directory: Path, args) -> dict:
+def messages(*turns: str, answers: tuple[str, ...] = ()) -> list[dict]:
+    out = []
+    for i, text in enumerate(turns):
+        content = ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": text}]
+        out.append({"role": "user", "content": content})
+        if i < len(answers):
+            out.append({"role": "assistant", "content": [{"type": "text", "text": answers[i]}]})
+    return out
+
+
+def memory_bandwidth_gb_s(repeats: int = 5) -> float:
+    """Read bandwidth of this machine's memory as torch sees it: the best of a few sums over 1 GiB."""
+    import torch
+
+    x = torch.ones(2**28, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
+def decoder_bytes(model, prefix_decoder: str, prefix_head: str, embed: str) -> int:
+    """Bytes of weights one decoding step reads: every decoder tensor and the lm_head, not the embedding table."""
+    total, seen = 0, set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if not (name.startswith(prefix_decoder) or name.startswith(prefix_head)) or embed in name or "inv_freq" in name:
+            continue
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def model_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+# -- one run: ours -----------------------------------------------------------------------------------------------
+
+
+def run_ours(directory: Path, mode: str, args) -> dict:
     import torch
 
     import llava_next
-    from llava_next.engine import SamplingParams
 
-    pipe = llava_next.load(directory, dtype=args.dtype, device=args.device, progress=False)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    quantize = mode if mode in ("int8", "int4", "w8a8") else None
+    dtype = mode if mode in ("float32", "bfloat16") else "bfloat16"
+    start = time.perf_counter()
+    pipe = llava_next.load(directory, dtype=dtype, device=args.device, quantize=quantize, progress=False)
+    load_s = time.perf_counter() - start
+    pipe.engine.eos_token_ids = []  # decode exactly the tokens asked for
     img = image()
-    engine = pipe.engine
-    engine.eos_token_ids = []  # decode exactly --new-tokens tokens
+    conversation = messages(QUESTION)
 
-    def prefill():
-        inputs, _ = pipe.prepare(messages, [img])
-        with torch.inference_mode():
-            return pipe.model(**{k: v.to(pipe.model.lm_head.weight.device) for k, v in inputs.items()},
-                              logits_to_keep=1)
+    def answer(n):
+        return pipe.generate(conversation, [img], max_new_tokens=n)
 
-    def generate(n):
-        inputs, _ = pipe.prepare(messages, [img])
-        return engine.generate(inputs, SamplingParams(max_new_tokens=n))[0]
+    answer(2)  # warm-up
+    start = time.perf_counter()
+    pipe.prepare(conversation, [img])
+    preprocess_s = time.perf_counter() - start
+    pipe.clear_caches()
+    start = time.perf_counter()
+    answer(1)
+    first_token_s = time.perf_counter() - start
+    pipe.clear_caches()
+    gen = answer(args.new_tokens + 1)
+    decode_tok_s = args.new_tokens / gen.decode_seconds
+    result = dict(load_s=load_s, preprocess_s=preprocess_s, first_token_s=first_token_s, decode_tok_s=decode_tok_s,
+                  decode_gb_s=decoder_bytes(pipe.model, "language_model.", "lm_head.", "embed_tokens") * decode_tok_s / 1e9,
+                  model_mib=model_bytes(pipe.model) / 2**20)
+    if args.followup:
+        pipe.clear_caches()
+        first = pipe.generate(conversation, [img], max_new_tokens=args.new_tokens)
+        both = messages(QUESTION, FOLLOWUP, answers=(first.text,))
+        pipe.clear_caches()
+        start = time.perf_counter()
+        pipe.generate(both, [img], max_new_tokens=1)
+        result["followup_cold_s"] = time.perf_counter() - start
+        pipe.clear_caches()
+        chat = pipe.conversation()
+        chat.ask(QUESTION, images=[img], max_new_tokens=args.new_tokens)
+        start = time.perf_counter()
+        chat.ask(FOLLOWUP, max_new_tokens=1)
+        result["followup_cached_s"] = time.perf_counter() - start
+        result["cache_stats"] = pipe.cache_stats()
+    del torch
+    return result
 
-    return measure(prefill, generate, args, sync=_sync(args))
+
+# -- one run: transformers ---------------------------------------------------------------------------------------
 
 
-def run_transformers(directory: Path, args) -> dict:
+def run_transformers(directory: Path, mode: str, args) -> dict:
     import torch
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration, LogitsProcessor, LogitsProcessorList
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[mode]
+    start = time.perf_counter()
     processor = AutoProcessor.from_pretrained(directory)
-    model = LlavaNextForConditionalGeneration.from_pretrained(directory, dtype=dtype).to(args.device).eval()
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    model = LlavaNextForConditionalGeneration.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(args.device).eval()
+    load_s = time.perf_counter() - start
     img = image()
+    conversation = messages(QUESTION)
 
-    def inputs():
+    class Stamps(LogitsProcessor):
+        """Called once per generated token, right after the forward pass that produced its logits."""
+
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    def inputs(conv):
+        prompt = processor.apply_chat_template(conv, add_generation_prompt=True)
         batch = processor(text=prompt, images=[img], return_tensors="pt").to(args.device)
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         return batch
 
-    def prefill():
+    def answer(n, conv=conversation):
+        stamps = Stamps()
         with torch.inference_mode():
-            return model(**inputs(), logits_to_keep=1).logits
+            out = model.generate(**inputs(conv), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 logits_processor=LogitsProcessorList([stamps]))
+        return out, stamps.times
 
-    def generate(n):
-        with torch.inference_mode():
-            return model.generate(**inputs(), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-    return measure(prefill, generate, args, sync=_sync(args))
-
-
-def _sync(args):
-    import torch
-
-    return torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-
-
-def measure(prefill, generate, args, sync) -> dict:
-    prefill()  # warm-up
-    generate(4)
-    times = []
-    for _ in range(args.repeats):
-        sync()
+    answer(2)
+    start = time.perf_counter()
+    inputs(conversation)
+    preprocess_s = time.perf_counter() - start
+    start = time.perf_counter()
+    answer(1)
+    first_token_s = time.perf_counter() - start
+    _, stamps = answer(args.new_tokens + 1)
+    decode_tok_s = args.new_tokens / (stamps[-1] - stamps[0])
+    result = dict(load_s=load_s, preprocess_s=preprocess_s, first_token_s=first_token_s, decode_tok_s=decode_tok_s,
+                  decode_gb_s=decoder_bytes(model, "model.language_model.", "lm_head.", "embed_tokens") * decode_tok_s / 1e9,
+                  model_mib=model_bytes(model) / 2**20)
+    if args.followup:
+        out, _ = answer(args.new_tokens)
+        prompt_len = inputs(conversation)["input_ids"].shape[1]
+        text = processor.decode(out[0, prompt_len:], skip_special_tokens=True)
+        both = messages(QUESTION, FOLLOWUP, answers=(text,))
         start = time.perf_counter()
-        prefill()
-        sync()
-        times.append(time.perf_counter() - start)
-    # decode rate: the difference between a long and a one-token generation removes prefill from the count
-    sync()
-    start = time.perf_counter()
-    generate(1)
-    sync()
-    one = time.perf_counter() - start
-    start = time.perf_counter()
-    generate(args.new_tokens + 1)
-    sync()
-    many = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
-    return {"prefill_s": statistics.median(times), "decode_tokens_per_s": args.new_tokens / max(many - one, 1e-9),
-            "peak_rss_mib": peak}
+        answer(1, both)
+        result["followup_cold_s"] = time.perf_counter() - start
+    return result
+
+
+# -- driver ------------------------------------------------------------------------------------------------------
+
+
+def run_one(impl: str, mode: str, args) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--run", f"{impl}:{mode}", *sys.argv[1:]],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_of(runs: list[dict]) -> dict:
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[0]
+    out = {}
+    for key, value in good[0].items():
+        if isinstance(value, (int, float)):
+            out[key] = statistics.median(r[key] for r in good)
+        else:
+            out[key] = value
+    out["runs"] = len(good)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=list(SIZES), default="small")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--preset", choices=list(PRESETS), default="small")
+    parser.add_argument("--modes", default=",".join(OUR_MODES), help="ours: " + ", ".join(OUR_MODES))
+    parser.add_argument("--reference", default=",".join(REFERENCE_MODES), help="transformers' dtypes ('' for none)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="each figure is the median over this many rounds")
+    parser.add_argument("--followup", action="store_true", help="also time a follow-up question, cold and cached")
     parser.add_argument("--cache", default=os.environ.get("LLAVA_NEXT_BENCH_CACHE", "/tmp/llava-next-bench"))
-    parser.add_argument("--impl", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--run", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    directory = Path(args.cache) / f"{args.size}"
-    if args.impl:
-        result = (run_ours if args.impl == "ours" else run_transformers)(directory, args)
+    directory = Path(args.cache) / args.preset
+    if args.run:
+        impl, mode = args.run.split(":")
+        result = (run_ours if impl == "ours" else run_transformers)(directory, mode, args)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
-    build_checkpoint(directory, args.size)
-    results = {}
-    for impl in ("ours", "transformers"):
-        out = subprocess.run([sys.executable, __file__, "--impl", impl, *sys.argv[1:]], capture_output=True, text=True)
-        if out.returncode != 0:
-            raise SystemExit(out.stderr[-3000:])
-        results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+    build_checkpoint(Path(args.cache), args.preset)
+    configs = [("ours", m) for m in args.modes.split(",") if m] + \
+              [("transformers", m) for m in args.reference.split(",") if m]
+    runs: dict[str, list[dict]] = {f"{i}:{m}": [] for i, m in configs}
+    for r in range(args.rounds):
+        for impl, mode in configs:
+            result = run_one(impl, mode, args)
+            runs[f"{impl}:{mode}"].append(result)
+            print(f"round {r + 1} {impl:12} {mode:9} {json.dumps(result)}", file=sys.stderr, flush=True)
+    results = {key: median_of(value) for key, value in runs.items()}
+
     import torch
     import transformers
 
-    ours, theirs = results["ours"], results["transformers"]
-    summary = {
-        "size": args.size, "dtype": args.dtype, "device": args.device, "new_tokens": args.new_tokens,
-        "image_tokens": 1512, "torch": torch.__version__, "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "ours": ours, "transformers_results": theirs,
-        "prefill_speedup": theirs["prefill_s"] / ours["prefill_s"],
-        "decode_speedup": ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"],
-        "memory_ratio": theirs["peak_rss_mib"] / ours["peak_rss_mib"],
-    }
-    print(f"{'':24}{'llava_next':>14}{'transformers':>14}{'ratio':>8}")
-    print(f"{'prefill (s)':24}{ours['prefill_s']:14.3f}{theirs['prefill_s']:14.3f}{summary['prefill_speedup']:8.2f}")
-    print(f"{'decode (tokens/s)':24}{ours['decode_tokens_per_s']:14.1f}{theirs['decode_tokens_per_s']:14.1f}"
-          f"{summary['decode_speedup']:8.2f}")
-    print(f"{'peak memory (MiB)':24}{ours['peak_rss_mib']:14.0f}{theirs['peak_rss_mib']:14.0f}{summary['memory_ratio']:8.2f}")
+    bandwidth = memory_bandwidth_gb_s()
+    print(f"\n{args.preset}, {args.device}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved "
+          f"rounds; memory read bandwidth {bandwidth:.1f} GB/s")
+    cols = ["preprocess_s", "first_token_s", "decode_tok_s", "decode_gb_s", "load_s", "peak_rss_mib", "model_mib"]
+    print(f"{'':24}" + "".join(f"{c:>15}" for c in cols))
+    for key, r in results.items():
+        if "error" in r:
+            print(f"{key:24} error: {r['error']}")
+            continue
+        print(f"{key:24}" + "".join(f"{r[c]:15.3f}" if r[c] < 100 else f"{r[c]:15.0f}" for c in cols))
+    ratios = {}
+    for key, r in results.items():
+        impl, mode = key.split(":")
+        ref = results.get(f"transformers:{mode if mode in REFERENCE_MODES else 'bfloat16'}")
+        if impl != "ours" or not ref or "error" in r or "error" in ref:
+            continue
+        ratios[key] = {"first_token": ref["first_token_s"] / r["first_token_s"],
+                       "decode": r["decode_tok_s"] / ref["decode_tok_s"],
+                       "preprocess": ref["preprocess_s"] / r["preprocess_s"],
+                       "load": ref["load_s"] / r["load_s"],
+                       "peak_memory": ref["peak_rss_mib"] / r["peak_rss_mib"],
+                       "against": f"transformers:{mode if mode in REFERENCE_MODES else 'bfloat16'}"}
+        if r.get("followup_cached_s"):
+            ratios[key]["followup_cached_vs_cold"] = r["followup_cold_s"] / r["followup_cached_s"]
+    print("\nratios (transformers' time / ours; our tokens/s / theirs):")
+    for key, ratio in ratios.items():
+        print(f"  {key:18} vs {ratio['against']:22} " + "  ".join(f"{k} {v:.2f}" for k, v in ratio.items()
+                                                                    if k != "against"))
+    summary = {"preset": args.preset, "device": args.device, "rounds": args.rounds, "new_tokens": args.new_tokens,
+               "image_tokens": 1512, "torch": torch.__version__, "transformers": transformers.__version__,
+               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+               "memory_bandwidth_gb_s": bandwidth, "results": results, "ratios": ratios}
     print(json.dumps(summary))
 
 

@@ -7,11 +7,13 @@ still running; everything that can be computed once (EOS ids, the cache, the pen
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
+from .caches import ImageFeatureCache, PrefixCache, image_key, token_identities
 from .model.decoder import KVCache
 from .model.llava import LlavaModel, positions_from_mask
 from .prompt import IncrementalDetokenizer, Tokenizer
@@ -57,6 +59,8 @@ class Generation:
     token_ids: list[int]  # the new tokens only, the EOS token included when generation ended on it
     finish_reason: str  # "stop": an EOS token or a stop string; "length": max_new_tokens or the context window
     prompt_tokens: int
+    prefill_seconds: float = 0.0  # from the request's start to its first token (images, prompt, first sample)
+    decode_seconds: float = 0.0  # from the first token to the last
 
     @property
     def completion_tokens(self) -> int:
@@ -109,10 +113,16 @@ class _Row:
     done: bool = False
     finish_reason: str = "length"
     stop_at: int | None = None  # where a stop string begins in detok.text
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
     @property
     def text(self) -> str:
         return self.detok.text if self.stop_at is None else self.detok.text[: self.stop_at]
+
+    def generation(self) -> Generation:
+        return Generation(self.text, self.token_ids, self.finish_reason, self.prompt_tokens, self.prefill_seconds,
+                          self.decode_seconds)
 
     def safe_text_end(self) -> int:
         """How far the text can be handed out without possibly emitting the beginning of a stop string."""
@@ -123,17 +133,58 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model: LlavaModel, tokenizer: Tokenizer, eos_token_ids: Sequence[int]):
+    """Runs requests on the model. It owns the KV space and the caches: image features by content, and the KV
+    cache of the last single-sequence request, which the next request reuses for the token ids it shares (the next
+    turn of a conversation). Neither cache changes an answer; both are off unless asked for."""
+
+    def __init__(self, model: LlavaModel, tokenizer: Tokenizer, eos_token_ids: Sequence[int],
+                 image_cache_bytes: int = 0, prefix_cache: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = sorted(set(eos_token_ids))
+        self.image_cache = ImageFeatureCache(image_cache_bytes)
+        self.prefix_cache = PrefixCache(enabled=prefix_cache)
 
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
+    def clear_caches(self) -> None:
+        self.image_cache.clear()
+        self.prefix_cache.clear()
+
+    def cache_stats(self) -> dict[str, dict[str, int]]:
+        return {"image_features": self.image_cache.as_dict(), "prefix": self.prefix_cache.as_dict()}
+
+    def _image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None,
+                        keyed: bool) -> tuple[list[torch.Tensor], list[bytes]]:
+        """Each image's packed features, from the cache where its tiles were seen before, the misses in one call;
+        and, when asked for or when the cache is on, each image's content key."""
+        model, device = self.model, self.device
+        use_cache = self.image_cache.max_bytes > 0
+        keys: list[bytes] = []
+        if use_cache or keyed:
+            counts = model.tile_counts(image_sizes, pixel_values.shape[0])
+            sizes = image_sizes.tolist() if image_sizes is not None else [None] * len(counts)
+            keys = [image_key(pixel_values[i, :n] if model.cfg.is_anyres else pixel_values[i], tuple(sizes[i] or ()))
+                    for i, n in enumerate(counts)]
+        if not use_cache:
+            sizes_on_device = image_sizes.to(device) if image_sizes is not None else None
+            return model.image_features(pixel_values.to(device), sizes_on_device), keys
+        features: list[torch.Tensor | None] = [self.image_cache.get(k) for k in keys]
+        missing = [i for i, f in enumerate(features) if f is None]
+        if missing:
+            index = torch.tensor(missing)
+            computed = model.image_features(pixel_values[index].to(device),
+                                            image_sizes[index].to(device) if image_sizes is not None else None)
+            for i, f in zip(missing, computed):
+                features[i] = f
+                self.image_cache.put(keys[i], f)
+        return features, keys
+
     def _steps(self, inputs: dict[str, torch.Tensor], params: SamplingParams, rows: list[_Row]) -> Iterator[None]:
         """Runs prefill and decoding, updating `rows` and yielding after every step."""
+        began = time.perf_counter()
         model, device = self.model, self.device
         input_ids = inputs["input_ids"].to(device)
         mask = inputs["attention_mask"].to(device).bool()
@@ -156,18 +207,37 @@ class Engine:
         if params.seed is not None:
             rng = torch.Generator(device=device).manual_seed(params.seed)
         eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
+        # The prefix a previous request left in the KV cache is copied in, not recomputed (one unpadded row only).
+        single = batch == 1 and bool(mask.all()) and self.prefix_cache.enabled
         pixel_values = inputs.get("pixel_values")
-        image_sizes = inputs.get("image_sizes")
+        features, keys = None, []
+        if pixel_values is not None:
+            features, keys = self._image_features(pixel_values, inputs.get("image_sizes"), keyed=single)
+        identities = None
+        if single:
+            identities = token_identities(input_ids[0].tolist(), model.cfg.image_token_id, keys,
+                                      [f.shape[0] for f in features or []])
+        reused = self.prefix_cache.match(identities) if identities is not None else None
+        start = 0
+        if reused is not None:
+            start = len(reused.tokens)
+            cache.keys[:, :, :, :start] = reused.cache.keys[:, :, :, :start]
+            cache.values[:, :, :, :start] = reused.cache.values[:, :, :, :start]
+            if features is not None:  # only the placeholders after the prefix still need their feature rows
+                skip = int((input_ids[0, :start] == model.cfg.image_token_id).sum())
+                features = [torch.cat(features)[skip:]]
         logits = model(
-            input_ids, mask,
-            pixel_values=pixel_values.to(device) if pixel_values is not None else None,
-            image_sizes=image_sizes.to(device) if image_sizes is not None else None,
-            cache=cache, start=0, positions=positions, key_mask=key_mask[:, :prompt_len], logits_to_keep=1,
+            input_ids[:, start:], mask[:, start:], image_features=features if features is not None else None,
+            cache=cache, start=start, positions=positions[:, start:], key_mask=key_mask[:, :prompt_len],
+            logits_to_keep=1,
         )
         next_positions = positions[:, -1:] + 1
+        first_token_at = None
         for step in range(max_new):
             tokens = choose_next(logits[:, -1], params, seen, rng)
             is_eos = torch.isin(tokens, eos).tolist()
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
             for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
                 if row.done:
                     continue
@@ -178,7 +248,13 @@ class Engine:
                 row.detok.add(token)
                 if row.stops:
                     self._check_stop(row)
+            for row in rows:
+                row.prefill_seconds = first_token_at - began
+                row.decode_seconds = time.perf_counter() - first_token_at
             if step == max_new - 1 or all(row.done for row in rows):
+                if identities is not None:
+                    # every token but the last chosen one has been through the model: their keys are in the cache
+                    self.prefix_cache.save(identities + rows[0].token_ids[:-1], cache)
                 yield
                 return
             yield
@@ -213,7 +289,7 @@ class Engine:
         for row in rows:
             if row.stop_at is None:
                 row.detok.flush()
-        return [Generation(row.text, row.token_ids, row.finish_reason, row.prompt_tokens) for row in rows]
+        return [row.generation() for row in rows]
 
     def stream(self, inputs: dict[str, torch.Tensor], params: SamplingParams) -> "TextStream":
         """Text pieces of a single prompt as they are generated; joined, they equal `generate(...)`'s text."""
@@ -255,4 +331,4 @@ class TextStream:
         piece = Engine._take(row)
         if piece:
             yield piece
-        self.generation = Generation(row.text, row.token_ids, row.finish_reason, row.prompt_tokens)
+        self.generation = row.generation()

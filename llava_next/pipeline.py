@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -89,11 +89,17 @@ def load(
     chat_template: str | None = None,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    image_cache_bytes: int = 256 * 2**20,
+    prefix_cache: bool = True,
 ) -> "Pipeline":
     """Load a LLaVA 1.5 / LLaVA-NeXT checkpoint: a local directory, a Hub id, or "demo" (the bundled demo model).
 
     A directory holding a LoRA adapter (adapter_config.json, as `llava-next train` writes with lora.merge: false)
     loads its base model and merges the adapter into it.
+
+    image_cache_bytes bounds the cache of image features (keyed by the image's content; 0 turns it off);
+    prefix_cache keeps the last single-prompt request's KV cache for the next one that starts the same way (the
+    next turn of a conversation). Neither changes any answer.
     """
     from .train.lora import ADAPTER_CONFIG, merge_adapter
 
@@ -115,8 +121,9 @@ def load(
     llava = build_model(cfg, weight_files(directory), dtype, device, progress)
     if adapter is not None:
         merge_adapter(llava, adapter)
-    return Pipeline(llava, processor, Engine(llava, processor.tokenizer, eos_token_ids(directory, cfg, processor.tokenizer)),
-                    directory)
+    engine = Engine(llava, processor.tokenizer, eos_token_ids(directory, cfg, processor.tokenizer),
+                    image_cache_bytes=image_cache_bytes, prefix_cache=prefix_cache)
+    return Pipeline(llava, processor, engine, directory)
 
 
 @dataclass
@@ -190,6 +197,18 @@ class Pipeline:
             raise PromptError("stream() takes one prompt; use generate() for a batch")
         return self.engine.stream(inputs, sampling_params(sampling))
 
+    def conversation(self, system: str | None = None) -> "Conversation":
+        """A conversation with memory: each ask() adds a turn, and the next turn reuses the cached work of the
+        earlier ones (the images' features and the shared prefix's KV cache)."""
+        return Conversation(self, [{"role": "system", "content": system}] if system else [])
+
+    def clear_caches(self) -> None:
+        self.engine.clear_caches()
+
+    def cache_stats(self) -> dict[str, dict[str, int]]:
+        """Hits and misses of the image-feature and prefix caches, and what they hold."""
+        return self.engine.cache_stats()
+
     def save(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
              dtype: torch.dtype | None = None) -> Path:
         """Write the model in the llava-hf layout (transformers 4.x's, which 4.x, 5.x and `load` all read).
@@ -220,3 +239,36 @@ class Pipeline:
         """How many tokens an image (PIL image or path) costs in a prompt."""
         im = self.processor.load_image(image)
         return self.processor.image_tokens((im.height, im.width))
+
+
+@dataclass
+class Conversation:
+    """Turns of one chat, in the transformers message format, with every image given so far in order."""
+
+    pipe: Pipeline
+    messages: list[dict[str, Any]]
+    images: list[Any] = field(default_factory=list)
+
+    def _turn(self, text: str, images: Sequence[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+        loaded = [self.pipe.processor.load_image(im) for im in images]
+        turn = {"role": "user", "content": [{"type": "image"}] * len(loaded) + [{"type": "text", "text": text}]}
+        return self.messages + [turn], self.images + loaded
+
+    def ask(self, text: str, images: Sequence[Any] = (), **sampling) -> Generation:
+        """The model's answer to `text` (with `images`, shown before it), remembered for the next turn."""
+        messages, all_images = self._turn(text, images)
+        result = self.pipe.generate(messages, all_images, **sampling)
+        self._remember(messages, all_images, result.text)
+        return result
+
+    def stream(self, text: str, images: Sequence[Any] = (), **sampling) -> Iterator[str]:
+        """Like ask(), as text pieces; the turn is remembered once the stream is exhausted."""
+        messages, all_images = self._turn(text, images)
+        stream = self.pipe.stream(messages, all_images, **sampling)
+        yield from stream
+        self._remember(messages, all_images, stream.generation.text)
+
+    def _remember(self, messages: list[dict[str, Any]], images: list[Any], answer: str) -> None:
+        self.messages = messages + [{"role": "assistant", "content": answer}]
+        self.images = images
+

@@ -116,19 +116,21 @@ class LlavaModel(nn.Module):
         positions: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        image_features: list[torch.Tensor] | None = None,  # instead of pixel_values: features already computed
     ) -> torch.Tensor:
         """Logits (B, T, V), or for the last `logits_to_keep` positions only.
 
         Without a cache this is the plain full-sequence forward pass. With one, the queries occupy cache slots
         start .. start + T and `key_mask` (B, start + T) tells which slots are real tokens.
         """
-        if pixel_values is None and start > 0:
+        if image_features is None and pixel_values is not None:
+            image_features = self.image_features(pixel_values, image_sizes)
+        if image_features is None and start > 0:
             # a decoding step: the prompt's images are in the cache, and a generated <image> id (an undertrained
             # model can sample one) is an ordinary token here, as in transformers
             embeds = self.language_model.embed_tokens(input_ids)
         else:
-            features = self.image_features(pixel_values, image_sizes) if pixel_values is not None else None
-            embeds = self.embed(input_ids, features)
+            embeds = self.embed(input_ids, image_features)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()

@@ -1,0 +1,135 @@
+"""The generation engine's caches: image features by content, and the KV cache of the last conversation prefix.
+
+Both exist so that a question asked again about the same image, or the next turn of a conversation, does not redo
+work whose result is already known. Neither may ever change an answer: image features are keyed by a cryptographic
+hash of exactly what the vision tower would see (the preprocessed tiles, their shape and dtype, and the image's
+size, which decides the packing), never by a file name; a prefix is reused only for the token ids that are equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .model.decoder import KVCache
+
+
+def image_key(tiles: torch.Tensor, image_size: tuple[int, int] | None) -> bytes:
+    """blake2b of one image's preprocessed tiles (values, shape, dtype) and its original (height, width)."""
+    digest = hashlib.blake2b(digest_size=32)
+    digest.update(repr((tuple(tiles.shape), str(tiles.dtype), image_size)).encode())
+    digest.update(tiles.detach().contiguous().cpu().numpy().tobytes())
+    return digest.digest()
+
+
+def token_identities(token_ids: list[int], image_token_id: int, image_keys: list[bytes],
+                     image_lengths: list[int]) -> list:
+    """The prompt as the model sees it: token ids, with each image placeholder replaced by (its image's key, its row).
+
+    Two prompts' KV caches agree exactly as far as these agree: the same placeholder id stands for different
+    features when the images differ, so ids alone would let one image's cache answer for another.
+    """
+    out: list = list(token_ids)
+    image, row = 0, 0
+    for i, token in enumerate(token_ids):
+        if token != image_token_id or image >= len(image_keys):
+            continue
+        out[i] = (image_keys[image], row)
+        row += 1
+        if row == image_lengths[image]:
+            image, row = image + 1, 0
+    return out
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses}
+
+
+class ImageFeatureCache:
+    """Least-recently-used map from image_key to the image's packed features, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.stats = CacheStats()
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        features = self.entries.get(key)
+        if features is None:
+            self.stats.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.stats.hits += 1
+        return features
+
+    def put(self, key: bytes, features: torch.Tensor) -> None:
+        size = features.numel() * features.element_size()
+        if size > self.max_bytes or key in self.entries:
+            return
+        self.entries[key] = features
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {**self.stats.as_dict(), "entries": len(self.entries), "bytes": self.bytes, "max_bytes": self.max_bytes}
+
+
+@dataclass
+class SavedPrefix:
+    """The KV cache of a finished single-sequence request: valid for the first len(tokens) slots."""
+
+    tokens: list  # token_identities of what went through the model
+    cache: KVCache
+
+
+@dataclass
+class PrefixCache:
+    """The last finished single-sequence request's KV cache, offered to the next request that starts the same way."""
+
+    enabled: bool = True
+    saved: SavedPrefix | None = None
+    stats: CacheStats = field(default_factory=CacheStats)
+    reused_tokens: int = 0
+
+    def match(self, tokens: list) -> SavedPrefix | None:
+        """The saved prefix as far as `tokens` (token_identities) shares it, if at all; at least the last prompt
+        token is always recomputed, since its logits are needed."""
+        if not self.enabled or self.saved is None:
+            return None
+        saved = self.saved.tokens
+        limit = min(len(saved), len(tokens) - 1)
+        n = 0
+        while n < limit and saved[n] == tokens[n]:
+            n += 1
+        if n == 0:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        self.reused_tokens += n
+        return SavedPrefix(saved[:n], self.saved.cache)
+
+    def save(self, tokens: list, cache: KVCache) -> None:
+        if self.enabled:
+            self.saved = SavedPrefix(list(tokens), cache)
+
+    def clear(self) -> None:
+        self.saved = None
+
+    def as_dict(self) -> dict[str, int]:
+        return {**self.stats.as_dict(), "reused_tokens": self.reused_tokens,
+                "saved_tokens": len(self.saved.tokens) if self.saved else 0}

@@ -1,0 +1,122 @@
+"""The engine's caches (image features by content, the last prefix's KV cache) never change an answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llava_next
+from conftest import random_image, smooth_image
+from llava_next.caches import ImageFeatureCache, image_key, token_identities
+
+
+def fresh(directory, **options):
+    return llava_next.load(directory, dtype="float32", progress=False, **options)
+
+
+def chat(n_images: int, text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+
+
+@pytest.mark.parametrize("name", ["vicuna", "llava15", "mistral_window"])
+def test_a_conversation_with_caches_answers_as_cold_runs_do(name, tiny):
+    cached = fresh(tiny(name))
+    cold = fresh(tiny(name), image_cache_bytes=0, prefix_cache=False)
+    image = smooth_image(300, 200, seed=3)
+    conversation = cached.conversation()
+    history, images = [], []
+    for text, new_images in (("Describe it.", [image]), ("And the colour?", []),
+                             ("Compare with this one.", [random_image(90, 400, seed=8)])):
+        answer = conversation.ask(text, images=new_images, max_new_tokens=8)
+        history += [{"role": "user", "content": [{"type": "image"}] * len(new_images) + [{"type": "text", "text": text}]}]
+        images += new_images
+        expected = cold.generate(history, images, max_new_tokens=8)
+        assert answer.token_ids == expected.token_ids
+        assert answer.text == expected.text
+        history.append({"role": "assistant", "content": expected.text})
+    stats = cached.cache_stats()
+    assert stats["prefix"]["hits"] == 2 and stats["prefix"]["reused_tokens"] > 0
+    assert stats["image_features"]["hits"] >= 1  # the first image again in turns 2 and 3
+    assert cold.cache_stats()["prefix"]["hits"] == 0 and cold.cache_stats()["image_features"]["entries"] == 0
+
+
+def test_reused_prefix_gives_the_logits_of_a_full_pass(tiny):
+    pipe = fresh(tiny("vicuna"))
+    image = smooth_image(500, 316, seed=1)
+    first = pipe.generate(chat(1, "What is it?"), [image], max_new_tokens=5)
+    follow = chat(1, "What is it?") + [{"role": "assistant", "content": first.text},
+                                       {"role": "user", "content": "Why?"}]
+    inputs, _ = pipe.prepare(follow, [image])
+    with torch.no_grad():
+        full = pipe.model(**inputs, logits_to_keep=1)[:, -1]
+    # the engine's first token after reusing the prefix is the argmax of the same logits
+    result = pipe.generate(follow, [image], max_new_tokens=1)
+    assert pipe.cache_stats()["prefix"]["hits"] >= 1
+    assert result.token_ids == [int(full.argmax())]
+
+
+def test_a_different_image_at_the_same_place_is_never_served_from_the_cache(tiny):
+    pipe = fresh(tiny("vicuna"))
+    cold = fresh(tiny("vicuna"), image_cache_bytes=0, prefix_cache=False)
+    a = smooth_image(300, 200, seed=3)
+    b = a.copy()
+    b.putpixel((10, 10), (0, 0, 0) if a.getpixel((10, 10)) != (0, 0, 0) else (255, 255, 255))
+    for image in (a, b, a):
+        assert pipe.generate(chat(1, "Describe it."), [image], max_new_tokens=6).token_ids == \
+            cold.generate(chat(1, "Describe it."), [image], max_new_tokens=6).token_ids
+    stats = pipe.cache_stats()["image_features"]
+    assert stats["misses"] == 2 and stats["hits"] == 1 and stats["entries"] == 2
+
+
+def test_image_keys_depend_on_every_pixel_shape_and_size():
+    tiles = torch.zeros(3, 3, 8, 8)
+    other = tiles.clone()
+    other[2, 1, 7, 7] = 1e-6
+    assert image_key(tiles, (10, 20)) != image_key(other, (10, 20))
+    assert image_key(tiles, (10, 20)) != image_key(tiles, (20, 10))
+    assert image_key(tiles, (10, 20)) != image_key(tiles.reshape(3, 3, 4, 16), (10, 20))
+    assert image_key(tiles, (10, 20)) == image_key(tiles.clone(), (10, 20))
+
+
+def test_placeholders_of_different_images_are_different_tokens():
+    ids = [1, 9, 9, 9, 2, 9, 9, 3]
+    one = token_identities(ids, 9, [b"a", b"b"], [3, 2])
+    assert one[:4] == [1, (b"a", 0), (b"a", 1), (b"a", 2)] and one[5:7] == [(b"b", 0), (b"b", 1)]
+    other = token_identities(ids, 9, [b"a", b"c"], [3, 2])
+    assert one[:5] == other[:5] and one[5] != other[5]
+
+
+def test_the_feature_cache_is_bounded_in_bytes_and_evicts_the_least_recently_used():
+    cache = ImageFeatureCache(max_bytes=3 * 400)
+    for key in (b"a", b"b", b"c"):
+        cache.put(key, torch.zeros(100))  # 400 bytes each
+    assert cache.get(b"a") is not None  # a is now the most recently used
+    cache.put(b"d", torch.zeros(100))
+    assert cache.get(b"b") is None and cache.get(b"a") is not None and cache.bytes == 1200
+    cache.put(b"huge", torch.zeros(1000))  # larger than the whole cache: not kept
+    assert cache.get(b"huge") is None and len(cache.entries) == 3
+
+
+def test_batches_use_the_feature_cache_and_match_uncached_results(tiny):
+    pipe = fresh(tiny("qwen2"))
+    cold = fresh(tiny("qwen2"), image_cache_bytes=0, prefix_cache=False)
+    image = smooth_image(640, 480, seed=2)
+    prompts = [chat(1, "Describe it."), chat(1, "Is it red?")]
+    expected = cold.generate(prompts, [[image], [image]], max_new_tokens=5)
+    for _ in range(2):
+        got = pipe.generate(prompts, [[image], [image]], max_new_tokens=5)
+        assert [g.token_ids for g in got] == [g.token_ids for g in expected]
+    assert pipe.cache_stats()["image_features"]["hits"] >= 2
+
+
+def test_the_prefix_stops_where_the_images_differ(tiny):
+    pipe = fresh(tiny("vicuna"), image_cache_bytes=0)
+    cold = fresh(tiny("vicuna"), image_cache_bytes=0, prefix_cache=False)
+    prompt = chat(1, "Describe it.")
+    pipe.generate(prompt, [smooth_image(300, 200, seed=3)], max_new_tokens=4)
+    other = random_image(300, 200, seed=9)  # same size: the same placeholder ids, other features
+    got = pipe.generate(prompt, [other], max_new_tokens=4)
+    assert got.token_ids == cold.generate(prompt, [other], max_new_tokens=4).token_ids
+    inputs, _ = pipe.prepare(prompt, [other])
+    first_placeholder = inputs["input_ids"][0].tolist().index(pipe.config.image_token_id)
+    assert pipe.cache_stats()["prefix"]["reused_tokens"] == first_placeholder
