@@ -11,11 +11,12 @@ from safetensors: pickle files can run code when loaded, so a checkpoint that ha
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 # Files a LLaVA checkpoint needs, for downloading only those from the Hub.
 CHECKPOINT_FILE_PATTERNS = [
@@ -162,49 +163,126 @@ def save_weights(state_dict: dict[str, torch.Tensor], directory: Path, tied: boo
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file."""
+
+    path: Path
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    def read_into(self, target: torch.Tensor) -> None:
+        """Fill `target` (same shape; any dtype and device) from the file: straight into its memory when it is a
+        contiguous CPU tensor of the stored dtype, else through one temporary of this tensor's size."""
+        direct = target.device.type == "cpu" and target.dtype == self.dtype and target.is_contiguous()
+        buffer = target if direct else torch.empty(self.shape, dtype=self.dtype)
+        if self.nbytes:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.offset)
+                view = memoryview(buffer.view(-1).view(torch.uint8).numpy())
+                got = 0
+                while got < self.nbytes:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise CheckpointError(f"{self.path}: ends inside tensor {self.name}; the file is truncated")
+                    got += n
+        if not direct:
+            target.copy_(buffer)
+
+    def read(self) -> torch.Tensor:
+        tensor = torch.empty(self.shape, dtype=self.dtype)
+        self.read_into(tensor)
+        return tensor
+
+
+def read_safetensors_index(path: Path) -> list[StoredTensor]:
+    """The tensors of a safetensors file, from its header alone; a corrupt or truncated header is an error."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: {size} bytes is too short to be a safetensors file")
+        length = int.from_bytes(head, "little")
+        if length > min(size - 8, 100 * 2**20):
+            raise CheckpointError(f"{path}: not a safetensors file (its header length {length} does not fit the file)")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (corrupt header: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (the header is not a JSON object)")
+    tensors = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed or unsupported header entry {entry!r}") from None
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - begin != nbytes or begin < 0 or 8 + length + end > size:
+            raise CheckpointError(f"{path}: tensor {name!r} lies outside the file or has the wrong size; the file is "
+                                  "truncated or corrupt")
+        tensors.append(StoredTensor(path, name, dtype, shape, 8 + length + begin, nbytes))
+    return tensors
+
+
 def iter_checkpoint_tensors(files: list[Path]):
-    """(checkpoint name, lazily read tensor) for every tensor of every file."""
+    """(checkpoint name, function reading the tensor) for every tensor of every file."""
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                yield key, (lambda f=f, key=key: f.get_tensor(key))
+        for stored in read_safetensors_index(path):
+            yield stored.name, stored.read
 
 
-def load_weights(model: torch.nn.Module, files: list[Path], dtype: torch.dtype, device, progress: bool = False) -> None:
-    """Copy every checkpoint tensor into `model` (which may hold uninitialised memory), strictly.
+def load_weights(model: torch.nn.Module, files: list[Path], progress: bool = False) -> None:
+    """Fill `model` (which may hold uninitialised memory) from the checkpoint's files, strictly and leanly.
 
-    Every parameter must be found and every weight in the files must have a place; otherwise this fails naming
-    the keys, because a model that runs with some weights left random gives plausible-looking wrong answers.
+    Every weight must be found and every tensor in the files must have a place (but for what the model leaves out
+    on purpose); otherwise this fails naming the keys, because a model that runs with some weights left random
+    gives plausible-looking wrong answers. Each tensor is read from the file straight into its parameter (or a
+    view of a fused one), so loading needs no memory beyond the model's and one tensor's.
     """
-    params = dict(model.named_parameters())  # tied weights appear once, under their first name
-    total_bytes = sum(p.stat().st_size for p in files)
+    params = model.checkpoint_weights()
+    skipped = model.skipped_checkpoint_prefixes()
+    stored = [t for path in files for t in read_safetensors_index(path)]
     bar = None
-    if progress and total_bytes > 200 * 2**20:
+    if progress and sum(t.nbytes for t in stored) > 200 * 2**20:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", leave=False)
+        bar = tqdm(total=sum(t.nbytes for t in stored), unit="B", unit_scale=True, desc="loading weights", leave=False)
     loaded: set[str] = set()
     unexpected: list[str] = []
     shape_errors: list[str] = []
+    not_finite: list[str] = []
     tied_aliases = _tied_aliases(model)
-    for key, read in iter_checkpoint_tensors(files):
-        name = map_weight_name(key)
-        if name is None:
-            continue
-        if name in tied_aliases:
-            continue  # a tied weight stored twice: its first name is the one loaded
+    for tensor in stored:
+        name = map_weight_name(tensor.name)
+        if name is None or name in tied_aliases or name.startswith(skipped):
+            continue  # not a weight, a tied weight stored twice (its first name is loaded), or left out on purpose
         if name not in params:
-            unexpected.append(key)
+            unexpected.append(tensor.name)
             continue
-        tensor = read()
-        if bar is not None:
-            bar.update(tensor.numel() * tensor.element_size())
         target = params[name]
-        if tuple(tensor.shape) != tuple(target.shape):
-            shape_errors.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+        if tensor.shape != tuple(target.shape):
+            shape_errors.append(f"{tensor.name}: checkpoint {tensor.shape} vs model {tuple(target.shape)}")
             continue
         with torch.no_grad():
-            target.copy_(tensor.to(device=device, dtype=dtype))
+            tensor.read_into(target)
+            if target.is_floating_point() and not bool(torch.isfinite(target).all()):
+                not_finite.append(tensor.name)
+        if bar is not None:
+            bar.update(tensor.nbytes)
         loaded.add(name)
     if bar is not None:
         bar.close()
@@ -221,6 +299,9 @@ def load_weights(model: torch.nn.Module, files: list[Path], dtype: torch.dtype, 
             "the checkpoint's weights do not match its config (" + "; ".join(problems) + "). "
             "The config.json and the weights may come from different models."
         )
+    if not_finite:
+        raise CheckpointError(f"the checkpoint has NaN or infinite values in {_preview(not_finite)}; the weights are "
+                              "corrupt (or overflowed when they were saved in a narrower dtype)")
 
 
 def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:

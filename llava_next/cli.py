@@ -28,8 +28,9 @@ def user_errors() -> tuple[type[Exception], ...]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo",
                    help="checkpoint directory, Hugging Face Hub id, or 'demo' (the bundled demo model; the default)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights and activations dtype (default auto: on a GPU the checkpoint's 16-bit dtype; on a "
+                        "CPU bfloat16 for 16-bit checkpoints where the CPU has native bfloat16, else float32)")
     p.add_argument("--device", help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -169,6 +170,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "text_model_type": t.model_type,
         "parameters": params,
         "dtype": str(pipe.model.lm_head.weight.dtype).replace("torch.", ""),
+        "dtype_reason": pipe.dtype_reason,
+        "load_seconds": round(pipe.load_seconds, 3),
         "device": str(pipe.model.lm_head.weight.device),
         "text": {"layers": t.num_layers, "hidden_size": t.hidden_size, "heads": t.num_heads, "kv_heads": t.num_kv_heads,
                  "vocab_size": t.vocab_size, "context_window": t.max_position_embeddings, "rope_theta": t.rope.theta,
@@ -192,6 +195,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     print(f"{info['model']}  ({cfg.model_type}, {t.model_type} text model, {params / 1e6:.1f}M parameters, "
           f"{info['dtype']} on {info['device']})")
+    print(f"  dtype:  {info['dtype']} ({info['dtype_reason']}); loaded in {info['load_seconds']:.2f} s")
     print(f"  text:   {t.num_layers} layers, width {t.hidden_size}, {t.num_heads} heads ({t.num_kv_heads} kv), "
           f"vocab {t.vocab_size}, context {t.max_position_embeddings} tokens"
           + (f", sliding window {t.sliding_window}" if t.sliding_window else ""))

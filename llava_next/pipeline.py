@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -31,18 +32,46 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: LlavaConfig) -> torch.dtype:
-    """float32 on CPU (fast and exact there); on a GPU the dtype the checkpoint was saved in, else bfloat16."""
+def cpu_flags() -> set[str]:
+    """The processor's feature flags as Linux reports them (x86 'flags', Arm 'Features'); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
+    """bfloat16 matrix instructions: AVX512-BF16 or AMX on x86, the BF16 extension on Arm. Without them PyTorch
+    emulates bfloat16 on the CPU, slower than float32."""
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & (cpu_flags() if flags is None else flags))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: LlavaConfig,
+                  flags: set[str] | None = None) -> tuple[torch.dtype, str]:
+    """The dtype to run in, and why. "auto" (or None): on a GPU the checkpoint's 16-bit dtype (bfloat16 for a
+    float32 checkpoint); on a CPU bfloat16 for a 16-bit checkpoint when the processor has native bfloat16
+    instructions, else float32 (exact, and faster than emulated bfloat16)."""
     if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is not None:
+        return dtype, "asked for"
+    if dtype not in (None, "auto"):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    if device.type == "cpu":
-        return torch.float32
+            raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        return DTYPES[dtype], "asked for"
     saved = DTYPES.get(str(cfg.torch_dtype or "").replace("torch.", ""))
-    return saved if saved in (torch.bfloat16, torch.float16) else torch.bfloat16
+    if device.type != "cpu":
+        if saved in (torch.bfloat16, torch.float16):
+            return saved, f"auto: the checkpoint's {str(saved).removeprefix('torch.')} on a GPU"
+        return torch.bfloat16, "auto: bfloat16 on a GPU for a float32 checkpoint"
+    if saved not in (torch.bfloat16, torch.float16):
+        return torch.float32, "auto: the checkpoint is float32"
+    if cpu_has_native_bf16(flags):
+        return torch.bfloat16, "auto: 16-bit checkpoint, and this CPU has native bfloat16 (avx512_bf16 or AMX)"
+    return torch.float32, "auto: this CPU has no native bfloat16 instructions, so float32 is faster"
 
 
 def eos_token_ids(directory: Path, cfg: LlavaConfig, tokenizer) -> list[int]:
@@ -69,15 +98,16 @@ def sampling_params(options: dict[str, Any]) -> SamplingParams:
     return SamplingParams(**options)
 
 
-def build_model(cfg: LlavaConfig, files: list[Path], dtype: torch.dtype, device: torch.device, progress: bool) -> LlavaModel:
+def build_model(cfg: LlavaConfig, files: list[Path], dtype: torch.dtype, device: torch.device, progress: bool,
+                for_inference: bool = True) -> LlavaModel:
     # Built on the meta device and filled from the files: no time spent on random init, no second copy in memory.
     with torch.device("meta"):
-        model = LlavaModel(cfg)
+        model = LlavaModel(cfg, for_inference=for_inference)
     model = model.to(dtype).to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
     model.language_model.reset_rope()
-    load_weights(model, files, dtype, device, progress=progress)
+    load_weights(model, files, progress=progress)
     return model.eval()
 
 
@@ -91,6 +121,7 @@ def load(
     progress: bool = True,
     image_cache_bytes: int = 256 * 2**20,
     prefix_cache: bool = True,
+    trainable: bool = False,
 ) -> "Pipeline":
     """Load a LLaVA 1.5 / LLaVA-NeXT checkpoint: a local directory, a Hub id, or "demo" (the bundled demo model).
 
@@ -100,7 +131,13 @@ def load(
     image_cache_bytes bounds the cache of image features (keyed by the image's content; 0 turns it off);
     prefix_cache keeps the last single-prompt request's KV cache for the next one that starts the same way (the
     next turn of a conversation). Neither changes any answer.
+
+    dtype "auto" (the default) is explained by `resolve_dtype`; `pipe.dtype_reason` says what it chose and why.
+    For inference the model is built lean: the vision tower stops at its feature layer and the decoder's q/k/v and
+    gate/up projections are fused. trainable=True builds the plain model instead, parameter for parameter the
+    checkpoint's, which training and save() need.
     """
+    began = time.perf_counter()
     from .train.lora import ADAPTER_CONFIG, merge_adapter
 
     adapter = Path(model).expanduser() if str(model) != "demo" else None
@@ -111,19 +148,20 @@ def load(
     directory = resolve_checkpoint(model, revision)
     cfg = read_config(directory / "config.json")
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device, cfg)
+    dtype, dtype_reason = resolve_dtype(dtype, device, cfg)
     processor = Processor.from_dir(directory, cfg, chat_template, ImageLimits(max_pixels=max_image_pixels))
     if processor.tokenizer.vocab_size > cfg.text.vocab_size:
         raise CheckpointError(
             f"{directory}: the tokenizer has {processor.tokenizer.vocab_size} tokens but the model only "
             f"{cfg.text.vocab_size} embeddings"
         )
-    llava = build_model(cfg, weight_files(directory), dtype, device, progress)
+    llava = build_model(cfg, weight_files(directory), dtype, device, progress, for_inference=not trainable)
     if adapter is not None:
         merge_adapter(llava, adapter)
     engine = Engine(llava, processor.tokenizer, eos_token_ids(directory, cfg, processor.tokenizer),
                     image_cache_bytes=image_cache_bytes, prefix_cache=prefix_cache)
-    return Pipeline(llava, processor, engine, directory)
+    return Pipeline(llava, processor, engine, directory, dtype_reason=dtype_reason,
+                    load_seconds=time.perf_counter() - began)
 
 
 @dataclass
@@ -132,6 +170,8 @@ class Pipeline:
     processor: Processor
     engine: Engine
     directory: Path
+    dtype_reason: str = ""
+    load_seconds: float = 0.0
 
     @property
     def config(self) -> LlavaConfig:
@@ -218,7 +258,10 @@ class Pipeline:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "chat_template.jinja").unlink(missing_ok=True)  # would shadow chat_template.json
-        state = state_dict if state_dict is not None else self.model.state_dict()
+        if state_dict is None and not self.model.vision_tower.complete:
+            raise ValueError("this pipeline was loaded for inference, without the vision blocks past the feature "
+                             "layer; load it with trainable=True to save a complete checkpoint")
+        state = state_dict if state_dict is not None else self.model.checkpoint_weights()
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
         saved_dtype = next(iter(state.values())).dtype

@@ -308,7 +308,8 @@ def test_build_from_a_clip_and_a_language_model_checkpoint(tmp_path, tiny, shape
     assert pipe.config.image_grid_pinpoints[0] == (56, 112) and pipe.config.vision.image_size == 56
     out = pipe.save(tmp_path / "built")
     reloaded = llava_next.load(out, progress=False)
-    assert torch.equal(reloaded.model.language_model.layers[1].mlp.up_proj.weight, lm.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(reloaded.model.checkpoint_weights()["language_model.layers.1.mlp.up_proj.weight"],
+                       lm.model.layers[1].mlp.up_proj.weight)
     ref = reference_model(out)
     inputs, _ = reloaded.prepare([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
                                  [smooth_image(100, 60)])

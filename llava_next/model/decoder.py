@@ -79,21 +79,42 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig, layer: int):
+    def __init__(self, cfg: TextConfig, layer: int, fused: bool = False):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.widths = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
+        self.fused = fused
+        if fused:  # one matmul instead of three: the input is read once (checkpoint names stay q/k/v_proj)
+            self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.widths), bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, self.widths[0], bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(cfg.hidden_size, self.widths[1], bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(cfg.hidden_size, self.widths[2], bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int) -> torch.Tensor:
+    def checkpoint_views(self) -> dict[str, torch.Tensor]:
+        """Checkpoint name (within this module) -> the tensor holding it: row blocks of qkv_proj when fused."""
+        if not self.fused:
+            return {}
+        views = {}
+        for kind in ("weight", "bias"):
+            fused = getattr(self.qkv_proj, kind)
+            if fused is not None:
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), fused.split(self.widths)):
+                    views[f"{name}.{kind}"] = part
+        return views
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int, is_causal: bool = False) -> torch.Tensor:
         b, t, _ = x.shape
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split(self.widths, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # (B, T, heads * D) -> (B, heads, T, D)
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             cache.keys[self.layer, :, :, start : start + t] = k
@@ -101,41 +122,62 @@ class Attention(nn.Module):
             k = cache.keys[self.layer, :, :, : start + t]
             v = cache.values[self.layer, :, :, : start + t]
         # Grouped-query attention: each kv head serves num_heads / num_kv_heads query heads, without copying the cache.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, fused: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.intermediate_size = cfg.intermediate_size
+        self.fused = fused
+        if fused:
+            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
+    def checkpoint_views(self) -> dict[str, torch.Tensor]:
+        if not self.fused:
+            return {}
+        views = {}
+        for kind in ("weight", "bias"):
+            fused = getattr(self.gate_up_proj, kind)
+            if fused is not None:
+                gate, up = fused.split(self.intermediate_size)
+                views.update({f"gate_proj.{kind}": gate, f"up_proj.{kind}": up})
+        return views
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer: int):
+    def __init__(self, cfg: TextConfig, layer: int, fused: bool = False):
         super().__init__()
         self.window = cfg.layer_window(layer)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg, layer, fused)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, fused)
 
-    def forward(self, x, cos, sin, masks, cache, start) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.window], cache, start)
+    def forward(self, x, cos, sin, masks, cache, start, is_causal=False) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.window], cache, start, is_causal)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, fused: bool = False):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, fused) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inverse_frequencies(cfg.rope, cfg.head_dim), persistent=False)
         self.gradient_checkpointing = False
@@ -143,6 +185,15 @@ class Decoder(nn.Module):
     def reset_rope(self) -> None:
         """Recompute the rotary table in float32 (after building on the meta device, or a cast to half precision)."""
         self.inv_freq = rope_inverse_frequencies(self.cfg.rope, self.cfg.head_dim).to(self.embed_tokens.weight.device)
+
+    def checkpoint_views(self) -> dict[str, torch.Tensor]:
+        """Checkpoint names of fused projections (q/k/v_proj, gate/up_proj) -> views into the fused weights."""
+        views = {}
+        for i, layer in enumerate(self.layers):
+            for part in ("self_attn", "mlp"):
+                for name, view in getattr(layer, part).checkpoint_views().items():
+                    views[f"layers.{i}.{part}.{name}"] = view
+        return views
 
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions (B, T) -> cos, sin (B, 1, T, D), computed in float32 and then cast, as the reference does
@@ -171,18 +222,28 @@ class Decoder(nn.Module):
         self,
         embeds: torch.Tensor,  # (B, T, C)
         positions: torch.Tensor,  # (B, T) rotary positions
-        key_mask: torch.Tensor,  # (B, S) with S = start + T: which cache slots hold real tokens
+        key_mask: torch.Tensor | None,  # (B, S) with S = start + T: which cache slots hold real tokens; None: all
         cache: KVCache | None = None,
         start: int = 0,  # cache slot of the first query
     ) -> torch.Tensor:  # hidden states after the final norm: (B, T, C)
         t = embeds.shape[1]
         cos, sin = self.rope_tables(positions, embeds.dtype)
-        slots = torch.arange(start, start + t, device=embeds.device)
-        masks = self.attention_masks(slots, key_mask)
+        windows = {layer.window for layer in self.layers}
+        # Without padding, and with every window wider than the keys, attention needs no mask tensor: a prompt is
+        # plain causal attention (SDPA's fast kernels), a single decoding query sees every key.
+        unmasked = key_mask is None and all(w is None or w >= start + t for w in windows) and (start == 0 or t == 1)
+        if unmasked:
+            masks, is_causal = dict.fromkeys(windows), t > 1
+        else:
+            if key_mask is None:
+                key_mask = torch.ones((embeds.shape[0], start + t), dtype=torch.bool, device=embeds.device)
+            slots = torch.arange(start, start + t, device=embeds.device)
+            masks, is_causal = self.attention_masks(slots, key_mask), False
         x = embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks, cache, start, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks, cache, start, is_causal,
+                                                      use_reentrant=False)
             else:
-                x = layer(x, cos, sin, masks, cache, start)
+                x = layer(x, cos, sin, masks, cache, start, is_causal)
         return self.norm(x)

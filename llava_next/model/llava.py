@@ -34,17 +34,31 @@ class Projector(nn.Module):
 
 
 class LlavaModel(nn.Module):
-    def __init__(self, cfg: LlavaConfig):
+    def __init__(self, cfg: LlavaConfig, for_inference: bool = False):
+        """for_inference: the vision tower only up to its feature layer, and the decoder's q/k/v and gate/up
+        projections fused into one matmul each. Training builds the plain model, whose parameters are the
+        checkpoint's one for one."""
         super().__init__()
         self.cfg = cfg
-        self.vision_tower = VisionTransformer(cfg.vision)
+        self.vision_tower = VisionTransformer(cfg.vision, cfg.feature_layers if for_inference else None)
         self.multi_modal_projector = Projector(cfg)
         if cfg.is_anyres:
             self.image_newline = nn.Parameter(torch.zeros(cfg.text.hidden_size))
-        self.language_model = Decoder(cfg.text)
+        self.language_model = Decoder(cfg.text, fused=for_inference)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    def checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        """Every weight under its checkpoint name (ours, unfused): fused projections appear as views into the
+        fused matrices, so that loading fills them in place and saving writes the checkpoint's names."""
+        views = {f"language_model.{k}": v for k, v in self.language_model.checkpoint_views().items()}
+        weights = {k: v for k, v in self.named_parameters() if ".qkv_proj." not in k and ".gate_up_proj." not in k}
+        return weights | views
+
+    def skipped_checkpoint_prefixes(self) -> tuple[str, ...]:
+        """Checkpoint names this model leaves out on purpose (vision blocks past the feature layer)."""
+        return tuple("vision_tower." + p for p in self.vision_tower.skipped_checkpoint_prefixes())
 
     # -- images ------------------------------------------------------------------------------------------------------
 
@@ -134,8 +148,8 @@ class LlavaModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
-        if key_mask is None:
-            key_mask = attention_mask
+        if key_mask is None and not bool(attention_mask.all()):
+            key_mask = attention_mask  # padding: attention needs a mask (None lets SDPA run plain causal kernels)
         if positions is None:
             positions = positions_from_mask(attention_mask)
         hidden = self.language_model(embeds, positions, key_mask, cache, start)

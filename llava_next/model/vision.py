@@ -76,21 +76,38 @@ class VisionBlock(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, num_layers: int):
         super().__init__()
-        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(num_layers))
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, feature_layers: list[int] | None = None):
+        """feature_layers: build only what computing these layers' features needs (inference). Without it the tower
+        is complete (the final blocks and norm included), so that a trained model saves whole for other tools."""
         super().__init__()
         self.cfg = cfg
         self.embeddings = VisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the checkpoints' spelling
-        self.encoder = VisionEncoder(cfg)
-        # Never applied: LLaVA takes inner-layer features. Kept so saved models stay complete for other tools.
-        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        built = cfg.num_layers
+        if feature_layers is not None:
+            built = max(self.hidden_state_index(layer) for layer in feature_layers)
+        self.encoder = VisionEncoder(cfg, built)
+        if feature_layers is None:
+            # Never applied: LLaVA takes inner-layer features.
+            self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.gradient_checkpointing = False
+
+    @property
+    def complete(self) -> bool:
+        return len(self.encoder.layers) == self.cfg.num_layers and hasattr(self, "post_layernorm")
+
+    def skipped_checkpoint_prefixes(self) -> tuple[str, ...]:
+        """Checkpoint names (within the tower) of what a tower built for its feature layers leaves out."""
+        if self.complete:
+            return ()
+        return tuple(f"encoder.layers.{i}." for i in range(len(self.encoder.layers), self.cfg.num_layers)) + \
+            ("post_layernorm.",)
 
     def hidden_state_index(self, layer: int) -> int:
         """transformers' hidden_states[layer]: index 0 is the embeddings, index i the output of block i."""

@@ -204,4 +204,4 @@ def _grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 def load_for_training(path: str) -> Pipeline:
     """Continue from an existing LLaVA checkpoint (published, or an earlier stage of ours), in float32 on the CPU."""
-    return load(path, dtype=torch.float32, device="cpu", progress=False)
+    return load(path, dtype=torch.float32, device="cpu", progress=False, trainable=True)

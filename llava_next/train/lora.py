@@ -102,7 +102,7 @@ def merge_adapter(model: nn.Module, directory: Path) -> None:
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     scale = float(config["lora_alpha"]) / float(config["r"])
     weights = load_file(str(directory / ADAPTER_WEIGHTS))
-    params = dict(model.named_parameters())
+    params = model.checkpoint_weights()  # views into fused projections, where the model has them
     prefix = "base_model.model."
     for key, a in weights.items():
         if ".lora_A." not in key:
