@@ -112,7 +112,8 @@ def run_ours(directory: Path, mode: str, args) -> dict:
     quantize = mode if mode in ("int8", "int4", "w8a8") else None
     dtype = mode if mode in ("float32", "bfloat16") else "bfloat16"
     start = time.perf_counter()
-    pipe = llava_next.load(directory, dtype=dtype, device=args.device, quantize=quantize, progress=False)
+    pipe = llava_next.load(directory, dtype=dtype, device=args.device, progress=False,
+                           **({"quantize": quantize} if quantize else {}))
     load_s = time.perf_counter() - start
     pipe.engine.eos_token_ids = []  # decode exactly the tokens asked for
     img = image()

@@ -1,0 +1,128 @@
+"""The fast paths compute what the plain ones do: fused projections, unmasked attention, the truncated vision
+tower, reading weights straight into parameters, and the dtype that `auto` picks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import llava_next
+from conftest import smooth_image
+from llava_next.checkpoint import CheckpointError, read_safetensors_index
+from llava_next.config import read_config
+from llava_next.pipeline import cpu_has_native_bf16, resolve_dtype
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+@pytest.mark.parametrize("name", ["vicuna", "qwen2", "mistral_window", "llava15"])
+def test_the_inference_model_gives_the_plain_models_logits(name, tiny):
+    lean = llava_next.load(tiny(name), dtype="float32", progress=False)
+    plain = llava_next.load(tiny(name), dtype="float32", progress=False, trainable=True)
+    assert lean.model.language_model.layers[0].self_attn.fused and not plain.model.language_model.layers[0].self_attn.fused
+    assert len(lean.model.vision_tower.encoder.layers) < plain.model.vision_tower.cfg.num_layers
+    assert not hasattr(lean.model.vision_tower, "post_layernorm")
+    inputs, _ = lean.prepare(chat("Describe it."), [smooth_image(500, 316)])
+    with torch.no_grad():
+        assert relative_error(lean.model(**inputs), plain.model(**inputs)) < 1e-5
+    assert lean.generate(chat("Describe it."), [smooth_image(500, 316)], max_new_tokens=8).token_ids == \
+        plain.generate(chat("Describe it."), [smooth_image(500, 316)], max_new_tokens=8).token_ids
+    # every checkpoint weight is reachable under its own name, fused or not
+    lean_weights, plain_weights = lean.model.checkpoint_weights(), plain.model.checkpoint_weights()
+    for key, value in lean_weights.items():
+        assert torch.equal(value, plain_weights[key]), key
+
+
+def test_unmasked_attention_equals_the_masked_computation(tiny, load_pipeline):
+    pipe = load_pipeline(tiny("vicuna"))
+    inputs, _ = pipe.prepare(chat("Describe it."), [smooth_image(300, 200)])
+    embeds = pipe.model.embed(inputs["input_ids"], pipe.model.image_features(inputs["pixel_values"], inputs["image_sizes"]))
+    positions = torch.arange(embeds.shape[1])[None]
+    with torch.no_grad():
+        unmasked = pipe.model.language_model(embeds, positions, None)
+        masked = pipe.model.language_model(embeds, positions, torch.ones_like(inputs["input_ids"], dtype=torch.bool))
+    assert relative_error(unmasked, masked) < 1e-5
+
+
+def test_auto_dtype_follows_the_checkpoint_and_the_processor(tiny):
+    cfg = read_config(tiny("vicuna") / "config.json")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    with_bf16, without = {"avx2", "avx512f", "avx512_bf16"}, {"avx2", "avx512f"}
+    assert cpu_has_native_bf16(with_bf16) and cpu_has_native_bf16({"amx_bf16"}) and not cpu_has_native_bf16(without)
+    cfg.torch_dtype = "bfloat16"
+    assert resolve_dtype("auto", cpu, cfg, with_bf16)[0] == torch.bfloat16
+    assert resolve_dtype(None, cpu, cfg, without)[0] == torch.float32
+    assert resolve_dtype("auto", gpu, cfg, without)[0] == torch.bfloat16
+    cfg.torch_dtype = "float16"
+    assert resolve_dtype("auto", gpu, cfg)[0] == torch.float16
+    assert resolve_dtype("auto", cpu, cfg, with_bf16)[0] == torch.bfloat16
+    cfg.torch_dtype = "float32"
+    dtype, reason = resolve_dtype("auto", cpu, cfg, with_bf16)
+    assert dtype == torch.float32 and "float32" in reason
+    assert resolve_dtype("auto", gpu, cfg)[0] == torch.bfloat16
+    assert resolve_dtype("float16", cpu, cfg) == (torch.float16, "asked for")
+    with pytest.raises(ValueError, match="dtype 'fp8' is not one of auto"):
+        resolve_dtype("fp8", cpu, cfg)
+
+
+def test_a_16_bit_checkpoint_loads_in_its_auto_dtype_and_says_why(tiny, tmp_path):
+    target = tmp_path / "bf16"
+    shutil.copytree(tiny("vicuna"), target)
+    half = llava_next.load(tiny("vicuna"), dtype="bfloat16", progress=False, trainable=True)
+    half.save(target, dtype=torch.bfloat16)
+    pipe = llava_next.load(target, progress=False)
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert pipe.model.lm_head.weight.dtype == expected
+    assert pipe.dtype_reason.startswith("auto") and pipe.load_seconds > 0
+
+
+def test_weights_that_are_not_finite_are_refused_at_load(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path / "nan"
+    shutil.copytree(tiny("vicuna"), target)
+    state = load_file(str(target / "model.safetensors"))
+    key = next(k for k in state if "layers.1.mlp.down_proj" in k)
+    state[key][3, 4] = float("nan")
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="NaN or infinite values in .*down_proj"):
+        llava_next.load(target, progress=False)
+
+
+def test_truncated_and_fake_safetensors_files_are_clear_errors(tiny, tmp_path):
+    target = tmp_path / "cut"
+    shutil.copytree(tiny("vicuna"), target)
+    weights = target / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        llava_next.load(target, progress=False)
+    weights.write_text(json.dumps({"not": "weights"}))
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        llava_next.load(target, progress=False)
+    weights.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="too short to be a safetensors file"):
+        read_safetensors_index(weights)
+
+
+def test_weights_are_read_straight_into_the_parameters(tiny):
+    from safetensors.torch import load_file
+
+    directory = tiny("vicuna")
+    stored = {t.name: t for t in read_safetensors_index(directory / "model.safetensors")}
+    reference = load_file(str(directory / "model.safetensors"))
+    assert stored.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(stored[name].read(), tensor), name
+        into = torch.empty(tensor.shape, dtype=torch.bfloat16)  # another dtype: through one temporary
+        stored[name].read_into(into)
+        assert torch.equal(into, tensor.to(torch.bfloat16)), name
