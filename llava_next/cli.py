@@ -14,8 +14,10 @@ from .data.records import DataError
 from .engine import GenerationError, SamplingParams
 from .image import DEFAULT_MAX_PIXELS, ImageError
 from .prompt import PromptError
+from .quantize import GROUP_SIZES, MODES, QuantizeError, describe
 
-USER_ERRORS = (CheckpointError, ConfigError, DataError, GenerationError, ImageError, PromptError, FileNotFoundError)
+USER_ERRORS = (CheckpointError, ConfigError, DataError, GenerationError, ImageError, PromptError, QuantizeError,
+               FileNotFoundError)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -35,6 +37,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--quantize", choices=list(MODES),
+                   help="int8 / int4: weight-only (smaller, faster decoding); w8a8: int8 weights and activations "
+                        "(faster prompts on CPUs with VNNI). Default: none")
+    p.add_argument("--group-size", type=int, default=128, choices=list(GROUP_SIZES),
+                   help="inputs per int4 scale (default 128)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +63,8 @@ def _load(args: argparse.Namespace):
     from .pipeline import load
 
     return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
-                max_image_pixels=args.max_image_pixels, progress=sys.stderr.isatty())
+                max_image_pixels=args.max_image_pixels, progress=sys.stderr.isatty(), quantize=args.quantize,
+                group_size=args.group_size)
 
 
 def user_message(text: str, n_images: int) -> dict[str, Any]:
@@ -169,10 +177,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         "model_type": cfg.model_type,
         "text_model_type": t.model_type,
         "parameters": params,
-        "dtype": str(pipe.model.lm_head.weight.dtype).replace("torch.", ""),
+        "dtype": str(pipe.model.dtype).replace("torch.", ""),
         "dtype_reason": pipe.dtype_reason,
         "load_seconds": round(pipe.load_seconds, 3),
-        "device": str(pipe.model.lm_head.weight.device),
+        "device": str(pipe.model.device),
         "text": {"layers": t.num_layers, "hidden_size": t.hidden_size, "heads": t.num_heads, "kv_heads": t.num_kv_heads,
                  "vocab_size": t.vocab_size, "context_window": t.max_position_embeddings, "rope_theta": t.rope.theta,
                  "sliding_window": t.sliding_window},
@@ -182,6 +190,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "image_grid_pinpoints": cfg.image_grid_pinpoints,
         "chat_template": pipe.processor.chat_template.origin,
         "eos_token_ids": pipe.engine.eos_token_ids,
+        "quantization": {"mode": pipe.quantization["mode"], "group_size": pipe.quantization["group_size"],
+                         "layers": describe(pipe.quantization["layers"])} if pipe.quantization else None,
     }
     if args.image:
         costs = []
@@ -204,8 +214,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     if cfg.image_grid_pinpoints:
         print(f"  anyres canvases (h x w): {', '.join(f'{h}x{w}' for h, w in cfg.image_grid_pinpoints)}")
     print(f"  chat template: {info['chat_template']}")
+    if info["quantization"]:
+        print(f"  quantized: {info['quantization']['mode']} ({info['quantization']['layers']}; the vision tower, "
+              "projector and embeddings stay float unless w8a8)")
     for c in info.get("images", []):
         print(f"  {c['image']}: {c['width']}x{c['height']} px costs {c['tokens']} tokens")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .pipeline import save_quantized
+
+    if args.quantize is None:
+        raise QuantizeError("say how: --quantize int8, int4 or w8a8")
+    pipe = _load(args)
+    out = save_quantized(pipe, args.out)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"wrote {out} ({args.quantize}: {describe(pipe.quantization['layers'])}; {size / 2**20:.0f} MiB of weights)")
     return 0
 
 
@@ -292,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--image", action="append", default=[], help="show how many tokens this image costs")
     i.add_argument("--json", action="store_true")
     i.set_defaults(run=cmd_info)
+
+    q = sub.add_parser("quantize", help="write a quantized copy of a checkpoint that loads without quantizing again")
+    _add_model_args(q)
+    q.add_argument("--out", required=True, help="directory for the quantized checkpoint")
+    q.set_defaults(run=cmd_quantize)
 
     t = sub.add_parser("train", help="run one training stage from a recipe (YAML or JSON); torchrun for many processes")
     t.add_argument("--config", help="the recipe file; its keys mirror llava_next.train.recipe.Recipe")

@@ -147,7 +147,7 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return self.model.device
 
     def clear_caches(self) -> None:
         self.image_cache.clear()
@@ -195,9 +195,13 @@ class Engine:
             for row in rows:
                 row.done = True
             return
-        cache = KVCache.allocate(model.cfg.text, batch, prompt_len + max_new, model.lm_head.weight.dtype, device)
-        key_mask = torch.zeros((batch, prompt_len + max_new), dtype=torch.bool, device=device)
-        key_mask[:, :prompt_len] = mask
+        cache = KVCache.allocate(model.cfg.text, batch, prompt_len + max_new, model.dtype, device)
+        # Which cache slots hold real tokens, kept only when some row is padded: without padding, attention runs
+        # without a mask tensor (plain causal kernels for the prompt, nothing to mask for one decoding query).
+        key_mask = None
+        if not bool(mask.all()):
+            key_mask = torch.zeros((batch, prompt_len + max_new), dtype=torch.bool, device=device)
+            key_mask[:, :prompt_len] = mask
         positions = positions_from_mask(mask)
         seen = None
         if params.repetition_penalty != 1.0:
@@ -228,7 +232,8 @@ class Engine:
                 features = [torch.cat(features)[skip:]]
         logits = model(
             input_ids[:, start:], mask[:, start:], image_features=features if features is not None else None,
-            cache=cache, start=start, positions=positions[:, start:], key_mask=key_mask[:, :prompt_len],
+            cache=cache, start=start, positions=positions[:, start:],
+            key_mask=key_mask[:, :prompt_len] if key_mask is not None else None,
             logits_to_keep=1,
         )
         next_positions = positions[:, -1:] + 1
@@ -261,9 +266,10 @@ class Engine:
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)
             slot = prompt_len + step
-            key_mask[:, slot] = True
+            if key_mask is not None:
+                key_mask[:, slot] = True
             logits = model(tokens[:, None], cache=cache, start=slot, positions=next_positions,
-                           key_mask=key_mask[:, : slot + 1], logits_to_keep=1)
+                           key_mask=key_mask[:, : slot + 1] if key_mask is not None else None, logits_to_keep=1)
             next_positions = next_positions + 1
 
     @staticmethod

@@ -11,12 +11,14 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, load_weights, resolve_checkpoint, save_weights, weight_files
+from .checkpoint import (CheckpointError, load_weights, read_safetensors_index, resolve_checkpoint, save_weights,
+                         weight_files)
 from .config import LlavaConfig, read_config, to_hf_dict
 from .engine import Engine, Generation, SamplingParams, TextStream
 from .image import DEFAULT_MAX_PIXELS, ImageLimits
 from .model.llava import LlavaModel
 from .processor import Processor
+from .quantize import MODES, QuantizeError, convert_linears, empty_converted, pack_all, quantized_state
 from .prompt import PromptError, normalize_messages
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -52,10 +54,11 @@ def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: LlavaConfig,
-                  flags: set[str] | None = None) -> tuple[torch.dtype, str]:
+                  flags: set[str] | None = None, quantized: bool = False) -> tuple[torch.dtype, str]:
     """The dtype to run in, and why. "auto" (or None): on a GPU the checkpoint's 16-bit dtype (bfloat16 for a
     float32 checkpoint); on a CPU bfloat16 for a 16-bit checkpoint when the processor has native bfloat16
-    instructions, else float32 (exact, and faster than emulated bfloat16)."""
+    instructions, else float32 (exact, and faster than emulated bfloat16). A quantized model computes in bfloat16
+    on such a CPU whatever the checkpoint's dtype: its weights are already rounded far more than that."""
     if isinstance(dtype, torch.dtype):
         return dtype, "asked for"
     if dtype not in (None, "auto"):
@@ -67,6 +70,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Ll
         if saved in (torch.bfloat16, torch.float16):
             return saved, f"auto: the checkpoint's {str(saved).removeprefix('torch.')} on a GPU"
         return torch.bfloat16, "auto: bfloat16 on a GPU for a float32 checkpoint"
+    if quantized and cpu_has_native_bf16(flags):
+        return torch.bfloat16, "auto: quantized, and this CPU has native bfloat16 (avx512_bf16 or AMX)"
     if saved not in (torch.bfloat16, torch.float16):
         return torch.float32, "auto: the checkpoint is float32"
     if cpu_has_native_bf16(flags):
@@ -111,6 +116,55 @@ def build_model(cfg: LlavaConfig, files: list[Path], dtype: torch.dtype, device:
     return model.eval()
 
 
+def build_quantized_model(cfg: LlavaConfig, quantization: dict[str, Any], files: list[Path], dtype: torch.dtype,
+                          device: torch.device) -> LlavaModel:
+    """A checkpoint written by save_quantized: the lean model with its converted layers, filled strictly by name."""
+    with torch.device("meta"):
+        model = LlavaModel(cfg, for_inference=True)
+        empty_converted(model, quantization["layers"])
+    model = model.to(dtype)  # float parts only: the integer buffers keep their dtype
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings and "lm_head" not in quantization["layers"]:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+    model.language_model.reset_rope()
+    targets = quantized_state(model)
+    stored = {t.name: t for path in files for t in read_safetensors_index(path)}
+    missing, unexpected = sorted(set(targets) - set(stored)), sorted(set(stored) - set(targets))
+    if missing or unexpected:
+        raise CheckpointError(f"the quantized checkpoint does not match its config (missing: {missing[:5]}, "
+                              f"unexpected: {unexpected[:5]}); write it again with `llava-next quantize`")
+    with torch.no_grad():
+        for name, target in targets.items():
+            if stored[name].shape != tuple(target.shape):
+                raise CheckpointError(f"the quantized checkpoint's {name} has shape {stored[name].shape}, the "
+                                      f"model needs {tuple(target.shape)}")
+            stored[name].read_into(target)
+    pack_all(model)
+    return model.eval()
+
+
+def save_quantized(pipe: "Pipeline", directory: str | os.PathLike) -> Path:
+    """Write a quantized pipeline as a checkpoint that load() reads back quantized, without the float weights."""
+    from safetensors.torch import save_file
+
+    if pipe.quantization is None:
+        raise QuantizeError("this pipeline is not quantized; load it with quantize=... first")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in list(directory.glob("*.safetensors")) + list(directory.glob("model.safetensors.index.json")):
+        stale.unlink()
+    config = json.loads((pipe.directory / "config.json").read_text())
+    config["quantization"] = pipe.quantization
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    generation_config = pipe.directory / "generation_config.json"
+    if generation_config.exists():
+        (directory / "generation_config.json").write_text(generation_config.read_text())
+    state = {name: t.detach().contiguous().cpu() for name, t in quantized_state(pipe.model).items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    pipe.processor.save(directory)
+    return directory
+
+
 def load(
     model: str | os.PathLike = "demo",
     dtype: str | torch.dtype | None = None,
@@ -121,6 +175,8 @@ def load(
     progress: bool = True,
     image_cache_bytes: int = 256 * 2**20,
     prefix_cache: bool = True,
+    quantize: str | None = None,
+    group_size: int = 128,
     trainable: bool = False,
 ) -> "Pipeline":
     """Load a LLaVA 1.5 / LLaVA-NeXT checkpoint: a local directory, a Hub id, or "demo" (the bundled demo model).
@@ -133,6 +189,10 @@ def load(
     next turn of a conversation). Neither changes any answer.
 
     dtype "auto" (the default) is explained by `resolve_dtype`; `pipe.dtype_reason` says what it chose and why.
+    quantize: "int8" or "int4" (weight-only; int4 in groups of `group_size` inputs) or "w8a8" (int8 weights and
+    activations), applied while loading, layer by layer; a checkpoint written by `save_quantized` (`llava-next
+    quantize`) loads quantized as it is. See llava_next/quantize.py for what each converts.
+
     For inference the model is built lean: the vision tower stops at its feature layer and the decoder's q/k/v and
     gate/up projections are fused. trainable=True builds the plain model instead, parameter for parameter the
     checkpoint's, which training and save() need.
@@ -147,21 +207,39 @@ def load(
         adapter = None
     directory = resolve_checkpoint(model, revision)
     cfg = read_config(directory / "config.json")
+    saved_quantization = json.loads((directory / "config.json").read_text()).get("quantization")
+    if quantize is not None and quantize not in MODES:
+        raise QuantizeError(f"quantize must be one of {', '.join(MODES)}, not {quantize!r}")
+    if saved_quantization and quantize not in (None, saved_quantization["mode"]):
+        raise QuantizeError(f"{directory} is already quantized ({saved_quantization['mode']}); load it without "
+                            f"quantize, or quantize the original checkpoint to {quantize}")
+    if (quantize or saved_quantization) and trainable:
+        raise QuantizeError("a quantized model cannot be trained; load the float checkpoint with trainable=True")
     device = resolve_device(device)
-    dtype, dtype_reason = resolve_dtype(dtype, device, cfg)
+    dtype, dtype_reason = resolve_dtype(dtype, device, cfg, quantized=bool(quantize or saved_quantization))
     processor = Processor.from_dir(directory, cfg, chat_template, ImageLimits(max_pixels=max_image_pixels))
     if processor.tokenizer.vocab_size > cfg.text.vocab_size:
         raise CheckpointError(
             f"{directory}: the tokenizer has {processor.tokenizer.vocab_size} tokens but the model only "
             f"{cfg.text.vocab_size} embeddings"
         )
-    llava = build_model(cfg, weight_files(directory), dtype, device, progress, for_inference=not trainable)
-    if adapter is not None:
-        merge_adapter(llava, adapter)
+    if saved_quantization:
+        llava = build_quantized_model(cfg, saved_quantization, weight_files(directory), dtype, device)
+        quantization = saved_quantization
+    else:
+        llava = build_model(cfg, weight_files(directory), dtype, device, progress, for_inference=not trainable)
+        if adapter is not None:
+            merge_adapter(llava, adapter)
+        quantization = None
+        if quantize is not None:
+            quantization = {"mode": quantize, "group_size": group_size,
+                            "layers": convert_linears(llava, quantize, group_size)}
+        elif device.type == "cpu" and not trainable:
+            convert_linears(llava, "fast")
     engine = Engine(llava, processor.tokenizer, eos_token_ids(directory, cfg, processor.tokenizer),
                     image_cache_bytes=image_cache_bytes, prefix_cache=prefix_cache)
     return Pipeline(llava, processor, engine, directory, dtype_reason=dtype_reason,
-                    load_seconds=time.perf_counter() - began)
+                    load_seconds=time.perf_counter() - began, quantization=quantization)
 
 
 @dataclass
@@ -172,6 +250,7 @@ class Pipeline:
     directory: Path
     dtype_reason: str = ""
     load_seconds: float = 0.0
+    quantization: dict[str, Any] | None = None  # mode, group_size and what each converted layer became
 
     @property
     def config(self) -> LlavaConfig:

@@ -49,6 +49,15 @@ class LlavaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations are computed in (the embedding table's; quantized layers store integers)."""
+        return self.language_model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.embed_tokens.weight.device
+
     def checkpoint_weights(self) -> dict[str, torch.Tensor]:
         """Every weight under its checkpoint name (ours, unfused): fused projections appear as views into the
         fused matrices, so that loading fills them in place and saving writes the checkpoint's names."""

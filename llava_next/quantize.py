@@ -1,0 +1,274 @@
+"""Runtime forms of the model's linear layers, swapped in after loading: the model code never knows about them.
+
+As gpt-fast's `convert_for_runtime`: `convert_linears(model, mode)` replaces nn.Linear modules by
+  fast      float32 weights through oneDNN (`torch.ops.mkldnn._linear_pointwise`) on the CPU. PyTorch's nn.Linear goes
+            through MKL there, which reads the weights of a one-token decoding step at about half the memory
+            bandwidth; oneDNN reaches it (and is ~1.2x faster on prompt-sized matmuls). Same weights, same results
+            up to float rounding.
+  int8      weight-only int8, one symmetric scale per output channel. A decoding step (few rows) runs
+            `torch._weight_int8pack_mm` on the int8 weights; a prompt (many rows, where that kernel is slow) runs a
+            float matmul on the weights dequantized one layer at a time.
+  int4      weight-only int4, asymmetric, one scale and zero point per `group_size` inputs, through the int4
+            kernels (`_weight_int4pack_mm_for_cpu` on the CPU, tinygemm's `_weight_int4pack_mm` on CUDA).
+  w8a8      int8 weights (per output channel) and int8 activations (per token, computed on the fly), multiplied
+            with `torch._int_mm`: the prompt's matmuls in integer arithmetic, several times float32 on CPUs with VNNI.
+
+What is converted, decided from measurements (BENCHMARKS.md): every decoder projection and the lm_head (which a
+decoding step reads entirely, ~20% of the bytes of a mid-size model); in w8a8 also the vision tower's and the
+projector's linears (the prompt's other matmuls). The embedding table stays float (a lookup reads one row), and so
+do norms. A layer whose shape a kernel cannot take (int4 needs in_features divisible by the group size) is
+converted to int8 instead, and `describe()` says so.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("int8", "int4", "w8a8")
+GROUP_SIZES = (32, 64, 128, 256)
+DECODE_ROWS = 8  # up to this many rows, weight-only kernels; above, dequantize and run a float matmul
+
+
+class QuantizeError(ValueError):
+    """Quantization settings that cannot work."""
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()  # the int kernels want contiguous rows
+
+
+class FastLinear(nn.Module):
+    """A float linear through oneDNN on the CPU (nn.Linear's own path elsewhere)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        out = torch.ops.mkldnn._linear_pointwise(_rows(x), self.weight, self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def int8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> int8 values and one float32 scale per output channel (symmetric, max |w| -> 127)."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+def int4_weights(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> int4 values 0..15 (int32) and scales_and_zeros (in / group_size, out, 2), float32, in the
+    convention of PyTorch's int4 kernels: w = (q - 8) * scale + zero, per group of `group_size` inputs."""
+    out_features, in_features = weight.shape
+    w = weight.float().reshape(out_features, in_features // group_size, group_size)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scales = (high - low).clamp(min=1e-8) / 15
+    zeros = low + scales * 8
+    q = torch.round((w - low) / scales).clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+    scales_and_zeros = torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (groups, out, 2)
+    return q, scales_and_zeros
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) values 0..15 -> (out, in / 2) uint8, the even input in the low nibble."""
+    return (q[:, ::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_nibbles, as uint8 values 0..15."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Nibble-packed int4 values and their scales -> the (out, in) weight in `dtype`."""
+    q = unpack_nibbles(packed)
+    out_features, in_features = q.shape
+    scales = scales_and_zeros[..., 0].t().unsqueeze(-1).to(dtype)  # (out, groups, 1)
+    zeros = scales_and_zeros[..., 1].t().unsqueeze(-1).to(dtype)
+    w = (q.view(out_features, in_features // group_size, group_size).to(dtype) - 8) * scales + zeros
+    return w.view(out_features, in_features)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8: y = x @ (q * scale)^T + b."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty((out_features, in_features), dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype,
+                     linear.weight.device)
+        q, scales = int8_weights(linear.weight.detach())
+        module.weight.copy_(q)
+        module.scales.copy_(scales)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight.to(dtype) * self.scales.to(dtype)[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _rows(x)
+        if rows.shape[0] > DECODE_ROWS:
+            out = F.linear(rows, self.dequantized(x.dtype))
+        else:
+            out = torch._weight_int8pack_mm(rows, self.weight, self.scales.to(x.dtype))
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4, groupwise. `weight` holds the values nibble-packed (out, in / 2) with `scales_and_zeros`
+    (what a checkpoint stores, and what a prompt's matmul dequantizes); `pack()` lays them out for the device's
+    decoding kernel after loading (the layout differs between CPU and CUDA, so it is never saved)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group_size: int,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("weight", torch.empty((out_features, in_features // 2), dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros", torch.empty((in_features // group_size, out_features, 2),
+                                                             dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.packed: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> "Int4Linear":
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype,
+                     group_size, linear.weight.device)
+        q, scales_and_zeros = int4_weights(linear.weight.detach(), group_size)
+        module.weight.copy_(pack_nibbles(q))
+        module.scales_and_zeros.copy_(scales_and_zeros)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        module.pack()
+        return module
+
+    def pack(self) -> None:
+        q = unpack_nibbles(self.weight).to(torch.int32)
+        if self.weight.device.type == "cuda":  # tinygemm: (out, in / 2) uint8, the even input in the high nibble
+            self.packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+        else:
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _rows(x)
+        if rows.shape[0] > DECODE_ROWS:
+            out = F.linear(rows, dequantize_int4(self.weight, self.scales_and_zeros, self.group_size, x.dtype))
+        elif x.device.type == "cuda":
+            out = torch._weight_int4pack_mm(rows, self.packed, self.group_size, self.scales_and_zeros.to(x.dtype))
+        else:
+            out = torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size,
+                                                    self.scales_and_zeros.to(x.dtype))
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class W8A8Linear(Int8Linear):
+    """int8 weights and per-token int8 activations: y = (xq @ q^T) * x_scale * w_scale, in int32 then float.
+    A decoding step (few rows) uses the weight-only kernel instead: there the cost is reading the weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _rows(x)
+        if rows.shape[0] <= DECODE_ROWS:
+            return super().forward(x)
+        x_scales = rows.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+        xq = torch.round(rows.float() / x_scales).clamp(-127, 127).to(torch.int8)
+        acc = torch._int_mm(xq, self.weight.t())  # (rows, out) int32
+        out = (acc.float() * x_scales * self.scales.float()[None, :]).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def targets(model: nn.Module, mode: str) -> list[str]:
+    """Names of the nn.Linear modules a mode converts."""
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if name.startswith("language_model.") or name == "lm_head":
+            names.append(name)
+        elif mode in ("w8a8", "fast") and name.startswith(("vision_tower.", "multi_modal_projector.")):
+            names.append(name)
+    return names
+
+
+def convert_linears(model: nn.Module, mode: str, group_size: int = 128) -> dict[str, str]:
+    """Swap the model's linear layers for `mode`'s runtime form, in place, one at a time (each float weight is
+    freed as soon as its replacement exists). Returns {module name: what it became}."""
+    if mode not in MODES + ("fast",):
+        raise QuantizeError(f"quantize must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "int4" and group_size not in GROUP_SIZES:
+        raise QuantizeError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size!r}")
+    done = {}
+    for name in targets(model, mode):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, attr)
+        if mode == "fast":
+            if linear.weight.dtype != torch.float32:
+                continue  # in 16 bits nn.Linear already runs oneDNN where the CPU has the instructions
+            new, kind = FastLinear(linear), "fast"
+        elif mode == "int4" and linear.in_features % group_size == 0 and linear.out_features % 8 == 0:
+            new, kind = Int4Linear.from_linear(linear, group_size), f"int4/g{group_size}"
+        elif mode == "w8a8":
+            new, kind = W8A8Linear.from_linear(linear), "w8a8"
+        else:
+            new, kind = Int8Linear.from_linear(linear), "int8"
+        setattr(parent, attr, new)  # a tied lm_head gets its own quantized copy; the embedding stays float
+        done[name] = kind
+    return done
+
+
+def empty_converted(model: nn.Module, converted: dict[str, str]) -> None:
+    """Put empty modules of the recorded kinds in place (on the model's device, e.g. meta), to load a quantized
+    checkpoint's tensors into."""
+    for name, kind in converted.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, attr)
+        if not isinstance(linear, nn.Linear):
+            raise QuantizeError(f"the quantized checkpoint names {name}, which is not a linear layer of this model")
+        args = (linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
+        if kind.startswith("int4/g"):
+            new = Int4Linear(*args, group_size=int(kind.removeprefix("int4/g")), device=linear.weight.device)
+        elif kind in ("int8", "w8a8"):
+            new = (W8A8Linear if kind == "w8a8" else Int8Linear)(*args, device=linear.weight.device)
+        else:
+            raise QuantizeError(f"unknown quantized layer kind {kind!r} for {name}")
+        setattr(parent, attr, new)
+
+
+def pack_all(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.pack()
+
+
+def describe(converted: dict[str, str]) -> str:
+    """'int4/g128 x 96, int8 x 1' for a model's converted layers."""
+    return ", ".join(f"{kind} x {n}" for kind, n in sorted(Counter(converted.values()).items()))
+
+
+def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a quantized model needs to be rebuilt: parameters and persistent buffers, by module path."""
+    state = {name: t for name, t in model.named_parameters()}
+    state.update({name: t for name, t in model.named_buffers() if not name.endswith("inv_freq")})
+    return state

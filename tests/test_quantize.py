@@ -1,0 +1,130 @@
+"""Quantized and fast linears against their dequantized references; quantized models against float ones; quantized
+checkpoints written once and read back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import llava_next
+from conftest import smooth_image
+from llava_next.cli import main
+from llava_next.pipeline import save_quantized
+from llava_next.quantize import (DECODE_ROWS, FastLinear, Int4Linear, Int8Linear, QuantizeError, W8A8Linear,
+                                 convert_linears, dequantize_int4, int4_weights, int8_weights, pack_nibbles,
+                                 unpack_nibbles)
+
+
+def linear(in_features=256, out_features=96, bias=True, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    return layer.to(dtype)
+
+
+def relative_error(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+@pytest.mark.parametrize("rows", [1, 3, DECODE_ROWS + 5])  # decoding kernels, and the prompt path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_equals_its_dequantized_weights(rows, dtype):
+    base = linear(dtype=dtype)
+    q, scales = int8_weights(base.weight)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    dequantized = (q.float() * scales[:, None]).to(dtype)
+    assert relative_error(dequantized, base.weight) < 1 / 127  # rounding to 255 levels per row
+    module = Int8Linear.from_linear(base)
+    x = torch.randn(2, rows, 256).to(dtype)
+    with torch.inference_mode():
+        expected = F.linear(x.float(), (module.weight.float() * module.scales.to(dtype).float()[:, None]), base.bias.float())
+        assert relative_error(module(x), expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("rows", [1, DECODE_ROWS + 1])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int4_linear_equals_its_dequantized_weights(rows, group_size):
+    base = linear(in_features=256, out_features=64)
+    q, scales_and_zeros = int4_weights(base.weight, group_size)
+    assert q.min() >= 0 and q.max() <= 15 and scales_and_zeros.shape == (256 // group_size, 64, 2)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q)).to(torch.int32), q)
+    dequantized = dequantize_int4(pack_nibbles(q), scales_and_zeros, group_size, torch.float32)
+    assert relative_error(dequantized, base.weight) < 0.1  # 16 levels per group
+    module = Int4Linear.from_linear(base, group_size)
+    x = torch.randn(rows, 256)
+    with torch.inference_mode():
+        assert relative_error(module(x), F.linear(x, dequantized, base.bias)) < 1e-5
+
+
+def test_w8a8_linear_equals_integer_arithmetic_done_by_hand():
+    base = linear(in_features=128, out_features=64)
+    module = W8A8Linear.from_linear(base)
+    x = torch.randn(DECODE_ROWS + 7, 128)
+    x_scales = x.abs().amax(1, keepdim=True) / 127
+    xq = torch.round(x / x_scales).clamp(-127, 127)
+    expected = (xq @ module.weight.float().t()) * x_scales * module.scales[None] + base.bias
+    with torch.inference_mode():
+        assert relative_error(module(x), expected) < 1e-5
+        # and it approximates the float layer
+        assert relative_error(module(x), base(x)) < 0.03
+
+
+def test_fast_linear_is_the_same_linear():
+    base = linear()
+    fast = FastLinear(base)
+    assert fast.weight is base.weight
+    x = torch.randn(5, 7, 256)
+    with torch.inference_mode():
+        assert relative_error(fast(x), base(x)) < 1e-6
+
+
+@pytest.mark.parametrize("mode, bound", [("int8", 0.02), ("w8a8", 0.05), ("int4", 0.25)])
+def test_quantized_models_stay_close_to_float(mode, bound, tiny):
+    directory = tiny("vicuna")
+    full = llava_next.load(directory, dtype="float32", progress=False)
+    quantized = llava_next.load(directory, dtype="float32", progress=False, quantize=mode, group_size=32)
+    assert set(quantized.quantization["layers"]) == {n for n, m in full.model.named_modules()
+                                                     if isinstance(m, (nn.Linear, FastLinear)) and
+                                                     (n.startswith("language_model.") or n == "lm_head" or
+                                                      (mode == "w8a8" and not n.startswith("language_model.")))}
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    inputs, _ = full.prepare(messages, [smooth_image(500, 316)])
+    with torch.inference_mode():
+        error = relative_error(quantized.model(**inputs, logits_to_keep=1), full.model(**inputs, logits_to_keep=1))
+    assert 0 < error < bound
+
+
+def test_a_quantized_checkpoint_reads_back_as_it_was_written(tiny, tmp_path, capsys):
+    directory = tiny("qwen2")
+    quantized = llava_next.load(directory, progress=False, quantize="int4", group_size=32)
+    assert main(["quantize", "--model", str(directory), "--quantize", "int4", "--group-size", "32",
+                 "--out", str(tmp_path / "q")]) == 0
+    assert "int4/g32" in capsys.readouterr().out
+    reloaded = llava_next.load(tmp_path / "q", progress=False)
+    assert reloaded.quantization == quantized.quantization
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    inputs, _ = quantized.prepare(messages, [smooth_image(300, 200)])
+    with torch.inference_mode():
+        assert torch.equal(reloaded.model(**inputs), quantized.model(**inputs))
+    assert reloaded.generate(messages, [smooth_image(300, 200)], max_new_tokens=6).token_ids == \
+        quantized.generate(messages, [smooth_image(300, 200)], max_new_tokens=6).token_ids
+    weights = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors"))
+    assert weights < sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 2
+    with pytest.raises(QuantizeError, match="already quantized"):
+        llava_next.load(tmp_path / "q", progress=False, quantize="int8")
+    with pytest.raises(QuantizeError, match="not quantized"):
+        save_quantized(llava_next.load(directory, progress=False), tmp_path / "r")
+
+
+def test_shapes_a_kernel_cannot_take_fall_back_to_int8_and_bad_settings_are_refused():
+    model = nn.Module()
+    model.language_model = nn.Module()
+    model.language_model.odd = linear(in_features=96, out_features=64)  # 96 is no multiple of 64
+    model.language_model.even = linear(in_features=128, out_features=64)
+    assert convert_linears(model, "int4", 64) == {"language_model.odd": "int8", "language_model.even": "int4/g64"}
+    with pytest.raises(QuantizeError, match="group_size must be one of"):
+        convert_linears(model, "int4", 48)
+    with pytest.raises(QuantizeError, match="quantize must be one of"):
+        convert_linears(model, "int3")
+    assert main(["quantize", "--model", "demo", "--out", "/nonexistent/x"]) == 2
