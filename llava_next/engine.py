@@ -273,6 +273,16 @@ class Engine:
             next_positions = next_positions + 1
 
     @staticmethod
+    def _finish(row: _Row) -> None:
+        """The end of a row: the detokenizer's last held-back characters, which may complete a stop string."""
+        if row.stop_at is None:
+            row.detok.flush()
+            if row.stops:
+                row.searched = 0  # the flush may have rewritten the text's end: search it whole
+                Engine._check_stop(row)
+        row.done = True
+
+    @staticmethod
     def _check_stop(row: _Row) -> None:
         # Only the new end of the text can hold a stop string that was not there before.
         start = max(0, row.searched - max(len(s) for s in row.stops) + 1)
@@ -293,8 +303,7 @@ class Engine:
         for _ in self._steps(inputs, params, rows):
             pass
         for row in rows:
-            if row.stop_at is None:
-                row.detok.flush()
+            self._finish(row)
         return [row.generation() for row in rows]
 
     def stream(self, inputs: dict[str, torch.Tensor], params: SamplingParams) -> "TextStream":
@@ -331,9 +340,7 @@ class TextStream:
             piece = Engine._take(row)
             if piece:
                 yield piece
-        if row.stop_at is None:
-            row.detok.flush()
-        row.done = True
+        Engine._finish(row)
         piece = Engine._take(row)
         if piece:
             yield piece

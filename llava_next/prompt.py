@@ -66,10 +66,6 @@ class Tokenizer:
         self.padding_side = config.get("padding_side", "left")
         self.chat_template = config.get("chat_template")
         self._special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
-        # sentencepiece-style byte-fallback tokens: a run of them decodes as one UTF-8 sequence, or all as U+FFFD
-        self.byte_token_ids = frozenset(
-            i for i in (tokenizer.token_to_id(f"<0x{b:02X}>") for b in range(256)) if i is not None
-        ) if json.loads(tokenizer.to_str()).get("model", {}).get("byte_fallback") else frozenset()
 
     @classmethod
     def from_dir(cls, directory: Path) -> "Tokenizer":
@@ -129,7 +125,9 @@ class IncrementalDetokenizer:
     Decoding token by token breaks multi-byte characters and drops the leading space that sentencepiece-style
     decoders strip from the start of any decoded run. So each step decodes a short window that starts a few tokens
     back, compares it with the same window without the new tokens, and emits only the difference, holding it back
-    while it ends in an incomplete character or in byte-fallback tokens (whose whole run decodes together).
+    while it ends in an incomplete character (byte-fallback tokens of a multi-byte character decode to U+FFFD until
+    the last one arrives). A complete character is emitted on the token that completes it, byte-fallback or not, so
+    that whoever watches the text (stop strings) sees it then.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -142,8 +140,6 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        if token_id in self.tokenizer.byte_token_ids:
-            return ""
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
         full = decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
