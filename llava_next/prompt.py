@@ -66,6 +66,11 @@ class Tokenizer:
         self.padding_side = config.get("padding_side", "left")
         self.chat_template = config.get("chat_template")
         self._special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        # transformers 5 applies clean_up_tokenization_spaces only to non-BPE tokenizers (for BPE ones, Llama-3's
+        # among them, it would delete real spaces before punctuation) unless the checkpoint insists
+        is_bpe = json.loads(tokenizer.to_str()).get("model", {}).get("type") == "BPE"
+        self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False)) and (
+            not is_bpe or bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")))
 
     @classmethod
     def from_dir(cls, directory: Path) -> "Tokenizer":
@@ -112,11 +117,23 @@ class Tokenizer:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return clean_up_tokenization(text) if self.clean_up_spaces else text
 
     def starts_with_bos(self, text: str) -> bool:
         bos = self.special_tokens["bos_token"]
         return bool(bos) and text.startswith(bos)
+
+
+# The spaces that word-piece style decoders leave before punctuation and English contractions.
+CLEAN_UPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up_tokenization(text: str) -> str:
+    for before, after in CLEAN_UPS:
+        text = text.replace(before, after)
+    return text
 
 
 class IncrementalDetokenizer:

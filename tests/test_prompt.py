@@ -175,3 +175,37 @@ def test_padding_side_and_attention_mask(tiny, load_pipeline):
     assert right["attention_mask"][1].tolist()[:2] == [1, 1] and right["attention_mask"][1, -1] == 0
     assert (left["input_ids"][1][left["attention_mask"][1] == 0] == processor.pad_token_id).all()
     assert torch.equal(left["input_ids"][0], right["input_ids"][0])
+
+
+@pytest.mark.parametrize("clean_up", [True, False])
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe", "bpe_forced"])
+def test_clean_up_tokenization_spaces_decodes_as_transformers(kind, clean_up, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from llava_next.prompt import IncrementalDetokenizer, Tokenizer
+
+    words = ["[UNK]", "hello", ".", "do", "n't", "?", "it", "'s", ",", "!", "'", "you", "'re"]
+    if kind == "wordpiece":
+        backend = HFTokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+        backend.decoder = decoders.WordPiece()
+    else:
+        backend = HFTokenizer(models.BPE({w: i for i, w in enumerate(words)}, [], unk_token="[UNK]"))
+        backend.decoder = decoders.Metaspace()  # words come back separated by spaces, like sentencepiece output
+        backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace() if kind == "wordpiece" else backend.pre_tokenizer
+    config = {"clean_up_tokenization_spaces": clean_up, "unk_token": "[UNK]"}
+    if kind == "bpe_forced":
+        config["clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"] = True
+    ours = Tokenizer(HFTokenizer.from_str(backend.to_str()), config)
+    theirs = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(backend.to_str()), **config)
+    if kind != "wordpiece":
+        theirs.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = kind == "bpe_forced"
+    ids = [1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 10, 1, 9]
+    expected = theirs.decode(ids)
+    assert ours.decode(ids) == expected
+    if clean_up and kind != "bpe":
+        assert " ." not in expected and "n't" in expected  # the setting did something
+    detok = IncrementalDetokenizer(ours)
+    streamed = "".join(detok.add(i) for i in ids) + detok.flush()
+    assert streamed == detok.text == expected
