@@ -129,7 +129,7 @@ class _Row:
         if self.done:
             return len(self.text)
         hold = max((len(s) - 1 for s in self.stops), default=0)
-        return max(self.emitted, len(self.detok.text) - hold)
+        return max(self.emitted, min(len(self.detok.text) - hold, self.detok.settled_length))
 
 
 class Engine:
@@ -284,8 +284,9 @@ class Engine:
 
     @staticmethod
     def _check_stop(row: _Row) -> None:
-        # Only the new end of the text can hold a stop string that was not there before.
-        start = max(0, row.searched - max(len(s) for s in row.stops) + 1)
+        # Only the new end of the text can hold a stop string that was not there before (and the unsettled end,
+        # which clean-up may have rewritten since the last search).
+        start = max(0, row.searched - row.detok.unsettled - max(len(s) for s in row.stops) + 1)
         row.searched = len(row.detok.text)
         found = [i for i in (row.detok.text.find(s, start) for s in row.stops) if i >= 0]
         if found:

@@ -116,9 +116,10 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True, clean_up: bool | None = None) -> str:
+        """The text of `ids`, cleaned up as the checkpoint's tokenizer_config says unless clean_up says otherwise."""
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        return clean_up_tokenization(text) if self.clean_up_spaces else text
+        return clean_up_tokenization(text) if (self.clean_up_spaces if clean_up is None else clean_up) else text
 
     def starts_with_bos(self, text: str) -> bool:
         bos = self.special_tokens["bos_token"]
@@ -141,10 +142,13 @@ class IncrementalDetokenizer:
 
     Decoding token by token breaks multi-byte characters and drops the leading space that sentencepiece-style
     decoders strip from the start of any decoded run. So each step decodes a short window that starts a few tokens
-    back, compares it with the same window without the new tokens, and emits only the difference, holding it back
+    back, compares it with the same window without the new tokens, and keeps only the difference, holding it back
     while it ends in an incomplete character (byte-fallback tokens of a multi-byte character decode to U+FFFD until
-    the last one arrives). A complete character is emitted on the token that completes it, byte-fallback or not, so
+    the last one arrives). A complete character is taken on the token that completes it, byte-fallback or not, so
     that whoever watches the text (stop strings) sees it then.
+
+    With clean_up_tokenization_spaces the whole text is cleaned; its last few characters stay unsettled (a later
+    token can complete a pattern such as " n't" that removes a space), and only the settled part is handed out.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -153,26 +157,49 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
-        self.text = ""
+        self.raw = ""  # the decode without clean-up
+        self.text = ""  # the decode as the tokenizer gives it
+        self.handed_out = 0
+        self.finished = False
+
+    @property
+    def unsettled(self) -> int:
+        """How many characters at the end of `text` a later token can still change."""
+        if self.finished or not self.tokenizer.clean_up_spaces:
+            return 0
+        return min(len(self.text), max(len(before) for before, _ in CLEAN_UPS))
+
+    @property
+    def settled_length(self) -> int:
+        return len(self.text) - self.unsettled
+
+    def _hand_out(self) -> str:
+        end = max(self.handed_out, self.settled_length)
+        piece, self.handed_out = self.text[self.handed_out : end], end
+        return piece
 
     def add(self, token_id: int) -> str:
+        """Take one more token; return the text it settled (often empty)."""
         self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
-        full = decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens, False)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip_special_tokens, False)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            piece = full[len(prefix) :]
+            self.raw += full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            self.text += piece
-            return piece
-        return ""
+            self.text = clean_up_tokenization(self.raw) if self.tokenizer.clean_up_spaces else self.raw
+        return self._hand_out()
 
     def flush(self) -> str:
         """Whatever is still held back at the very end. Afterwards `text` is the full decode of all the ids."""
+        self.raw = self.tokenizer.decode(self.ids, self.skip_special_tokens, False)
         full = self.tokenizer.decode(self.ids, self.skip_special_tokens)
-        rest = full[len(self.text) :] if full.startswith(self.text) else ""
+        self.finished = True
+        if not full.startswith(self.text[: self.handed_out]):
+            # only invalid UTF-8 from the model gets here: a run of byte tokens that decodes differently as a whole
+            self.text, self.handed_out = full, len(full)
+            return ""
         self.text = full
-        return rest
+        return self._hand_out()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
