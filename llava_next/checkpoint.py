@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import LlavaError
+
 # Files a LLaVA checkpoint needs, for downloading only those from the Hub.
 CHECKPOINT_FILE_PATTERNS = [
     "*.json",
@@ -32,7 +34,7 @@ IGNORED_SUFFIXES = (".position_ids", ".rotary_emb.inv_freq")
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo" / "model"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LlavaError, RuntimeError):
     """A checkpoint could not be found, downloaded or matched to the model."""
 
 
@@ -81,11 +83,29 @@ def _download(repo_id: str, revision: str | None) -> Path:
         ) from None
 
 
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file as a dict; a corrupt, truncated or non-object file is an error naming it."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); the file is "
+                              "corrupt or incomplete, copy it again") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not valid JSON (not UTF-8 text); the file is corrupt, copy it again") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the shards its index names, or the single file."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: has no weight_map naming the shard of each weight; copy it again")
         files = [directory / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.exists()]
         if missing:

@@ -3,65 +3,65 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from dataclasses import fields
 from typing import Any, Sequence
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .data.records import DataError
-from .engine import GenerationError, SamplingParams
-from .image import DEFAULT_MAX_PIXELS, ImageError
-from .prompt import PromptError
+from .data.synth import generate as synth_generate
+from .data.tokenizer import texts_of, train_tokenizer
+from .engine import SamplingParams
+from .errors import LlavaError
+from .eval.vqa import evaluate
+from .pipeline import load
 from .quantize import GROUP_SIZES, MODES, QuantizeError, describe
 
-USER_ERRORS = (CheckpointError, ConfigError, DataError, GenerationError, ImageError, PromptError, QuantizeError,
-               FileNotFoundError)
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """Errors that are the user's to fix: one line on stderr, no traceback."""
-    from .train.recipe import RecipeError
-
-    return USER_ERRORS + (RecipeError,)
+# Errors that are the user's to fix: one line on stderr, exit code 2, no traceback.
+USER_ERRORS = (LlavaError, FileNotFoundError)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo",
+    p.add_argument("--model", default=default_of(load, "model"),
                    help="checkpoint directory, Hugging Face Hub id, or 'demo' (the bundled demo model; the default)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=default_of(load, "dtype"),
                    help="weights and activations dtype (default auto: on a GPU the checkpoint's 16-bit dtype; on a "
                         "CPU bfloat16 for 16-bit checkpoints where the CPU has native bfloat16, else float32)")
     p.add_argument("--device", help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--max-image-pixels", type=int, default=default_of(load, "max_image_pixels"),
+                   help=f"refuse images with more pixels than this (default {default_of(load, 'max_image_pixels')})")
     p.add_argument("--quantize", choices=list(MODES),
                    help="int8 / int4: weight-only (smaller, faster decoding); w8a8: int8 weights and activations "
                         "(faster prompts on CPUs with VNNI). Default: none")
-    p.add_argument("--group-size", type=int, default=128, choices=list(GROUP_SIZES),
-                   help="inputs per int4 scale (default 128)")
+    p.add_argument("--group-size", type=int, default=default_of(load, "group_size"), choices=list(GROUP_SIZES),
+                   help=f"inputs per int4 scale (default {default_of(load, 'group_size')})")
+
+
+def default_of(function, parameter: str) -> Any:
+    """A function's default for one parameter: the CLI shows and uses the function's own, never a copy."""
+    return inspect.signature(function).parameters[parameter].default
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    # Not given: the checkpoint's generation_config.json decides, then SamplingParams' defaults (shown here).
     d = SamplingParams()
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"default {d.max_new_tokens}")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy (the default)")
-    p.add_argument("--top-k", type=int, default=d.top_k, help="0: no limit (default)")
-    p.add_argument("--top-p", type=float, default=d.top_p, help=f"default {d.top_p}")
-    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1: off (default)")
-    p.add_argument("--seed", type=int, default=d.seed, help="for reproducible sampling")
-    p.add_argument("--stop", action="append", default=[], help="stop when the answer contains this (repeatable)")
+    then = "default: the checkpoint's generation_config, else"
+    p.add_argument("--max-new-tokens", type=int, help=f"{then} {d.max_new_tokens}")
+    p.add_argument("--temperature", type=float, help=f"0 is greedy ({then} {d.temperature})")
+    p.add_argument("--top-k", type=int, help=f"0 is no limit ({then} {d.top_k})")
+    p.add_argument("--top-p", type=float, help=f"{then} {d.top_p}")
+    p.add_argument("--repetition-penalty", type=float, help=f"1 is off ({then} {d.repetition_penalty})")
+    p.add_argument("--seed", type=int, help="for reproducible sampling")
+    p.add_argument("--stop", action="append", help="stop when the answer contains this (repeatable)")
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in fields(SamplingParams)}
+    """The sampling options given on the command line (the rest come from the checkpoint or the defaults)."""
+    return {f.name: getattr(args, f.name) for f in fields(SamplingParams) if getattr(args, f.name) is not None}
 
 
 def _load(args: argparse.Namespace):
-    from .pipeline import load
-
     return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
                 max_image_pixels=args.max_image_pixels, progress=sys.stderr.isatty(), quantize=args.quantize,
                 group_size=args.group_size)
@@ -138,7 +138,7 @@ def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
                 try:
                     pending.append(pipe.processor.load_image(rest.strip()))
                     print(f"(image attached: {rest.strip()})", file=stdout)
-                except ImageError as e:
+                except (LlavaError, OSError) as e:
                     print(f"error: {e}", file=stdout)
             elif command == "/help":
                 print(CHAT_HELP, file=stdout)
@@ -154,7 +154,7 @@ def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
                 stdout.write(piece)
                 stdout.flush()
             stdout.write("\n")
-        except (PromptError, GenerationError) as e:
+        except LlavaError as e:
             print(f"error: {e}", file=stdout)
             continue
         messages += [turn, {"role": "assistant", "content": stream.generation.text}]
@@ -253,16 +253,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from .data.synth import generate
-
-    counts = generate(args.out, args.n, args.seed, args.turns)
+    counts = synth_generate(args.out, args.n, args.seed, args.turns)
     print(f"wrote {args.n} images, {args.out}/captions.json and {args.out}/qa.json "
           f"({sum(counts.values())} questions: {', '.join(f'{k} {v}' for k, v in counts.items())})")
     return 0
 
 
 def cmd_data_tokenizer(args: argparse.Namespace) -> int:
-    from .data.tokenizer import texts_of, train_tokenizer
     from .prompt import builtin_template
 
     template = builtin_template(args.template) if args.template else None
@@ -274,7 +271,7 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .eval.vqa import evaluate, write_predictions
+    from .eval.vqa import write_predictions
 
     pipe = _load(args)
     result = evaluate(pipe, args.data, args.image_folder, args.limit, args.batch_size, args.max_new_tokens,
@@ -340,12 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--n", type=int, required=True, help="number of images")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--turns", type=int, default=1, help="questions per image in qa.json (default 1)")
+    turns = default_of(synth_generate, "turns")
+    s.add_argument("--turns", type=int, default=turns, help=f"questions per image in qa.json (default {turns})")
     s.set_defaults(run=cmd_data_synth)
     k = dsub.add_parser("tokenizer", help="train a small BPE tokenizer on LLaVA-format data")
     k.add_argument("--data", nargs="+", required=True, help="LLaVA-format files")
     k.add_argument("--out", required=True)
-    k.add_argument("--vocab-size", type=int, default=512)
+    k.add_argument("--vocab-size", type=int, default=default_of(train_tokenizer, "vocab_size"))
     k.add_argument("--template", help="a built-in chat template whose markers the tokenizer should learn")
     k.set_defaults(run=cmd_data_tokenizer)
 
@@ -354,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="LLaVA-format file; every gpt turn is a question")
     e.add_argument("--image-folder", help="image paths are relative to this (default: the data file's folder)")
     e.add_argument("--limit", type=int, help="only the first N questions")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--max-new-tokens", type=int, default=16)
+    e.add_argument("--batch-size", type=int, default=default_of(evaluate, "batch_size"))
+    e.add_argument("--max-new-tokens", type=int, default=default_of(evaluate, "max_new_tokens"))
     e.add_argument("--predictions", help="write every prediction to this JSON-lines file")
     e.add_argument("--json", action="store_true")
     e.set_defaults(run=cmd_eval)
@@ -370,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        if not isinstance(e, user_errors()):
+        if not isinstance(e, USER_ERRORS):
             raise
         print(f"llava-next: error: {e}", file=sys.stderr)
         return 2

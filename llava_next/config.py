@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import LlavaError
 
-class ConfigError(ValueError):
+
+class ConfigError(LlavaError, ValueError):
     """A checkpoint's config asks for something this package does not support or does not understand."""
 
 
@@ -307,12 +309,10 @@ def llava_config_from_hf(d: dict[str, Any], where: str = "config.json") -> Llava
 
 
 def read_config(path: str | Path) -> LlavaConfig:
+    from .checkpoint import read_json
+
     path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    return llava_config_from_hf(d, where=str(path))
+    return llava_config_from_hf(read_json(path), where=str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -14,12 +14,13 @@ from typing import Iterator, Sequence
 import torch
 
 from .caches import ImageFeatureCache, PrefixCache, image_key, token_identities
+from .errors import LlavaError
 from .model.decoder import KVCache
 from .model.llava import LlavaModel, positions_from_mask
 from .prompt import IncrementalDetokenizer, Tokenizer
 
 
-class GenerationError(ValueError):
+class GenerationError(LlavaError, ValueError):
     """Generation settings that cannot work."""
 
 

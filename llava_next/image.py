@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .errors import LlavaError
 from .geometry import anyres_canvas
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -29,7 +30,7 @@ DEFAULT_MAX_PIXELS = 50_000_000  # a 7000 x 7000 photo fits; a decompression bom
 DEFAULT_MAX_BYTES = 64 * 2**20
 
 
-class ImageError(ValueError):
+class ImageError(LlavaError, ValueError):
     """An image could not be used: unreadable, truncated, too large, or of an unsupported kind."""
 
 

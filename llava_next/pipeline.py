@@ -11,10 +11,11 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .checkpoint import (CheckpointError, load_weights, read_safetensors_index, resolve_checkpoint, save_weights,
-                         weight_files)
+from .checkpoint import (CheckpointError, load_weights, read_json, read_safetensors_index, resolve_checkpoint,
+                         save_weights, weight_files)
 from .config import LlavaConfig, read_config, to_hf_dict
 from .engine import Engine, Generation, SamplingParams, TextStream
+from .errors import LlavaError
 from .image import DEFAULT_MAX_PIXELS, ImageLimits
 from .model.llava import LlavaModel
 from .processor import Processor
@@ -25,12 +26,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class DeviceError(LlavaError, ValueError):
+    """A device that does not exist here."""
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but PyTorch sees no CUDA GPU here; use device='cpu'")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"device {device!r} is not a device PyTorch knows; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {str(device)!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {str(device)!r} was asked for but PyTorch sees no CUDA GPU here; use 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device
 
 
@@ -79,13 +92,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Ll
     return torch.float32, "auto: this CPU has no native bfloat16 instructions, so float32 is faster"
 
 
-def eos_token_ids(directory: Path, cfg: LlavaConfig, tokenizer) -> list[int]:
+def read_generation_config(directory: Path) -> dict[str, Any]:
+    path = directory / "generation_config.json"
+    return read_json(path) if path.exists() else {}
+
+
+def eos_token_ids(generation_config: dict[str, Any], cfg: LlavaConfig, tokenizer) -> list[int]:
     """The ids that end generation: generation_config.json's when it names any, else the config's, else the
     tokenizer's EOS."""
-    path = directory / "generation_config.json"
-    candidates: Any = None
-    if path.exists():
-        candidates = json.loads(path.read_text()).get("eos_token_id")
+    candidates: Any = generation_config.get("eos_token_id")
     if candidates is None:
         candidates = cfg.text.eos_token_id
     if candidates is None:
@@ -93,6 +108,29 @@ def eos_token_ids(directory: Path, cfg: LlavaConfig, tokenizer) -> list[int]:
     if candidates is None:
         return []
     return [int(c) for c in (candidates if isinstance(candidates, list) else [candidates])]
+
+
+def sampling_defaults(generation_config: dict[str, Any], where: str = "generation_config.json") -> dict[str, Any]:
+    """The sampling a checkpoint's generation_config asks for, as SamplingParams fields, by transformers' rules:
+    do_sample false (or absent) is greedy whatever temperature says; do_sample true samples with its temperature,
+    top_k and top_p (transformers' defaults 1.0, 50, 1.0 where it gives none); repetition_penalty and
+    max_new_tokens apply either way. max_length (a cap on prompt + answer, whose transformers default of 20
+    would cut any answer after an image's tokens) is not applied."""
+    g = generation_config
+    out: dict[str, Any] = {}
+    try:
+        if g.get("max_new_tokens") is not None:
+            out["max_new_tokens"] = int(g["max_new_tokens"])
+        if g.get("repetition_penalty") is not None:
+            out["repetition_penalty"] = float(g["repetition_penalty"])
+        if g.get("do_sample"):
+            out["temperature"] = float(g["temperature"] if g.get("temperature") is not None else 1.0)
+            out["top_k"] = int(g["top_k"] if g.get("top_k") is not None else 50)
+            out["top_p"] = float(g["top_p"] if g.get("top_p") is not None else 1.0)
+        SamplingParams(**out).validate()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: sampling settings that cannot work ({e})") from None
+    return out
 
 
 def sampling_params(options: dict[str, Any]) -> SamplingParams:
@@ -153,7 +191,7 @@ def save_quantized(pipe: "Pipeline", directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for stale in list(directory.glob("*.safetensors")) + list(directory.glob("model.safetensors.index.json")):
         stale.unlink()
-    config = json.loads((pipe.directory / "config.json").read_text())
+    config = read_json(pipe.directory / "config.json")
     config["quantization"] = pipe.quantization
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     generation_config = pipe.directory / "generation_config.json"
@@ -167,7 +205,7 @@ def save_quantized(pipe: "Pipeline", directory: str | os.PathLike) -> Path:
 
 def load(
     model: str | os.PathLike = "demo",
-    dtype: str | torch.dtype | None = None,
+    dtype: str | torch.dtype | None = "auto",
     device: str | torch.device | None = None,
     revision: str | None = None,
     chat_template: str | None = None,
@@ -202,12 +240,14 @@ def load(
 
     adapter = Path(model).expanduser() if str(model) != "demo" else None
     if adapter is not None and (adapter / ADAPTER_CONFIG).exists() and not (adapter / "config.json").exists():
-        model = json.loads((adapter / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+        model = read_json(adapter / ADAPTER_CONFIG).get("base_model_name_or_path")
+        if not model:
+            raise CheckpointError(f"{adapter / ADAPTER_CONFIG}: names no base_model_name_or_path to load the adapter onto")
     else:
         adapter = None
     directory = resolve_checkpoint(model, revision)
     cfg = read_config(directory / "config.json")
-    saved_quantization = json.loads((directory / "config.json").read_text()).get("quantization")
+    saved_quantization = read_json(directory / "config.json").get("quantization")
     if quantize is not None and quantize not in MODES:
         raise QuantizeError(f"quantize must be one of {', '.join(MODES)}, not {quantize!r}")
     if saved_quantization and quantize not in (None, saved_quantization["mode"]):
@@ -236,10 +276,12 @@ def load(
                             "layers": convert_linears(llava, quantize, group_size)}
         elif device.type == "cpu" and not trainable:
             convert_linears(llava, "fast")
-    engine = Engine(llava, processor.tokenizer, eos_token_ids(directory, cfg, processor.tokenizer),
+    generation_config = read_generation_config(directory)
+    engine = Engine(llava, processor.tokenizer, eos_token_ids(generation_config, cfg, processor.tokenizer),
                     image_cache_bytes=image_cache_bytes, prefix_cache=prefix_cache)
     return Pipeline(llava, processor, engine, directory, dtype_reason=dtype_reason,
-                    load_seconds=time.perf_counter() - began, quantization=quantization)
+                    load_seconds=time.perf_counter() - began, quantization=quantization,
+                    sampling_defaults=sampling_defaults(generation_config, str(directory / "generation_config.json")))
 
 
 @dataclass
@@ -251,6 +293,7 @@ class Pipeline:
     dtype_reason: str = ""
     load_seconds: float = 0.0
     quantization: dict[str, Any] | None = None  # mode, group_size and what each converted layer became
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)  # the checkpoint's, under any caller's
 
     @property
     def config(self) -> LlavaConfig:
@@ -303,10 +346,11 @@ class Pipeline:
 
         A prompt is raw text with one `<image>` per image, or chat messages (rendered with the chat template).
         `sampling` are the fields of `SamplingParams`: max_new_tokens, temperature, top_k, top_p,
-        repetition_penalty, seed, stop.
+        repetition_penalty, seed, stop. Those not given come from the checkpoint's generation_config.json
+        (`sampling_defaults`), then from SamplingParams' own defaults (greedy, 256 new tokens).
         """
         inputs, batched = self.prepare(prompt_or_messages, images)
-        results = self.engine.generate(inputs, sampling_params(sampling))
+        results = self.engine.generate(inputs, sampling_params({**self.sampling_defaults, **sampling}))
         return results if batched else results[0]
 
     def stream(self, prompt_or_messages, images=None, **sampling) -> TextStream:
@@ -314,7 +358,7 @@ class Pipeline:
         inputs, batched = self.prepare(prompt_or_messages, images)
         if batched:
             raise PromptError("stream() takes one prompt; use generate() for a batch")
-        return self.engine.stream(inputs, sampling_params(sampling))
+        return self.engine.stream(inputs, sampling_params({**self.sampling_defaults, **sampling}))
 
     def conversation(self, system: str | None = None) -> "Conversation":
         """A conversation with memory: each ask() adds a turn, and the next turn reuses the cached work of the

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from .checkpoint import read_json
 from .config import LlavaConfig
 from .geometry import num_image_tokens
 from .image import ImageLimits, ImageProcessor, ImageProcessorConfig, check_image, decode_image, to_rgb
@@ -38,9 +39,9 @@ def read_image_processor_config(directory: Path, cfg: LlavaConfig) -> ImageProce
     combined = directory / "processor_config.json"
     d = None
     if combined.exists():
-        d = json.loads(combined.read_text()).get("image_processor")
+        d = read_json(combined).get("image_processor")
     if d is None and legacy.exists():
-        d = json.loads(legacy.read_text())
+        d = read_json(legacy)
     if d is None:
         # No image processor saved: the published recipes' settings for this tile size.
         side = cfg.vision.image_size

@@ -22,10 +22,13 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer as HFTokenizer
 
+from .checkpoint import read_json
+from .errors import LlavaError
+
 IMAGE_TOKEN = "<image>"
 
 
-class PromptError(ValueError):
+class PromptError(LlavaError, ValueError):
     """A prompt, a conversation or a template cannot be turned into model input."""
 
 
@@ -82,8 +85,13 @@ class Tokenizer:
                 ".save_pretrained(dir)) to write a tokenizer.json."
             )
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
-        return cls(HFTokenizer.from_file(str(path)), config)
+        config = read_json(config_path) if config_path.exists() else {}
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception for any file it cannot parse
+            raise PromptError(f"{path}: not a tokenizer the tokenizers library can read ({str(e).splitlines()[0]}); "
+                              "the file is corrupt or incomplete, copy it again") from None
+        return cls(backend, config)
 
     def save(self, directory: Path) -> None:
         """tokenizer.json as run, and a tokenizer_config.json that names its special and added tokens."""
@@ -249,12 +257,15 @@ def find_chat_template(directory: Path, tokenizer: Tokenizer) -> tuple[str | Non
     """The checkpoint's chat template and where it came from, in transformers 5's order of precedence."""
     processor_config = directory / "processor_config.json"
     if processor_config.exists():
-        template = json.loads(processor_config.read_text()).get("chat_template")
+        template = read_json(processor_config).get("chat_template")
         if template:
             return template, "processor_config.json"
     legacy = directory / "chat_template.json"
     if legacy.exists():
-        return json.loads(legacy.read_text())["chat_template"], "chat_template.json"
+        template = read_json(legacy).get("chat_template")
+        if not isinstance(template, str):
+            raise PromptError(f"{legacy}: has no chat_template string")
+        return template, "chat_template.json"
     jinja_file = directory / "chat_template.jinja"
     if jinja_file.exists():
         return jinja_file.read_text(), "chat_template.jinja"

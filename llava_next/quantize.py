@@ -28,12 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import LlavaError
+
 MODES = ("int8", "int4", "w8a8")
 GROUP_SIZES = (32, 64, 128, 256)
 DECODE_ROWS = 8  # up to this many rows, weight-only kernels; above, dequantize and run a float matmul
 
 
-class QuantizeError(ValueError):
+class QuantizeError(LlavaError, ValueError):
     """Quantization settings that cannot work."""
 
 

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import LlavaError
 from ..prompt import IMAGE_TOKEN
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class DataError(ValueError):
+class DataError(LlavaError, ValueError):
     """A data file or record that cannot be used."""
 
 

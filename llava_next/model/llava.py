@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LlavaConfig
+from ..errors import LlavaError
 from ..geometry import anyres_canvas, anyres_grid
 from .decoder import Decoder, KVCache
 from .vision import VisionTransformer
 
 
-class ImageTokenMismatch(ValueError):
+class ImageTokenMismatch(LlavaError, ValueError):
     """The prompt's image placeholders and the images' features do not line up."""
 
 

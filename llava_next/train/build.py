@@ -25,7 +25,7 @@ from ..config import DEFAULT_PINPOINTS, LlavaConfig, RopeConfig, TextConfig, Vis
 from ..engine import Engine
 from ..image import ImageProcessor, ImageProcessorConfig
 from ..model.llava import LlavaModel
-from ..pipeline import Pipeline, eos_token_ids, load
+from ..pipeline import Pipeline, eos_token_ids, load, read_generation_config
 from ..processor import Processor
 from ..prompt import IMAGE_TOKEN, ChatTemplate, Tokenizer, builtin_template, default_template_name
 
@@ -186,7 +186,7 @@ def build_from_parts(vision: str, language: str, chat_template: str | None = Non
         raise CheckpointError(f"weights missing from the vision or language checkpoint: {', '.join(missing[:8])}")
     _init_newline(model)
     template = _template(tokenizer, text_cfg.model_type, chat_template)
-    return _pipeline(model, tokenizer, template, eos_token_ids(language_dir, cfg, tokenizer))
+    return _pipeline(model, tokenizer, template, eos_token_ids(read_generation_config(language_dir), cfg, tokenizer))
 
 
 def _copy(target: torch.Tensor, tensor: torch.Tensor, key: str) -> None:

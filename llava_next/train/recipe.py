@@ -20,12 +20,13 @@ from typing import Any
 import yaml
 
 from .build import ScratchSizes
+from ..errors import LlavaError
 from .lora import LoraConfig
 
 PARTS = ("projector", "vision", "language")
 
 
-class RecipeError(ValueError):
+class RecipeError(LlavaError, ValueError):
     """A recipe that cannot run."""
 
 
