@@ -1,0 +1,165 @@
+"""Broken checkpoints, devices and chat commands give one clear line (exit code 2), never a traceback."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import llava_next
+from conftest import smooth_image
+from llava_next import cli
+from llava_next.checkpoint import CheckpointError
+from llava_next.pipeline import sampling_defaults
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def broken_copies(tiny, tmp_path, name):
+    """(file name, directory) for every JSON file of a checkpoint, each in its own copy, cut in half."""
+    source = tiny(name)
+    for path in sorted(source.glob("*.json")):
+        target = tmp_path / f"{name}-{path.stem}"
+        shutil.copytree(source, target)
+        data = (target / path.name).read_bytes()
+        (target / path.name).write_bytes(data[: len(data) // 2])
+        yield path.name, target
+
+
+@pytest.mark.parametrize("name", ["vicuna", "v4_vicuna"])
+def test_every_corrupt_json_file_is_one_line_naming_it(name, tiny, tmp_path, capsys):
+    seen = []
+    for file, directory in broken_copies(tiny, tmp_path, name):
+        if file == "special_tokens_map.json":
+            continue  # not read: tokenizer_config.json names the special tokens
+        code, out, err = run_cli(["info", "--model", directory], capsys)
+        assert code == 2, file
+        assert "Traceback" not in err and err.count("\n") == 1, err
+        assert file in err and ("not valid JSON" in err or "not a tokenizer the tokenizers library can read" in err), err
+        seen.append(file)
+    assert {"config.json", "tokenizer_config.json", "generation_config.json", "processor_config.json"} <= set(seen)
+    if name == "v4_vicuna":
+        assert {"chat_template.json", "preprocessor_config.json", "model.safetensors.index.json"} <= set(seen)
+
+
+def test_json_that_is_not_an_object_and_a_shard_index_without_its_map(tiny, tmp_path, capsys):
+    target = tmp_path / "odd"
+    shutil.copytree(tiny("v4_vicuna"), target)
+    (target / "generation_config.json").write_text("[1, 2]")
+    code, _, err = run_cli(["info", "--model", target], capsys)
+    assert code == 2 and "generation_config.json: expected a JSON object, found list" in err
+    (target / "generation_config.json").write_text("{}")
+    (target / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    code, _, err = run_cli(["info", "--model", target], capsys)
+    assert code == 2 and "has no weight_map" in err
+
+
+def test_a_corrupt_tokenizer_json_is_one_line(tiny, tmp_path, capsys):
+    target = tmp_path / "tok"
+    shutil.copytree(tiny("vicuna"), target)
+    (target / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nonsense"}}')
+    code, _, err = run_cli(["info", "--model", target], capsys)
+    assert code == 2 and "tokenizer.json: not a tokenizer" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "no CUDA GPU here"), ("cuda:3", "no CUDA GPU here"), ("tpu", "not a device PyTorch knows"),
+    ("cuda:x", "not a device PyTorch knows"), ("meta", "not supported"),
+])
+def test_unknown_and_absent_devices_are_one_line(device, message, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, _, err = run_cli(["info", "--device", device], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_chat_survives_bad_image_commands(tmp_path):
+    picture = tmp_path / "p.png"
+    smooth_image(64, 64).save(picture)
+    (tmp_path / "folder.jpg").mkdir()
+    lines = ["/image https://example.com/cat.png", f"/image {tmp_path / 'missing.png'}",
+             f"/image {tmp_path / 'folder.jpg'}", f"/image {picture}", "What color is the circle?", "/quit"]
+    out = io.StringIO()
+    assert cli.cmd_chat(cli.build_parser().parse_args(["chat", "--max-new-tokens", "3"]),
+                        stdin=io.StringIO("\n".join(lines) + "\n"), stdout=out) == 0
+    text = out.getvalue()
+    assert text.count("error:") == 3 and "not fetched from URLs" in text
+    assert f"(image attached: {picture})" in text
+    assert text.strip().splitlines()[-1] not in ("", f"(image attached: {picture})")  # the question was answered
+
+
+def test_command_line_defaults_are_the_functions_defaults():
+    import inspect
+
+    from llava_next.data.synth import generate as synth
+    from llava_next.data.tokenizer import train_tokenizer
+    from llava_next.eval.vqa import evaluate
+
+    def default(function, name):
+        return inspect.signature(function).parameters[name].default
+
+    parser = cli.build_parser()
+    g = parser.parse_args(["generate", "--prompt", "x"])
+    assert (g.model, g.dtype, g.max_image_pixels, g.group_size) == tuple(
+        default(llava_next.load, n) for n in ("model", "dtype", "max_image_pixels", "group_size"))
+    e = parser.parse_args(["eval", "--data", "d.json"])
+    assert (e.batch_size, e.max_new_tokens) == (default(evaluate, "batch_size"), default(evaluate, "max_new_tokens"))
+    assert parser.parse_args(["data", "tokenizer", "--data", "a", "--out", "b"]).vocab_size == \
+        default(train_tokenizer, "vocab_size")
+    assert parser.parse_args(["data", "synth", "--out", "o", "--n", "1"]).turns == default(synth, "turns")
+    # sampling flags left out mean "the checkpoint's or the engine's default", so nothing is passed on
+    assert cli._sampling(g) == {}
+
+
+def test_the_command_line_and_inference_never_import_training():
+    code = ("import sys, llava_next, llava_next.cli as c; c.main(['info']); llava_next.load('demo', progress=False)"
+            ".generate('<image> hi', ['examples/shapes.png'], max_new_tokens=2);"
+            "bad = [m for m in sys.modules if m.startswith('llava_next.train')]; assert not bad, bad")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_sampling_defaults_follow_generation_config(tiny, tmp_path):
+    target = tmp_path / "sampling"
+    shutil.copytree(tiny("vicuna"), target)
+    config = json.loads((target / "generation_config.json").read_text())
+    image = smooth_image(300, 200)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    greedy = llava_next.load(tiny("vicuna"), progress=False).generate(messages, [image], max_new_tokens=6)
+
+    # do_sample false: greedy whatever temperature says; max_new_tokens and repetition_penalty apply
+    (target / "generation_config.json").write_text(json.dumps(
+        {**config, "do_sample": False, "temperature": 0.9, "top_p": 0.5, "max_new_tokens": 6}))
+    pipe = llava_next.load(target, progress=False)
+    assert pipe.sampling_defaults == {"max_new_tokens": 6}
+    pipe.engine.eos_token_ids = []
+    result = pipe.generate(messages, [image])
+    assert result.token_ids == greedy.token_ids[:6] + [] or len(result.token_ids) == 6
+    assert len(pipe.generate(messages, [image], max_new_tokens=2).token_ids) == 2  # the caller's value wins
+
+    # do_sample true: transformers' defaults where the file gives none (top_k 50)
+    (target / "generation_config.json").write_text(json.dumps({**config, "do_sample": True, "temperature": 0.7,
+                                                               "repetition_penalty": 1.1}))
+    pipe = llava_next.load(target, progress=False)
+    assert pipe.sampling_defaults == {"temperature": 0.7, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.1}
+    a = pipe.generate(messages, [image], max_new_tokens=6, seed=3)
+    b = pipe.generate(messages, [image], max_new_tokens=6, seed=3, temperature=0.7, top_k=50,
+                      repetition_penalty=1.1)
+    assert a.token_ids == b.token_ids
+    assert pipe.generate(messages, [image], max_new_tokens=6, temperature=0,
+                         repetition_penalty=1.0).token_ids == greedy.token_ids
+
+    with pytest.raises(CheckpointError, match="generation_config.json: sampling settings that cannot work"):
+        sampling_defaults({"do_sample": True, "temperature": -1})
