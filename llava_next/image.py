@@ -111,8 +111,10 @@ def check_image(image: Image.Image, limits: ImageLimits = ImageLimits(), label: 
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB as the reference does: transparency composited on white, high bit depths clipped."""
-    if image.mode == "RGB" and image.info.get("transparency") is None:
+    """Any Pillow mode -> RGB as the reference does: transparency composited on white, high bit depths clipped.
+    An RGB image is used as it is, even with a transparent colour in its `transparency` entry (transformers
+    ignores that entry for RGB images)."""
+    if image.mode == "RGB":
         return image
     try:
         if "A" in image.getbands() or image.info.get("transparency") is not None:

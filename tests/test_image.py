@@ -121,10 +121,12 @@ def _mode_images() -> dict[str, Image.Image]:
     rgba.putalpha(Image.fromarray(np.tile(np.arange(60, dtype=np.uint8) * 4, (40, 1))))
     p_transparent = rgb.convert("P")
     p_transparent.info["transparency"] = 0
+    rgb_transparent = rgb.copy()
+    rgb_transparent.info["transparency"] = rgb.getpixel((0, 0))  # a PNG tRNS colour: transformers ignores it
     i16 = Image.fromarray((np.arange(2400).reshape(40, 60) * 3).astype(np.uint16))
     assert i16.mode == "I;16"
     return {
-        "RGB": rgb, "RGBA": rgba, "LA": rgba.convert("LA"), "P": rgb.convert("P"), "P+transparency": p_transparent,
+        "RGB": rgb, "RGB+transparency": rgb_transparent, "RGBA": rgba, "LA": rgba.convert("LA"), "P": rgb.convert("P"), "P+transparency": p_transparent,
         "L": rgb.convert("L"), "1": rgb.convert("1"), "CMYK": rgb.convert("CMYK"), "I;16": i16,
         "I": i16.convert("I"), "F": rgb.convert("F"),
     }
