@@ -112,9 +112,10 @@ def check_image(image: Image.Image, limits: ImageLimits = ImageLimits(), label: 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB as the reference does: transparency composited on white, high bit depths clipped.
-    An RGB image is used as it is, even with a transparent colour in its `transparency` entry (transformers
-    ignores that entry for RGB images)."""
-    if image.mode == "RGB":
+
+    transformers 5 (the reference) treats an RGB image's `transparency` entry (a PNG tRNS colour) as transparency
+    too; transformers 4.x returned RGB images untouched. The parity tests pin the 5.x behaviour."""
+    if image.mode == "RGB" and image.info.get("transparency") is None:
         return image
     try:
         if "A" in image.getbands() or image.info.get("transparency") is not None:

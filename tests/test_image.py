@@ -122,7 +122,8 @@ def _mode_images() -> dict[str, Image.Image]:
     p_transparent = rgb.convert("P")
     p_transparent.info["transparency"] = 0
     rgb_transparent = rgb.copy()
-    rgb_transparent.info["transparency"] = rgb.getpixel((0, 0))  # a PNG tRNS colour: transformers ignores it
+    # a PNG tRNS colour: transformers 5 composites it on white like an alpha channel (4.x ignored it for RGB)
+    rgb_transparent.info["transparency"] = rgb.getpixel((0, 0))
     i16 = Image.fromarray((np.arange(2400).reshape(40, 60) * 3).astype(np.uint16))
     assert i16.mode == "I;16"
     return {
