@@ -43,7 +43,8 @@ demo: $(VENV)/.runtime
 demo-model: $(VENV)/.runtime
 	bash recipes/demo/make_demo_model.sh
 
-# speed and memory against transformers on the same weights and inputs (BENCHMARKS.md)
+# speed and memory against transformers on the same weights and inputs (BENCHMARKS.md); the llama.cpp comparison
+# needs the bench extra: $(VENV)/bin/pip install -e '.[bench]' (compiles llama.cpp, ~10 minutes on 2 cores)
 bench: $(VENV)/.test
 	$(VENV)/bin/python benchmarks/bench_generate.py $(BENCH_ARGS)
 
