@@ -75,6 +75,16 @@ class KVCache:
         return self.keys.shape[3]
 
 
+def fused_views(fused: nn.Linear, names: tuple[str, ...], widths: list[int]) -> dict[str, torch.Tensor]:
+    """The row blocks of a fused projection under the names of the projections it replaces."""
+    views = {}
+    for kind in ("weight", "bias"):
+        tensor = getattr(fused, kind)
+        if tensor is not None:
+            views.update({f"{name}.{kind}": part for name, part in zip(names, tensor.split(widths))})
+    return views
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of one query per sequence, as two small matmuls over the cache.
 
@@ -109,15 +119,7 @@ class Attention(nn.Module):
 
     def checkpoint_views(self) -> dict[str, torch.Tensor]:
         """Checkpoint name (within this module) -> the tensor holding it: row blocks of qkv_proj when fused."""
-        if not self.fused:
-            return {}
-        views = {}
-        for kind in ("weight", "bias"):
-            fused = getattr(self.qkv_proj, kind)
-            if fused is not None:
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), fused.split(self.widths)):
-                    views[f"{name}.{kind}"] = part
-        return views
+        return fused_views(self.qkv_proj, ("q_proj", "k_proj", "v_proj"), self.widths) if self.fused else {}
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int, is_causal: bool = False) -> torch.Tensor:
         b, t, _ = x.shape
@@ -164,13 +166,7 @@ class MLP(nn.Module):
     def checkpoint_views(self) -> dict[str, torch.Tensor]:
         if not self.fused:
             return {}
-        views = {}
-        for kind in ("weight", "bias"):
-            fused = getattr(self.gate_up_proj, kind)
-            if fused is not None:
-                gate, up = fused.split(self.intermediate_size)
-                views.update({f"gate_proj.{kind}": gate, f"up_proj.{kind}": up})
-        return views
+        return fused_views(self.gate_up_proj, ("gate_proj", "up_proj"), [self.intermediate_size] * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
