@@ -23,13 +23,11 @@ from .prompt import (
     ChatTemplate,
     PromptError,
     Tokenizer,
-    builtin_template,
     count_placeholders,
-    default_template_name,
     expand_placeholders,
-    find_chat_template,
     image_count_message,
     normalize_messages,
+    resolve_chat_template,
 )
 
 
@@ -78,14 +76,7 @@ class Processor:
     def from_dir(cls, directory: Path, config: LlavaConfig, chat_template: str | None = None,
                  image_limits: ImageLimits = ImageLimits()) -> "Processor":
         tokenizer = Tokenizer.from_dir(directory)
-        if chat_template is not None:
-            source, origin = chat_template, "the chat_template argument"
-        else:
-            source, origin = find_chat_template(directory, tokenizer)
-            if source is None:
-                name = default_template_name(tokenizer, config.text.model_type)
-                source, origin = builtin_template(name), f"built-in template {name!r} (the checkpoint has none)"
-        template = ChatTemplate(source, origin, tokenizer.special_tokens)
+        template = resolve_chat_template(tokenizer, config.text.model_type, directory, chat_template)
         image_processor = ImageProcessor(read_image_processor_config(directory, config))
         return cls(tokenizer, image_processor, template, config, image_limits)
 
@@ -132,8 +123,7 @@ class Processor:
     # -- the whole input ---------------------------------------------------------------------------------------------
 
     def __call__(self, text: str | Sequence[str], images: Sequence[Any] | None = None,
-                 padding_side: str | None = None, add_special_tokens: bool | None = None,
-                 return_lengths: bool = False) -> dict[str, torch.Tensor]:
+                 padding_side: str | None = None, add_special_tokens: bool | None = None) -> dict[str, torch.Tensor]:
         """Prompt text(s) with `<image>` placeholders and the images, in order across the texts -> model inputs.
 
         add_special_tokens: None adds the tokenizer's BOS unless the text already starts with it (a template that

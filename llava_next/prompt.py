@@ -68,7 +68,6 @@ class Tokenizer:
         self.image_token_id = self.token_id(IMAGE_TOKEN)
         self.padding_side = config.get("padding_side", "left")
         self.chat_template = config.get("chat_template")
-        self._special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         # transformers 5 applies clean_up_tokenization_spaces only to non-BPE tokenizers (for BPE ones, Llama-3's
         # among them, it would delete real spaces before punctuation) unless the checkpoint insists
         is_bpe = json.loads(tokenizer.to_str()).get("model", {}).get("type") == "BPE"
@@ -114,9 +113,6 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
-
-    def is_special(self, token_id: int) -> bool:
-        return token_id in self._special_ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -275,6 +271,28 @@ def find_chat_template(directory: Path, tokenizer: Tokenizer) -> tuple[str | Non
     if template:
         return template, "tokenizer_config.json"
     return None, ""
+
+
+def resolve_chat_template(tokenizer: Tokenizer, text_model_type: str, directory: Path | None = None,
+                          override: str | None = None) -> "ChatTemplate":
+    """The one place that decides a chat template: `override` (a built-in name, a template file, or the Jinja
+    source itself), else the checkpoint's own (`find_chat_template`), else the built-in one for its family."""
+    if override is not None:
+        if override in BUILTIN_TEMPLATES:
+            source, origin = builtin_template(override), f"built-in template {override!r}"
+        elif Path(override).is_file():
+            source, origin = Path(override).read_text(), override
+        elif "{{" in override or "{%" in override:
+            source, origin = override, "the chat_template given"
+        else:
+            raise PromptError(f"chat template {override!r} is not a built-in name ({', '.join(BUILTIN_TEMPLATES)}), "
+                              "a file, or Jinja template text")
+        return ChatTemplate(source, origin, tokenizer.special_tokens)
+    source, origin = find_chat_template(directory, tokenizer) if directory is not None else (None, "")
+    if source is None:
+        name = default_template_name(tokenizer, text_model_type)
+        source, origin = builtin_template(name), f"built-in template {name!r} (the checkpoint has none)"
+    return ChatTemplate(source, origin, tokenizer.special_tokens)
 
 
 def default_template_name(tokenizer: Tokenizer, text_model_type: str) -> str:
