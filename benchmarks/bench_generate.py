@@ -10,7 +10,9 @@ figure is the median over the rounds. Per run, after a warm-up answer:
   decode_tok_s     greedy tokens per second after the first token, timed inside generation (EOS ignored), so
                    prefill noise never enters it
   decode_gb_s      weight bytes read per decoded token (decoder + lm_head, as stored) x tokens per second
-  load_s           load() / from_pretrained until the model is ready
+  load_s           load() / from_pretrained until the model is ready (transformers maps the files and reads the
+                   pages on first use, during the first answer; we read every byte during load)
+  load_peak_mib    peak resident memory during loading, above the process's memory before it
   peak_rss_mib     the process's peak resident memory, loading included
   model_mib        bytes of the model's parameters and buffers
 
@@ -92,6 +94,18 @@ def decoder_bytes(model, prefix_decoder: str, prefix_head: str, embed: str) -> i
     return total
 
 
+def rss_mib() -> float:
+    """The process's resident memory now (Linux)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def model_bytes(model) -> int:
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -111,10 +125,11 @@ def run_ours(directory: Path, mode: str, args) -> dict:
 
     quantize = mode if mode in ("int8", "int4", "w8a8") else None
     dtype = mode if mode in ("float32", "bfloat16") else "bfloat16"
+    before = rss_mib()
     start = time.perf_counter()
-    pipe = llava_next.load(directory, dtype=dtype, device=args.device, progress=False,
-                           **({"quantize": quantize} if quantize else {}))
+    pipe = llava_next.load(directory, dtype=dtype, device=args.device, progress=False, quantize=quantize)
     load_s = time.perf_counter() - start
+    load_peak_mib = peak_rss_mib() - before
     pipe.engine.eos_token_ids = []  # decode exactly the tokens asked for
     img = image()
     conversation = messages(QUESTION)
@@ -135,7 +150,7 @@ def run_ours(directory: Path, mode: str, args) -> dict:
     decode_tok_s = args.new_tokens / gen.decode_seconds
     result = dict(load_s=load_s, preprocess_s=preprocess_s, first_token_s=first_token_s, decode_tok_s=decode_tok_s,
                   decode_gb_s=decoder_bytes(pipe.model, "language_model.", "lm_head.", "embed_tokens") * decode_tok_s / 1e9,
-                  model_mib=model_bytes(pipe.model) / 2**20)
+                  model_mib=model_bytes(pipe.model) / 2**20, load_peak_mib=load_peak_mib)
     if args.followup:
         pipe.clear_caches()
         first = pipe.generate(conversation, [img], max_new_tokens=args.new_tokens)
@@ -163,11 +178,13 @@ def run_transformers(directory: Path, mode: str, args) -> dict:
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration, LogitsProcessor, LogitsProcessorList
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[mode]
+    before = rss_mib()
     start = time.perf_counter()
     processor = AutoProcessor.from_pretrained(directory)
     model = LlavaNextForConditionalGeneration.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa")
     model = model.to(args.device).eval()
     load_s = time.perf_counter() - start
+    load_peak_mib = peak_rss_mib() - before
     img = image()
     conversation = messages(QUESTION)
 
@@ -205,7 +222,7 @@ def run_transformers(directory: Path, mode: str, args) -> dict:
     decode_tok_s = args.new_tokens / (stamps[-1] - stamps[0])
     result = dict(load_s=load_s, preprocess_s=preprocess_s, first_token_s=first_token_s, decode_tok_s=decode_tok_s,
                   decode_gb_s=decoder_bytes(model, "model.language_model.", "lm_head.", "embed_tokens") * decode_tok_s / 1e9,
-                  model_mib=model_bytes(model) / 2**20)
+                  model_mib=model_bytes(model) / 2**20, load_peak_mib=load_peak_mib)
     if args.followup:
         out, _ = answer(args.new_tokens)
         prompt_len = inputs(conversation)["input_ids"].shape[1]
@@ -258,7 +275,7 @@ def main() -> None:
     if args.run:
         impl, mode = args.run.split(":")
         result = (run_ours if impl == "ours" else run_transformers)(directory, mode, args)
-        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_mib"] = peak_rss_mib()
         print(json.dumps(result))
         return
     build_checkpoint(Path(args.cache), args.preset)
