@@ -8,6 +8,7 @@ still running; everything that can be computed once (EOS ids, the cache, the pen
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -139,16 +140,33 @@ class Engine:
     turn of a conversation). Neither cache changes an answer; both are off unless asked for."""
 
     def __init__(self, model: LlavaModel, tokenizer: Tokenizer, eos_token_ids: Sequence[int],
-                 image_cache_bytes: int = 0, prefix_cache: bool = False):
+                 image_cache_bytes: int = 0, prefix_cache: bool = False, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = sorted(set(eos_token_ids))
         self.image_cache = ImageFeatureCache(image_cache_bytes)
         self.prefix_cache = PrefixCache(enabled=prefix_cache)
+        self.decode_step = model
+        if compile:
+            # One decoding step through torch.compile: CUDA graphs on a GPU ("reduce-overhead"), inductor's C++
+            # kernels on a CPU. The cache length is dynamic, so it compiles once, not once per position.
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self.decode_step = torch.compile(model, dynamic=True, mode=mode)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def _decode(self, *args, **kwargs) -> torch.Tensor:
+        if self.decode_step is self.model:
+            return self.model(*args, **kwargs)
+        try:
+            return self.decode_step(*args, **kwargs)
+        except Exception as e:  # torch.compile needs a working C++ (or CUDA) toolchain: run eagerly without one
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          "decoding eagerly instead")
+            self.decode_step = self.model
+            return self.model(*args, **kwargs)
 
     def clear_caches(self) -> None:
         self.image_cache.clear()
@@ -269,8 +287,9 @@ class Engine:
             slot = prompt_len + step
             if key_mask is not None:
                 key_mask[:, slot] = True
-            logits = model(tokens[:, None], cache=cache, start=slot, positions=next_positions,
-                           key_mask=key_mask[:, : slot + 1] if key_mask is not None else None, logits_to_keep=1)
+            logits = self._decode(tokens[:, None], cache=cache, start=slot, positions=next_positions,
+                                  key_mask=key_mask[:, : slot + 1] if key_mask is not None else None,
+                                  logits_to_keep=1)
             next_positions = next_positions + 1
 
     @staticmethod

@@ -215,6 +215,7 @@ def load(
     prefix_cache: bool = True,
     quantize: str | None = None,
     group_size: int = 128,
+    compile: bool = False,
     trainable: bool = False,
 ) -> "Pipeline":
     """Load a LLaVA 1.5 / LLaVA-NeXT checkpoint: a local directory, a Hub id, or "demo" (the bundled demo model).
@@ -230,6 +231,10 @@ def load(
     quantize: "int8" or "int4" (weight-only; int4 in groups of `group_size` inputs) or "w8a8" (int8 weights and
     activations), applied while loading, layer by layer; a checkpoint written by `save_quantized` (`llava-next
     quantize`) loads quantized as it is. See llava_next/quantize.py for what each converts.
+
+    compile: run each decoding step through torch.compile (CUDA graphs on a GPU). It costs a compilation on the
+    first request (a minute for a 7B model) and pays on GPUs; on the CPUs measured here eager decoding was faster
+    (BENCHMARKS.md), so it is off by default.
 
     For inference the model is built lean: the vision tower stops at its feature layer and the decoder's q/k/v and
     gate/up projections are fused. trainable=True builds the plain model instead, parameter for parameter the
@@ -278,7 +283,7 @@ def load(
             convert_linears(llava, "fast")
     generation_config = read_generation_config(directory)
     engine = Engine(llava, processor.tokenizer, eos_token_ids(generation_config, cfg, processor.tokenizer),
-                    image_cache_bytes=image_cache_bytes, prefix_cache=prefix_cache)
+                    image_cache_bytes=image_cache_bytes, prefix_cache=prefix_cache, compile=compile)
     return Pipeline(llava, processor, engine, directory, dtype_reason=dtype_reason,
                     load_seconds=time.perf_counter() - began, quantization=quantization,
                     sampling_defaults=sampling_defaults(generation_config, str(directory / "generation_config.json")))
