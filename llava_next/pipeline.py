@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .adapter import is_adapter, merge_adapter, read_adapter_config
 from .checkpoint import CheckpointError, load_weights, resolve_checkpoint, save_weights, weight_files
 from .config import LlavaConfig, read_config, to_hf_dict
 from .engine import Engine, Generation, SamplingParams, TextStream
@@ -95,13 +96,10 @@ def load(
     A directory holding a LoRA adapter (adapter_config.json, as `llava-next train` writes with lora.merge: false)
     loads its base model and merges the adapter into it.
     """
-    from .train.lora import ADAPTER_CONFIG, merge_adapter
-
     adapter = Path(model).expanduser() if str(model) != "demo" else None
-    if adapter is not None and (adapter / ADAPTER_CONFIG).exists() and not (adapter / "config.json").exists():
-        model = json.loads((adapter / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-    else:
-        adapter = None
+    adapter_config = read_adapter_config(adapter) if adapter is not None and is_adapter(adapter) else None
+    if adapter_config is not None:
+        model = adapter_config["base_model_name_or_path"]
     directory = resolve_checkpoint(model, revision)
     cfg = read_config(directory / "config.json")
     device = resolve_device(device)
@@ -113,8 +111,8 @@ def load(
             f"{cfg.text.vocab_size} embeddings"
         )
     llava = build_model(cfg, weight_files(directory), dtype, device, progress)
-    if adapter is not None:
-        merge_adapter(llava, adapter)
+    if adapter_config is not None:
+        merge_adapter(llava, adapter, adapter_config)
     return Pipeline(llava, processor, Engine(llava, processor.tokenizer, eos_token_ids(directory, cfg, processor.tokenizer)),
                     directory)
 
