@@ -218,6 +218,18 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(shapes, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("keep, kept", [(2, [2, 3]), (0, []), (None, [1, 2, 3])], ids=["2", "0", "null"])
+def test_keep_checkpoints_keeps_the_newest_that_many_none_or_all(keep, kept, shapes, tmp_path):
+    keep_text = "null" if keep is None else keep
+    run = train(recipe_for(shapes, tmp_path / "run", max_steps=3, save_every=1, keep_checkpoints=keep_text),
+                progress=False)
+    steps = sorted(int(p.name.removeprefix("step-")) for p in (run / "checkpoints").glob("step-*"))
+    assert steps == kept
+    assert (run / "model.safetensors").exists()  # the final model is saved whatever is kept
+    with pytest.raises(RecipeError, match="train.keep_checkpoints must be a count"):
+        recipe_for(shapes, tmp_path / "bad", keep_checkpoints=-1)
+
+
 def _torchrun(args: list[str], cwd: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
