@@ -51,6 +51,42 @@ def decode_image(source: str | os.PathLike | bytes, limits: ImageLimits = ImageL
     gigabytes is refused cheaply. Truncated and corrupt files are errors, never partially grey images.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "image bytes")
+    return _load_pixels(_open(_read(source, limits, label), limits, label), label)
+
+
+ORIENTATION = 0x0112  # the EXIF tag that exif_transpose follows (with XMP's tiff:Orientation, which getexif reads)
+
+
+def image_size(path: str | os.PathLike, limits: ImageLimits = ImageLimits()) -> tuple[int, int]:
+    """(height, width) of the image `decode_image` would return (EXIF orientation applied), with the same errors
+    for missing, oversized, unreadable, truncated and corrupt files, without decoding every pixel where the format
+    allows: the size comes from the header; a PNG's data is checked by the checksums of all its chunks (a file cut
+    short fails), a JPEG's by decoding it at 1/8 scale (which still reads all of its compressed data). Other formats,
+    and PNGs that carry orientation metadata (rare; Pillow reads it only when decoding), are decoded in full.
+    """
+    label = str(path)
+    data = _read(path, limits, label)
+    image = _open(data, limits, label)
+    png_metadata = image.format == "PNG" and (b"eXIf" in data or b"XML:com.adobe.xmp" in data)
+    if image.format not in ("PNG", "JPEG") or png_metadata:
+        decoded = _load_pixels(image, label)
+        return decoded.height, decoded.width
+    width, height = image.size
+    if image.format == "JPEG" and image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn
+        width, height = height, width
+    _refuse_truncated_loading(label)
+    try:
+        if image.format == "PNG":
+            image.verify()
+        else:
+            image.draft(None, (1, 1))  # the smallest scale the JPEG decoder offers
+            image.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{label}: the image data is truncated or corrupt ({e})") from None
+    return height, width
+
+
+def _read(source: str | os.PathLike | bytes, limits: ImageLimits, label: str) -> bytes:
     if isinstance(source, bytes):
         data = source
     else:
@@ -63,6 +99,11 @@ def decode_image(source: str | os.PathLike | bytes, limits: ImageLimits = ImageL
         data = path.read_bytes()
     if len(data) > limits.max_bytes:
         raise ImageError(f"{label}: {len(data)} bytes is over the limit of {limits.max_bytes} bytes")
+    return data
+
+
+def _open(data: bytes, limits: ImageLimits, label: str) -> Image.Image:
+    """Pillow's lazy open: the header only, checked against the pixel limit."""
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
@@ -77,13 +118,17 @@ def decode_image(source: str | os.PathLike | bytes, limits: ImageLimits = ImageL
             f"{label}: {width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels} "
             "(raise it with max_image_pixels if you trust this image)"
         )
-    return _load_pixels(image, label)
+    return image
 
 
-def _load_pixels(image: Image.Image, label: str) -> Image.Image:
+def _refuse_truncated_loading(label: str) -> None:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ImageError(f"{label}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on, so truncated files would decode "
                          "partly grey instead of failing; turn it off")
+
+
+def _load_pixels(image: Image.Image, label: str) -> Image.Image:
+    _refuse_truncated_loading(label)
     try:
         image.load()
         image = ImageOps.exif_transpose(image)  # what transformers' load_image does with files and URLs

@@ -11,6 +11,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .adapter import is_adapter, merge_adapter, read_adapter_config
 from .checkpoint import (CheckpointError, load_weights, read_json, read_safetensors_index, resolve_checkpoint,
                          save_weights, weight_files)
 from .config import LlavaConfig, read_config, to_hf_dict
@@ -241,15 +242,10 @@ def load(
     checkpoint's, which training and save() need.
     """
     began = time.perf_counter()
-    from .train.lora import ADAPTER_CONFIG, merge_adapter
-
     adapter = Path(model).expanduser() if str(model) != "demo" else None
-    if adapter is not None and (adapter / ADAPTER_CONFIG).exists() and not (adapter / "config.json").exists():
-        model = read_json(adapter / ADAPTER_CONFIG).get("base_model_name_or_path")
-        if not model:
-            raise CheckpointError(f"{adapter / ADAPTER_CONFIG}: names no base_model_name_or_path to load the adapter onto")
-    else:
-        adapter = None
+    adapter_config = read_adapter_config(adapter) if adapter is not None and is_adapter(adapter) else None
+    if adapter_config is not None:
+        model = adapter_config["base_model_name_or_path"]
     directory = resolve_checkpoint(model, revision)
     cfg = read_config(directory / "config.json")
     saved_quantization = read_json(directory / "config.json").get("quantization")
@@ -273,8 +269,8 @@ def load(
         quantization = saved_quantization
     else:
         llava = build_model(cfg, weight_files(directory), dtype, device, progress, for_inference=not trainable)
-        if adapter is not None:
-            merge_adapter(llava, adapter)
+        if adapter_config is not None:
+            merge_adapter(llava, adapter, adapter_config)
         quantization = None
         if quantize is not None:
             quantization = {"mode": quantize, "group_size": group_size,
