@@ -613,6 +613,9 @@ generate("options-generate-unknown_option", Fails(r"temprature", also=(TypeError
 # settings that are odd but valid, and what they must equal
 generate("options-generate-temperature_tiny_is_greedy", answers(more=equals_greedy(PROMPT)), PROMPT,
          temperature=1e-30, seed=1)
+# the smallest float: logits divided by it overflow to infinity in float32, which must still mean "greedy"
+generate("options-generate-temperature_denormal_is_greedy", answers(more=equals_greedy(PROMPT)), PROMPT,
+         temperature=5e-324, seed=1)
 generate("options-generate-temperature_huge", answers(), PROMPT, temperature=1e30, seed=1)
 generate("options-generate-top_k_1_is_greedy", answers(more=equals_greedy(PROMPT)), PROMPT, temperature=1.0, top_k=1,
          seed=2)
