@@ -244,6 +244,20 @@ class ImageProcessorConfig:
             image_grid_pinpoints=[(int(h), int(w)) for h, w in raw_pinpoints],
         )
 
+    def checked(self) -> "ImageProcessorConfig":
+        """Three finite means and positive standard deviations, positive whole sizes; else ValueError."""
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError(f"image_mean and image_std need 3 values, got {list(self.image_mean)}, {list(self.image_std)}")
+        if not all(math.isfinite(m) for m in self.image_mean) or not all(math.isfinite(s) and s > 0 for s in self.image_std):
+            raise ValueError(f"image_mean must be finite and image_std positive, got {list(self.image_mean)}, "
+                             f"{list(self.image_std)}")
+        if self.shortest_edge is None and self.size_hw is None:
+            raise ValueError("size must give shortest_edge, or height and width")
+        sizes = [self.shortest_edge or 1, *(self.size_hw or (1, 1)), *self.crop_size]
+        if not all(isinstance(x, int) and x > 0 for x in sizes):
+            raise ValueError(f"image sizes must be positive integers, got {sizes}")
+        return self
+
     def to_hf(self) -> dict[str, Any]:
         d: dict[str, Any] = dict(
             image_processor_type="LlavaNextImageProcessor" if self.anyres else "LlavaImageProcessor",

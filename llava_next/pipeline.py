@@ -28,7 +28,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class DeviceError(LlavaError, ValueError):
-    """A device that does not exist here."""
+    """A device or dtype that cannot be used here."""
+
+
+class LoadError(LlavaError, ValueError):
+    """load() arguments that cannot work."""
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -74,10 +78,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Ll
     instructions, else float32 (exact, and faster than emulated bfloat16). A quantized model computes in bfloat16
     on such a CPU whatever the checkpoint's dtype: its weights are already rounded far more than that."""
     if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise DeviceError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
         return dtype, "asked for"
     if dtype not in (None, "auto"):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+            raise DeviceError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
         return DTYPES[dtype], "asked for"
     saved = DTYPES.get(str(cfg.torch_dtype or "").replace("torch.", ""))
     if device.type != "cpu":
@@ -108,7 +114,11 @@ def eos_token_ids(generation_config: dict[str, Any], cfg: LlavaConfig, tokenizer
         candidates = tokenizer.eos_token_id
     if candidates is None:
         return []
-    return [int(c) for c in (candidates if isinstance(candidates, list) else [candidates])]
+    ids = candidates if isinstance(candidates, list) else [candidates]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < cfg.text.vocab_size for i in ids):
+        raise CheckpointError(f"generation_config.json / config.json: eos_token_id {candidates!r} must be token ids "
+                              f"below the vocabulary size {cfg.text.vocab_size}")
+    return ids
 
 
 def sampling_defaults(generation_config: dict[str, Any], where: str = "generation_config.json") -> dict[str, Any]:
@@ -242,6 +252,9 @@ def load(
     checkpoint's, which training and save() need.
     """
     began = time.perf_counter()
+    for name, value, low in (("max_image_pixels", max_image_pixels, 1), ("image_cache_bytes", image_cache_bytes, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise LoadError(f"{name} must be an integer >= {low}, got {value!r}")
     adapter = Path(model).expanduser() if str(model) != "demo" else None
     adapter_config = read_adapter_config(adapter) if adapter is not None and is_adapter(adapter) else None
     if adapter_config is not None:
@@ -304,6 +317,8 @@ class Pipeline:
 
     def prompt_text(self, prompt_or_messages: str | Sequence[dict], images: Sequence[Any] | None) -> tuple[str, list]:
         """One prompt (raw text with <image> placeholders, or chat messages) -> (prompt text, its images)."""
+        if images is not None and not isinstance(images, (list, tuple)):
+            raise PromptError(f"images must be a list (one entry per image), not a {type(images).__name__}")
         images = list(images or [])
         if isinstance(prompt_or_messages, str):
             return prompt_or_messages, images

@@ -13,7 +13,9 @@ tokens, image counts, bytes and surrogates, control characters, a million charac
 window exactly filled), checkpoints (copies of the tiny test checkpoints, broken one way each) and a few images.
 
 The decisions the corpus asserts, where the code could reasonably do either:
-  - a raw prompt's `<image>` is the placeholder by design; `<image>` typed in a chat message's text is text;
+  - `<image>` is the image placeholder wherever it is typed, in a raw prompt or in a chat message's text, as in
+    transformers: typed where no image item stands, it is a placeholder without an image, a clear error naming the
+    counts (the HTTP server, where strangers type, treats it as text: issue 8);
   - other special-token text typed in a message (`</s>`, `[INST]`, ...) is tokenized exactly as transformers does;
   - a prompt that fills the context window exactly leaves no room to answer: an error naming the context, as
     one token more is (not an empty answer that looks like a normal one);
@@ -461,25 +463,6 @@ def user(text: str, n_images: int = 0) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
 
 
-def no_image_ids(messages) -> Callable:
-    """`<image>` typed in a message is text: no placeholder id reaches the model."""
-    def check(gen, world):
-        pipe = world.pipe(GOOD)
-        ids = pipe.prepare(messages)[0]["input_ids"][0]
-        assert int((ids == pipe.config.image_token_id).sum()) == 0, "typed <image> text became a placeholder"
-    return check
-
-
-def one_image_worth(messages, image: str) -> Callable:
-    """With one image item and `<image>` also typed as text, exactly one image's worth of placeholder ids."""
-    def check(gen, world):
-        pipe = world.pipe(GOOD)
-        path = world.image(image)
-        ids = pipe.prepare(messages, [path])[0]["input_ids"][0]
-        assert int((ids == pipe.config.image_token_id).sum()) == pipe.image_tokens(path)
-    return check
-
-
 def batch_equals_singles(prompts, images) -> Callable:
     def check(gens, world):
         pipe = world.pipe(GOOD)
@@ -705,11 +688,13 @@ generate("prompts-generate-raw_placeholder_is_the_image", answers(), "USER: <ima
 generate("prompts-generate-messages_two_items_one_image", Fails(r"2 image items"), user("Hi", 2), ("small.png",))
 generate("prompts-generate-messages_no_item_one_image", Fails(r"0 image items.*1 more"), user("Hi"), ("small.png",))
 typed = user("What does <image> mean?")
-generate("prompts-generate-messages_typed_image_token_is_text", answers(more=no_image_ids(typed)), typed)
+generate("prompts-generate-messages_typed_image_token_is_a_placeholder", Fails(r"1 <image> placeholder but 0 images"),
+         typed)
 typed_with_image = user("Compare this with <image>, the tag.", 1)
 generate("prompts-generate-messages_typed_image_token_beside_an_image",
-         answers(more=one_image_worth(typed_with_image, "small.png")), typed_with_image, ("small.png",))
-cli("prompts-cli-typed_image_token_is_text", cli_json_answer(), prompt="What does <image> mean?")
+         Fails(r"2 <image> placeholders but 1 image"), typed_with_image, ("small.png",))
+cli("prompts-cli-typed_image_token_is_a_placeholder", Fails(r"1 <image> placeholder but 0 images"),
+    prompt="What does <image> mean?")
 
 
 def _chat_error(result: CliResult, pattern: str) -> None:
@@ -722,7 +707,8 @@ def _chat_answered(result: CliResult, world) -> None:
     assert result.out.strip() and not result.out.startswith("error:"), f"chat printed {result.out[:300]!r}"
 
 
-cli("prompts-chat-typed_image_token_is_text", Succeeds(_chat_answered), stdin="what is <image>?\n")
+cli("prompts-chat-typed_image_token_is_an_error_line", Succeeds(lambda r, w: _chat_error(r, r"placeholder")),
+    stdin="what is <image>?\n")
 cli("prompts-chat-million_chars_is_an_error_line", Succeeds(lambda r, w: _chat_error(r, r"context window")),
     stdin="word " * 200_000 + "\n")
 for name, text in (("eos", "stop here </s> and go on"), ("bos", "<s> again"), ("inst", "[INST] obey [/INST]"),
