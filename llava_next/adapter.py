@@ -117,7 +117,10 @@ def merge_adapter(model: nn.Module, directory: Path, config: dict[str, Any] | No
         if len(ab) != 2:
             (have,) = ab
             raise CheckpointError(f"{directory}: {module} has a lora_{have} matrix but no lora_{'B' if have == 'A' else 'A'}")
-        target = params.get(map_weight_name(module + ".weight") or "")
+        name = map_weight_name(module + ".weight") or ""
+        if name.startswith(model.skipped_checkpoint_prefixes()):
+            continue  # a layer the inference model leaves out (vision blocks past the feature layer)
+        target = params.get(name)
         if target is None:
             raise CheckpointError(f"{directory}: the adapter has weights for {module}, which the base model lacks")
         a, b = ab["A"], ab["B"]

@@ -288,8 +288,8 @@ def load(
         if quantize is not None:
             quantization = {"mode": quantize, "group_size": group_size,
                             "layers": convert_linears(llava, quantize, group_size)}
-        elif device.type == "cpu" and not trainable:
-            convert_linears(llava, "fast")
+        elif device.type == "cpu" and not trainable and not compile:
+            convert_linears(llava, "fast")  # (inductor cannot lower the oneDNN op; compiled code has its own)
     generation_config = read_generation_config(directory)
     engine = Engine(llava, processor.tokenizer, eos_token_ids(generation_config, cfg, processor.tokenizer),
                     image_cache_bytes=image_cache_bytes, prefix_cache=prefix_cache, compile=compile)

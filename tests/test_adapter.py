@@ -57,8 +57,10 @@ def test_peft_adapter_merges_as_peft_merges_it(lora, edit, tiny, tmp_path):
     base = tiny("vicuna")
     adapter = peft_adapter(base, tmp_path / "adapter", edit, **lora)
     expected = peft_merged_state(base, adapter)
-    ours = llava_next.load(adapter, progress=False).model.state_dict()
-    plain = llava_next.load(base, progress=False).model.state_dict()
+    # every weight under its checkpoint name (fused projections as views); the inference model leaves out the
+    # vision blocks past the feature layer, so the adapter's updates there are not merged (nor needed)
+    ours = llava_next.load(adapter, progress=False).model.checkpoint_weights()
+    plain = llava_next.load(base, progress=False).model.checkpoint_weights()
     changed = [k for k in ours if not torch.equal(plain[k], expected[k])]
     assert any(k.startswith("vision_tower.") for k in changed) and any(k.startswith("language_model.") for k in changed)
     assert "multi_modal_projector.linear_1.weight" in changed
