@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,40 +45,76 @@ class ImageLimits:
     max_bytes: int = DEFAULT_MAX_BYTES
 
 
+# Formats Pillow can open that we refuse: Pillow hands PostScript to Ghostscript, an interpreter with a long history
+# of exploits, and a file from a stranger must never reach it.
+REFUSED_FORMATS = frozenset({"EPS"})
+
+
+def printable(path: str | os.PathLike) -> str:
+    """A file name for a message: bytes that are not UTF-8 (a Latin-1 name on a Linux disk) as \\xNN escapes, so
+    that printing the message can never fail."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def decode_image(source: str | os.PathLike | bytes, limits: ImageLimits = ImageLimits(), name: str | None = None) -> Image.Image:
     """A file path or encoded bytes -> a fully decoded PIL image, EXIF orientation applied.
 
     The size is checked from the header before any pixel is decoded, so a small file that would expand into
-    gigabytes is refused cheaply. Truncated and corrupt files are errors, never partially grey images.
+    gigabytes is refused cheaply. Truncated and corrupt files are errors, never partially grey images. An animation
+    gives its first frame, as transformers does.
     """
-    label = name or (str(source) if not isinstance(source, bytes) else "image bytes")
     if isinstance(source, bytes):
-        data = source
+        label, data = name or "image bytes", source
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ImageError(f"{label}: no such image file")
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise ImageError(f"{label}: {size} bytes is over the limit of {limits.max_bytes} bytes")
-        data = path.read_bytes()
+        label = name or printable(source)
+        data = _read_file(Path(source), limits, label)
     if len(data) > limits.max_bytes:
         raise ImageError(f"{label}: {len(data)} bytes is over the limit of {limits.max_bytes} bytes")
+    if not data:
+        raise ImageError(f"{label}: the file is empty (0 bytes)")
+    Image.init()
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=[f for f in Image.OPEN if f not in REFUSED_FORMATS])
     except Image.DecompressionBombError as e:
         raise ImageError(f"{label}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not an image format Pillow can read (or the file is corrupt)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{label}: the image data is truncated or corrupt ({e})") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's parsers raise many kinds of errors on malformed headers
+        raise ImageError(f"{label}: the image data is truncated or corrupt ({_describe(e)})") from None
     width, height = image.size
     if width * height > limits.max_pixels:
         raise ImageError(
             f"{label}: {width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels} "
             "(raise it with max_image_pixels if you trust this image)"
         )
-    return _load_pixels(image, label)
+    return upright(_load_pixels(image, label))
+
+
+def _read_file(path: Path, limits: ImageLimits, label: str) -> bytes:
+    """The bytes of a regular file, at most the byte limit of them: a directory, a pipe or a device (which could
+    block or never end) is an error, never read."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such image file") from None
+    except (OSError, ValueError) as e:  # permissions, a name too long, a NUL byte in the name
+        raise ImageError(f"{label}: the file cannot be read ({_describe(e)})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError(f"{label}: is a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError(f"{label}: not a regular file (a pipe, socket or device); give an image file")
+    if info.st_size > limits.max_bytes:
+        raise ImageError(f"{label}: {info.st_size} bytes is over the limit of {limits.max_bytes} bytes")
+    try:
+        with path.open("rb") as f:
+            return f.read(limits.max_bytes + 1)  # a file that grew since stat() is still caught by the limit
+    except OSError as e:
+        raise ImageError(f"{label}: the file cannot be read ({_describe(e)})") from None
+
+
+def _describe(e: Exception) -> str:
+    message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return message or type(e).__name__
 
 
 def _load_pixels(image: Image.Image, label: str) -> Image.Image:
@@ -86,12 +123,40 @@ def _load_pixels(image: Image.Image, label: str) -> Image.Image:
                          "partly grey instead of failing; turn it off")
     try:
         image.load()
-        image = ImageOps.exif_transpose(image)  # what transformers' load_image does with files and URLs
     except Image.DecompressionBombError as e:
         raise ImageError(f"{label}: refused as a decompression bomb ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{label}: the image data is truncated or corrupt ({e})") from None
+    except MemoryError:
+        raise ImageError(f"{label}: not enough memory to decode this image") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many kinds of errors on corrupt data
+        raise ImageError(f"{label}: the image data is truncated or corrupt ({_describe(e)})") from None
     return image
+
+
+# EXIF orientation -> the transpose that makes the picture upright (EXIF 2.3, tag 0x0112). 1 is already upright.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,  # mirrored
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,  # mirrored and upside down
+    5: Image.Transpose.TRANSPOSE,  # mirrored along the main diagonal
+    6: Image.Transpose.ROTATE_270,  # the camera was turned a quarter clockwise
+    7: Image.Transpose.TRANSVERSE,  # mirrored along the other diagonal
+    8: Image.Transpose.ROTATE_90,
+}
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The picture as a viewer shows it: turned by its EXIF orientation, as transformers' load_image does.
+
+    Unlike Pillow's exif_transpose (which load_image uses), this never rewrites the metadata, so EXIF that Pillow
+    cannot parse or write back (a tag of the wrong type, an offset past the end) never fails a picture whose pixels
+    are fine: an orientation that cannot be read leaves the picture as stored, which is what viewers show too."""
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - metadata Pillow cannot parse: the orientation is unknown, the pixels are fine
+        return image
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return image if method is None else image.transpose(method)
 
 
 def check_image(image: Image.Image, limits: ImageLimits = ImageLimits(), label: str = "image") -> Image.Image:
@@ -103,11 +168,7 @@ def check_image(image: Image.Image, limits: ImageLimits = ImageLimits(), label: 
         raise ImageError(f"{label}: an image of size {width}x{height} has no pixels")
     if width * height > limits.max_pixels:
         raise ImageError(f"{label}: {width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels}")
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{label}: the image data is truncated or corrupt ({e})") from None
-    return image
+    return _load_pixels(image, label)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -261,18 +322,33 @@ def _pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
 
 
 class ImageProcessor:
-    """PIL images -> pixel_values and image_sizes with the same values and shapes as transformers' processors."""
+    """PIL images -> pixel_values and image_sizes with the same values and shapes as transformers' processors.
 
-    def __init__(self, cfg: ImageProcessorConfig):
+    max_pixels bounds the intermediate images too. LLaVA 1.5's preprocessing resizes the short side to the tile size
+    before cropping (and may first pad to a square), so a 1 x 20000 image would become 336 x 6,720,000 pixels (6.8 GB)
+    on the way to one 336 x 336 tile; transformers makes that image, we refuse it. Only the resize-then-crop gives the
+    reference's pixels: resizing just the cropped region (Pillow's `box`) rounds differently."""
+
+    def __init__(self, cfg: ImageProcessorConfig, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.cfg = cfg
+        self.max_pixels = max_pixels
         self._mean = torch.tensor(cfg.image_mean, dtype=torch.float32)[:, None, None]
         self._std = torch.tensor(cfg.image_std, dtype=torch.float32)[:, None, None]
+
+    def _check_intermediate(self, image: Image.Image, size_hw: tuple[int, int], step: str) -> None:
+        if size_hw[0] * size_hw[1] > self.max_pixels:
+            raise ImageError(
+                f"a {image.width}x{image.height} image is too elongated for this model's preprocessing: {step} makes "
+                f"a {size_hw[1]}x{size_hw[0]} image, over the limit of {self.max_pixels} pixels; crop the image "
+                "closer to a square (or raise max_image_pixels)"
+            )
 
     def _resize_and_crop(self, image: Image.Image) -> Image.Image:
         cfg = self.cfg
         if cfg.do_resize:
             height, width = image.height, image.width
             target = cfg.size_hw or _shortest_edge_size((height, width), cfg.shortest_edge)
+            self._check_intermediate(image, target, f"resizing its short side to {cfg.shortest_edge} px")
             image = _resize(image, target, cfg.resample)
         if cfg.do_center_crop:
             image = _center_crop(image, cfg.crop_size)
@@ -283,6 +359,8 @@ class ImageProcessor:
         cfg = self.cfg
         if not cfg.anyres:
             if cfg.pad_to_square:
+                side = max(image.width, image.height)
+                self._check_intermediate(image, (side, side), "padding it to a square")
                 image = _pad_to_square(image, cfg.image_mean)
             return [self._resize_and_crop(image)]
         tile = cfg.tile_size

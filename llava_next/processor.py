@@ -86,7 +86,7 @@ class Processor:
                 name = default_template_name(tokenizer, config.text.model_type)
                 source, origin = builtin_template(name), f"built-in template {name!r} (the checkpoint has none)"
         template = ChatTemplate(source, origin, tokenizer.special_tokens)
-        image_processor = ImageProcessor(read_image_processor_config(directory, config))
+        image_processor = ImageProcessor(read_image_processor_config(directory, config), image_limits.max_pixels)
         return cls(tokenizer, image_processor, template, config, image_limits)
 
     def save(self, directory: Path) -> None:
