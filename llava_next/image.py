@@ -194,7 +194,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 @dataclass
 class ImageProcessorConfig:
-    """What preprocessor_config.json (transformers 4.x) or processor_config.json's image_processor (5.x) says."""
+    """What preprocessor_config.json (transformers 4.x) or processor_config.json's image_processor (5.x) says.
+
+    The defaults are the published LLaVA recipes' (CLIP ViT-L/14-336 preprocessing), here and nowhere else: a
+    config file that leaves a key out gets the value below (from_hf), and a model without any preprocessor config
+    (one trained from scratch, a checkpoint that ships none) gets them at its own tile size (for_model)."""
 
     anyres: bool = True
     shortest_edge: int | None = 336  # resize so the short side is this...
@@ -207,7 +211,7 @@ class ImageProcessorConfig:
     do_normalize: bool = True
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
-    resample: int = 3  # Pillow's BICUBIC
+    resample: int = Image.Resampling.BICUBIC.value
     pad_to_square: bool = False  # LLaVA 1.5 "pad" aspect ratio: pad to a square of the mean colour first
     image_grid_pinpoints: list[tuple[int, int]] = field(default_factory=list)
 
@@ -227,36 +231,46 @@ class ImageProcessorConfig:
         return (self.shortest_edge, self.shortest_edge)
 
     @classmethod
+    def for_model(cls, cfg) -> "ImageProcessorConfig":
+        """The defaults for a model config (a LlavaConfig): resize and crop to its vision tower's tile size."""
+        side = cfg.vision.image_size
+        return cls(anyres=cfg.is_anyres, shortest_edge=side, crop_size=(side, side),
+                   image_grid_pinpoints=[(int(h), int(w)) for h, w in cfg.image_grid_pinpoints or []])
+
+    @classmethod
     def from_hf(cls, d: dict[str, Any], anyres: bool, pinpoints: list[tuple[int, int]] | None) -> "ImageProcessorConfig":
-        def hw(value, default):
-            if value is None:
-                return default
+        default = cls()
+
+        def hw(value):
             if isinstance(value, int):
                 return (value, value)
             if "height" in value:
                 return (int(value["height"]), int(value["width"]))
             return (int(value["shortest_edge"]),) * 2
 
-        size = d.get("size", {"shortest_edge": 336})
+        size = d.get("size") or {"shortest_edge": default.shortest_edge}
         if isinstance(size, int):
             size = {"shortest_edge": size}
         shortest = int(size["shortest_edge"]) if "shortest_edge" in size else None
         size_hw = (int(size["height"]), int(size["width"])) if "height" in size else None
+        # No crop size: crop to the resize's short side, as every LLaVA recipe does (not transformers' class default
+        # of 224 px, which would not fit a 336 px tower).
+        crop = hw(d["crop_size"]) if d.get("crop_size") is not None else (shortest or min(size_hw),) * 2
         raw_pinpoints = d.get("image_grid_pinpoints") or pinpoints or []
         return cls(
             anyres=anyres,
             shortest_edge=shortest,
             size_hw=size_hw,
-            do_resize=bool(d.get("do_resize", True)),
-            do_center_crop=bool(d.get("do_center_crop", True)),
-            crop_size=hw(d.get("crop_size"), (shortest or 224,) * 2),
-            do_rescale=bool(d.get("do_rescale", True)),
-            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
-            do_normalize=bool(d.get("do_normalize", True)),
-            image_mean=tuple(d.get("image_mean") or OPENAI_CLIP_MEAN),
-            image_std=tuple(d.get("image_std") or OPENAI_CLIP_STD),
-            resample=int(d.get("resample", 3)),
-            pad_to_square=bool(d.get("do_pad", False)) and not anyres,
+            do_resize=bool(d.get("do_resize", default.do_resize)),
+            do_center_crop=bool(d.get("do_center_crop", default.do_center_crop)),
+            crop_size=crop,
+            do_rescale=bool(d.get("do_rescale", default.do_rescale)),
+            rescale_factor=float(d.get("rescale_factor", default.rescale_factor)),
+            do_normalize=bool(d.get("do_normalize", default.do_normalize)),
+            image_mean=tuple(d.get("image_mean") or default.image_mean),
+            image_std=tuple(d.get("image_std") or default.image_std),
+            resample=int(d.get("resample", default.resample)),
+            pad_to_square=bool(d.get("do_pad", default.pad_to_square)) and not anyres,
             image_grid_pinpoints=[(int(h), int(w)) for h, w in raw_pinpoints],
         )
 

@@ -42,11 +42,10 @@ def read_image_processor_config(directory: Path, cfg: LlavaConfig) -> ImageProce
         d = read_json(combined).get("image_processor")
     if d is None and legacy.exists():
         d = read_json(legacy)
-    if d is None:
-        # No image processor saved: the published recipes' settings for this tile size.
-        side = cfg.vision.image_size
-        d = {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
-    ipc = ImageProcessorConfig.from_hf(d, anyres=cfg.is_anyres, pinpoints=cfg.image_grid_pinpoints)
+    if d is None:  # no image processor saved: the published recipes' settings at this model's tile size
+        ipc = ImageProcessorConfig.for_model(cfg)
+    else:
+        ipc = ImageProcessorConfig.from_hf(d, anyres=cfg.is_anyres, pinpoints=cfg.image_grid_pinpoints)
     if cfg.is_anyres:
         # The model packs features by its own pinpoints; tiles cut by different ones would not line up.
         ipc.image_grid_pinpoints = list(cfg.image_grid_pinpoints)
