@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import LlavaError
 from .geometry import anyres_canvas
@@ -135,12 +135,12 @@ def _load_pixels(image: Image.Image, label: str) -> Image.Image:
 # EXIF orientation -> the transpose that makes the picture upright (EXIF 2.3, tag 0x0112). 1 is already upright.
 _UPRIGHT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,  # mirrored
-    3: Image.Transpose.ROTATE_180,
+    3: Image.Transpose.ROTATE_180,  # upside down
     4: Image.Transpose.FLIP_TOP_BOTTOM,  # mirrored and upside down
     5: Image.Transpose.TRANSPOSE,  # mirrored along the main diagonal
-    6: Image.Transpose.ROTATE_270,  # the camera was turned a quarter clockwise
+    6: Image.Transpose.ROTATE_270,  # stored lying on its side: shown after a quarter turn clockwise
     7: Image.Transpose.TRANSVERSE,  # mirrored along the other diagonal
-    8: Image.Transpose.ROTATE_90,
+    8: Image.Transpose.ROTATE_90,  # shown after a quarter turn anticlockwise
 }
 EXIF_ORIENTATION = 0x0112
 
