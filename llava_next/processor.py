@@ -42,12 +42,12 @@ def read_image_processor_config(directory: Path, cfg: LlavaConfig) -> ImageProce
         d, where = read_json(legacy), legacy
     if d is not None and not isinstance(d, dict):
         raise PromptError(f"{where}: image_processor must be a JSON object, found {type(d).__name__}")
-    if d is None:
-        # No image processor saved: the published recipes' settings for this tile size.
-        side = cfg.vision.image_size
-        d = {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
     try:
-        ipc = ImageProcessorConfig.from_hf(d, anyres=cfg.is_anyres, pinpoints=cfg.image_grid_pinpoints).checked()
+        if d is None:  # no image processor saved: the published recipes' settings at this model's tile size
+            ipc = ImageProcessorConfig.for_model(cfg)
+        else:
+            ipc = ImageProcessorConfig.from_hf(d, anyres=cfg.is_anyres, pinpoints=cfg.image_grid_pinpoints)
+        ipc.checked()
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise PromptError(f"{where}: image processor settings that cannot work ({e})") from None
     if cfg.is_anyres:
@@ -82,7 +82,7 @@ class Processor:
                  image_limits: ImageLimits = ImageLimits()) -> "Processor":
         tokenizer = Tokenizer.from_dir(directory)
         template = resolve_chat_template(tokenizer, config.text.model_type, directory, chat_template)
-        image_processor = ImageProcessor(read_image_processor_config(directory, config))
+        image_processor = ImageProcessor(read_image_processor_config(directory, config), image_limits.max_pixels)
         return cls(tokenizer, image_processor, template, config, image_limits)
 
     def save(self, directory: Path) -> None:

@@ -55,10 +55,7 @@ def _pinpoints_for(tile: int) -> list[tuple[int, int]]:
 
 
 def _image_processor(cfg: LlavaConfig) -> ImageProcessor:
-    side = cfg.vision.image_size
-    return ImageProcessor(ImageProcessorConfig.from_hf(
-        {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}},
-        anyres=cfg.is_anyres, pinpoints=cfg.image_grid_pinpoints))
+    return ImageProcessor(ImageProcessorConfig.for_model(cfg))
 
 
 def _pipeline(model: LlavaModel, tokenizer: Tokenizer, template: ChatTemplate, eos: list[int]) -> Pipeline:
