@@ -141,6 +141,19 @@ def map_weight_name(name: str) -> str | None:
     return name
 
 
+def map_part_weight_name(name: str, part: str) -> str | None:
+    """A weight name of a standalone checkpoint that becomes one part of a LLaVA model -> ours, or None for entries
+    that are not weights: a CLIP vision checkpoint (`vision_model.*`) for part "vision", a causal language model
+    (`model.*`, `lm_head.weight`) for part "language"."""
+    if name.endswith(IGNORED_SUFFIXES):
+        return None
+    if part == "vision":
+        return "vision_tower." + name.removeprefix("vision_model.")
+    if name.startswith("lm_head."):
+        return name
+    return "language_model." + name.removeprefix("model.")
+
+
 def checkpoint_weight_name(name: str) -> str:
     """Ours -> transformers 4.x's on-disk name, which transformers 4.x and 5.x both load (the inverse of the map)."""
     if name.startswith("vision_tower."):

@@ -34,6 +34,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=list(MODES),
                    help="int8 / int4: weight-only (smaller, faster decoding); w8a8: int8 weights and activations "
                         "(faster prompts on CPUs with VNNI). Default: none")
+    p.add_argument("--compile", action="store_true",
+                   help="run decoding steps through torch.compile (CUDA graphs on a GPU; slower on the CPUs measured)")
     p.add_argument("--group-size", type=int, default=default_of(load, "group_size"), choices=list(GROUP_SIZES),
                    help=f"inputs per int4 scale (default {default_of(load, 'group_size')})")
 
@@ -64,7 +66,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace):
     return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
                 max_image_pixels=args.max_image_pixels, progress=sys.stderr.isatty(), quantize=args.quantize,
-                group_size=args.group_size)
+                group_size=args.group_size, compile=args.compile)
 
 
 def user_message(text: str, n_images: int) -> dict[str, Any]:

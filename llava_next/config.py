@@ -9,6 +9,7 @@ one needs each model_type's defaults: they live here, once, in `HF_TEXT_DEFAULTS
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,8 +200,8 @@ def text_config_from_hf(d: dict[str, Any], where: str = "text_config") -> TextCo
     if v.get("hidden_act") not in SUPPORTED_ACTIVATIONS["text"]:
         raise ConfigError(f"{where}: hidden_act {v.get('hidden_act')!r} is not supported (supported: silu)")
     heads = int(v["num_attention_heads"])
-    kv_heads = v.get("num_key_value_heads") or heads
-    head_dim = v.get("head_dim") or int(v["hidden_size"]) // heads
+    kv_heads = v["num_key_value_heads"] if v.get("num_key_value_heads") is not None else heads
+    head_dim = v["head_dim"] if v.get("head_dim") is not None else int(v["hidden_size"]) // heads
     if model_type == "qwen2":
         qkv_bias, o_bias, mlp_bias = True, False, False
         window = v.get("sliding_window") if v.get("use_sliding_window") else None
@@ -266,6 +267,46 @@ def vision_config_from_hf(d: dict[str, Any], where: str = "vision_config") -> Vi
 
 
 def llava_config_from_hf(d: dict[str, Any], where: str = "config.json") -> LlavaConfig:
+    """A checkpoint's config.json -> LlavaConfig, every value checked: a value of the wrong type or out of range
+    is a ConfigError naming it, never an error deep inside the model or a model that silently computes nonsense."""
+    try:
+        cfg = _llava_config_from_hf(d, where)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
+        raise ConfigError(f"{where}: a value has the wrong type or form ({type(e).__name__}: {e})") from None
+    check_config(cfg, where)
+    return cfg
+
+
+def check_config(cfg: LlavaConfig, where: str) -> None:
+    """Sizes positive and consistent, rope parameters positive, pinpoints whole tiles."""
+    parts = (("text_config", cfg.text, ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                        "num_kv_heads", "head_dim", "max_position_embeddings")),
+             ("vision_config", cfg.vision, ("hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                            "patch_size", "image_size")))
+    for part, values, names in parts:
+        for name in names:
+            value = getattr(values, name)
+            if value < 1:
+                raise ConfigError(f"{where}: {part}: {name} must be a positive integer, got {value}")
+    t, v = cfg.text, cfg.vision
+    if t.num_heads % t.num_kv_heads:
+        raise ConfigError(f"{where}: text_config: {t.num_heads} attention heads cannot share {t.num_kv_heads} kv heads")
+    if v.hidden_size % v.num_heads or v.image_size % v.patch_size:
+        raise ConfigError(f"{where}: vision_config: hidden_size {v.hidden_size} / {v.num_heads} heads or image_size "
+                          f"{v.image_size} / patch_size {v.patch_size} does not divide")
+    if not (t.rope.theta > 0 and t.rope.factor > 0 and math.isfinite(t.rope.theta)):
+        raise ConfigError(f"{where}: text_config: rope theta {t.rope.theta} and factor {t.rope.factor} must be > 0")
+    if not t.rms_norm_eps >= 0:
+        raise ConfigError(f"{where}: text_config: rms_norm_eps must be >= 0, got {t.rms_norm_eps}")
+    for h, w in cfg.image_grid_pinpoints or []:
+        if h < v.image_size or w < v.image_size or h % v.image_size or w % v.image_size:
+            raise ConfigError(f"{where}: image_grid_pinpoints ({h}, {w}) is not a whole number of "
+                              f"{v.image_size} px tiles")
+
+
+def _llava_config_from_hf(d: dict[str, Any], where: str) -> LlavaConfig:
     model_type = d.get("model_type")
     if model_type not in ("llava", "llava_next"):
         raise ConfigError(
@@ -281,12 +322,17 @@ def llava_config_from_hf(d: dict[str, Any], where: str = "config.json") -> Llava
     if strategy not in ("default", "full"):
         raise ConfigError(f"{where}: vision_feature_select_strategy {strategy!r} must be 'default' or 'full'")
     layers = v["vision_feature_layer"]
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (layers if isinstance(layers, list) else [layers])):
+        raise ConfigError(f"{where}: vision_feature_layer must be a layer index or a list of them, got {layers!r}")
     for layer in layers if isinstance(layers, list) else [layers]:
         if not -(vision.num_layers + 1) <= int(layer) <= vision.num_layers:
             raise ConfigError(f"{where}: vision_feature_layer {layer} is outside a {vision.num_layers}-layer tower")
     pinpoints = None
     if model_type == "llava_next":
         raw = d.get("image_grid_pinpoints") or [list(p) for p in DEFAULT_PINPOINTS]
+        if not isinstance(raw, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 and
+                                                all(isinstance(x, int) for x in p) for p in raw):
+            raise ConfigError(f"{where}: image_grid_pinpoints must be a list of [height, width] pairs, got {raw!r}")
         pinpoints = [(int(h), int(w)) for h, w in raw]
         if strategy == "full":
             raise ConfigError(f"{where}: LLaVA-NeXT packing needs vision_feature_select_strategy 'default'")

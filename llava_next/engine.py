@@ -7,7 +7,9 @@ still running; everything that can be computed once (EOS ids, the cache, the pen
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -24,6 +26,10 @@ class GenerationError(LlavaError, ValueError):
     """Generation settings that cannot work."""
 
 
+# Temperatures this small are greedy: dividing float32 logits by them would overflow to infinity.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens. temperature 0 is greedy (argmax); the other knobs then only shape the distribution."""
@@ -37,16 +43,27 @@ class SamplingParams:
     stop: Sequence[str] = ()  # stop when the output contains one of these; it is not included in the text
 
     def validate(self) -> "SamplingParams":
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        def number(name: str, integer: bool = False) -> float:
+            value = getattr(self, name)
+            kinds = (int,) if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+                kind = "an integer" if integer else "a finite number"
+                raise GenerationError(f"{name} must be {kind}, got {value!r}")
+            return value
+
+        if number("max_new_tokens", integer=True) < 1:
             raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
+        if number("temperature") < 0:
             raise GenerationError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_k < 0:
+        if number("top_k", integer=True) < 0:
             raise GenerationError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < number("top_p") <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
+        if number("repetition_penalty") <= 0:
             raise GenerationError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -2**63 <= self.seed < 2**64):
+            raise GenerationError(f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -95,7 +112,7 @@ def choose_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
     logits = logits.float()
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=rng).squeeze(-1)
@@ -139,16 +156,33 @@ class Engine:
     turn of a conversation). Neither cache changes an answer; both are off unless asked for."""
 
     def __init__(self, model: LlavaModel, tokenizer: Tokenizer, eos_token_ids: Sequence[int],
-                 image_cache_bytes: int = 0, prefix_cache: bool = False):
+                 image_cache_bytes: int = 0, prefix_cache: bool = False, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = sorted(set(eos_token_ids))
         self.image_cache = ImageFeatureCache(image_cache_bytes)
         self.prefix_cache = PrefixCache(enabled=prefix_cache)
+        self.decode_step = model
+        if compile:
+            # One decoding step through torch.compile: CUDA graphs on a GPU ("reduce-overhead"), inductor's C++
+            # kernels on a CPU. The cache length is dynamic, so it compiles once, not once per position.
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self.decode_step = torch.compile(model, dynamic=True, mode=mode)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def _decode(self, *args, **kwargs) -> torch.Tensor:
+        if self.decode_step is self.model:
+            return self.model(*args, **kwargs)
+        try:
+            return self.decode_step(*args, **kwargs)
+        except Exception as e:  # torch.compile needs a working C++ (or CUDA) toolchain: run eagerly without one
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          "decoding eagerly instead")
+            self.decode_step = self.model
+            return self.model(*args, **kwargs)
 
     def clear_caches(self) -> None:
         self.image_cache.clear()
@@ -193,9 +227,8 @@ class Engine:
         window = model.cfg.text.max_position_embeddings
         max_new = min(params.max_new_tokens, window - int(mask.sum(-1).max()))
         if max_new < 1:
-            for row in rows:
-                row.done = True
-            return
+            raise GenerationError(f"the prompt ({int(mask.sum(-1).max())} tokens) fills the model's context window "
+                                  f"({window} tokens): there is no room for an answer; shorten it")
         cache = KVCache.allocate(model.cfg.text, batch, prompt_len + max_new, model.dtype, device)
         # Which cache slots hold real tokens, kept only when some row is padded: without padding, attention runs
         # without a mask tensor (plain causal kernels for the prompt, nothing to mask for one decoding query).
@@ -269,8 +302,9 @@ class Engine:
             slot = prompt_len + step
             if key_mask is not None:
                 key_mask[:, slot] = True
-            logits = model(tokens[:, None], cache=cache, start=slot, positions=next_positions,
-                           key_mask=key_mask[:, : slot + 1] if key_mask is not None else None, logits_to_keep=1)
+            logits = self._decode(tokens[:, None], cache=cache, start=slot, positions=next_positions,
+                                  key_mask=key_mask[:, : slot + 1] if key_mask is not None else None,
+                                  logits_to_keep=1)
             next_positions = next_positions + 1
 
     @staticmethod

@@ -12,13 +12,14 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import LlavaError
 from .geometry import anyres_canvas
@@ -44,54 +45,170 @@ class ImageLimits:
     max_bytes: int = DEFAULT_MAX_BYTES
 
 
+# Formats Pillow can open that we refuse: Pillow hands PostScript to Ghostscript, an interpreter with a long history
+# of exploits, and a file from a stranger must never reach it.
+REFUSED_FORMATS = frozenset({"EPS"})
+
+
+def printable(path: str | os.PathLike) -> str:
+    """A file name for a message: bytes that are not UTF-8 (a Latin-1 name on a Linux disk) as \\xNN escapes, so
+    that printing the message can never fail."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def decode_image(source: str | os.PathLike | bytes, limits: ImageLimits = ImageLimits(), name: str | None = None) -> Image.Image:
     """A file path or encoded bytes -> a fully decoded PIL image, EXIF orientation applied.
 
     The size is checked from the header before any pixel is decoded, so a small file that would expand into
-    gigabytes is refused cheaply. Truncated and corrupt files are errors, never partially grey images.
+    gigabytes is refused cheaply. Truncated and corrupt files are errors, never partially grey images. An animation
+    gives its first frame, as transformers does.
     """
-    label = name or (str(source) if not isinstance(source, bytes) else "image bytes")
+    label, data = _read(source, limits, name)
+    return upright(_load_pixels(_open(data, limits, label), label))
+
+
+def image_size(path: str | os.PathLike, limits: ImageLimits = ImageLimits()) -> tuple[int, int]:
+    """(height, width) of the image `decode_image` would return (EXIF orientation applied), with the same errors
+    for missing, oversized, unreadable, truncated and corrupt files, without decoding every pixel where the format
+    allows: the size comes from the header; a PNG's data is checked by the checksums of all its chunks (a file cut
+    short fails), a JPEG's by decoding it at 1/8 scale (which still reads all of its compressed data). Other formats,
+    and PNGs that carry orientation metadata (rare; Pillow reads it only when decoding), are decoded in full.
+    """
+    label, data = _read(path, limits, None)
+    image = _open(data, limits, label)
+    png_metadata = image.format == "PNG" and (b"eXIf" in data or b"XML:com.adobe.xmp" in data)
+    if image.format not in ("PNG", "JPEG") or png_metadata:
+        decoded = upright(_load_pixels(image, label))
+        return decoded.height, decoded.width
+    width, height = image.size
+    if image.format == "JPEG" and upright_turns_a_quarter(image):
+        width, height = height, width
+    _refuse_truncated_loading(label)
+    try:
+        if image.format == "PNG":
+            image.verify()
+        else:
+            image.draft(None, (1, 1))  # the smallest scale the JPEG decoder offers
+            image.load()
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many kinds of errors on corrupt data
+        raise ImageError(f"{label}: the image data is truncated or corrupt ({_describe(e)})") from None
+    return height, width
+
+
+def _read(source: str | os.PathLike | bytes, limits: ImageLimits, name: str | None) -> tuple[str, bytes]:
+    """(the label errors use, the encoded bytes), within the byte limit."""
     if isinstance(source, bytes):
-        data = source
+        label, data = name or "image bytes", source
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ImageError(f"{label}: no such image file")
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise ImageError(f"{label}: {size} bytes is over the limit of {limits.max_bytes} bytes")
-        data = path.read_bytes()
+        label = name or printable(source)
+        data = _read_file(Path(source), limits, label)
     if len(data) > limits.max_bytes:
         raise ImageError(f"{label}: {len(data)} bytes is over the limit of {limits.max_bytes} bytes")
+    if not data:
+        raise ImageError(f"{label}: the file is empty (0 bytes)")
+    return label, data
+
+
+def _open(data: bytes, limits: ImageLimits, label: str) -> Image.Image:
+    """Pillow's lazy open (the header only) of the formats we read, checked against the pixel limit."""
+    Image.init()
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=[f for f in Image.OPEN if f not in REFUSED_FORMATS])
     except Image.DecompressionBombError as e:
         raise ImageError(f"{label}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not an image format Pillow can read (or the file is corrupt)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{label}: the image data is truncated or corrupt ({e})") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's parsers raise many kinds of errors on malformed headers
+        raise ImageError(f"{label}: the image data is truncated or corrupt ({_describe(e)})") from None
     width, height = image.size
     if width * height > limits.max_pixels:
         raise ImageError(
             f"{label}: {width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels} "
             "(raise it with max_image_pixels if you trust this image)"
         )
-    return _load_pixels(image, label)
+    return image
 
 
-def _load_pixels(image: Image.Image, label: str) -> Image.Image:
+def _read_file(path: Path, limits: ImageLimits, label: str) -> bytes:
+    """The bytes of a regular file, at most the byte limit of them: a directory, a pipe or a device (which could
+    block or never end) is an error, never read."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such image file") from None
+    except (OSError, ValueError) as e:  # permissions, a name too long, a NUL byte in the name
+        raise ImageError(f"{label}: the file cannot be read ({_describe(e)})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError(f"{label}: is a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError(f"{label}: not a regular file (a pipe, socket or device); give an image file")
+    if info.st_size > limits.max_bytes:
+        raise ImageError(f"{label}: {info.st_size} bytes is over the limit of {limits.max_bytes} bytes")
+    try:
+        with path.open("rb") as f:
+            return f.read(limits.max_bytes + 1)  # a file that grew since stat() is still caught by the limit
+    except OSError as e:
+        raise ImageError(f"{label}: the file cannot be read ({_describe(e)})") from None
+
+
+def _describe(e: Exception) -> str:
+    message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return message or type(e).__name__
+
+
+def _refuse_truncated_loading(label: str) -> None:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ImageError(f"{label}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on, so truncated files would decode "
                          "partly grey instead of failing; turn it off")
+
+
+def _load_pixels(image: Image.Image, label: str) -> Image.Image:
+    _refuse_truncated_loading(label)
     try:
         image.load()
-        image = ImageOps.exif_transpose(image)  # what transformers' load_image does with files and URLs
     except Image.DecompressionBombError as e:
         raise ImageError(f"{label}: refused as a decompression bomb ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{label}: the image data is truncated or corrupt ({e})") from None
+    except MemoryError:
+        raise ImageError(f"{label}: not enough memory to decode this image") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many kinds of errors on corrupt data
+        raise ImageError(f"{label}: the image data is truncated or corrupt ({_describe(e)})") from None
     return image
+
+
+# EXIF orientation -> the transpose that makes the picture upright (EXIF 2.3, tag 0x0112). 1 is already upright.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,  # mirrored
+    3: Image.Transpose.ROTATE_180,  # upside down
+    4: Image.Transpose.FLIP_TOP_BOTTOM,  # mirrored and upside down
+    5: Image.Transpose.TRANSPOSE,  # mirrored along the main diagonal
+    6: Image.Transpose.ROTATE_270,  # stored lying on its side: shown after a quarter turn clockwise
+    7: Image.Transpose.TRANSVERSE,  # mirrored along the other diagonal
+    8: Image.Transpose.ROTATE_90,  # shown after a quarter turn anticlockwise
+}
+EXIF_ORIENTATION = 0x0112
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - metadata Pillow cannot parse: the orientation is unknown, the pixels are fine
+        return 1
+    return orientation if isinstance(orientation, int) else 1
+
+
+def upright_turns_a_quarter(image: Image.Image) -> bool:
+    """Whether `upright` swaps the image's height and width."""
+    return _orientation(image) in (5, 6, 7, 8)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The picture as a viewer shows it: turned by its EXIF orientation, as transformers' load_image does.
+
+    Unlike Pillow's exif_transpose (which load_image uses), this never rewrites the metadata, so EXIF that Pillow
+    cannot parse or write back (a tag of the wrong type, an offset past the end) never fails a picture whose pixels
+    are fine: an orientation that cannot be read leaves the picture as stored, which is what viewers show too."""
+    method = _UPRIGHT.get(_orientation(image))
+    return image if method is None else image.transpose(method)
 
 
 def check_image(image: Image.Image, limits: ImageLimits = ImageLimits(), label: str = "image") -> Image.Image:
@@ -103,11 +220,7 @@ def check_image(image: Image.Image, limits: ImageLimits = ImageLimits(), label: 
         raise ImageError(f"{label}: an image of size {width}x{height} has no pixels")
     if width * height > limits.max_pixels:
         raise ImageError(f"{label}: {width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels}")
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{label}: the image data is truncated or corrupt ({e})") from None
-    return image
+    return _load_pixels(image, label)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -133,7 +246,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 @dataclass
 class ImageProcessorConfig:
-    """What preprocessor_config.json (transformers 4.x) or processor_config.json's image_processor (5.x) says."""
+    """What preprocessor_config.json (transformers 4.x) or processor_config.json's image_processor (5.x) says.
+
+    The defaults are the published LLaVA recipes' (CLIP ViT-L/14-336 preprocessing), here and nowhere else: a
+    config file that leaves a key out gets the value below (from_hf), and a model without any preprocessor config
+    (one trained from scratch, a checkpoint that ships none) gets them at its own tile size (for_model)."""
 
     anyres: bool = True
     shortest_edge: int | None = 336  # resize so the short side is this...
@@ -146,7 +263,7 @@ class ImageProcessorConfig:
     do_normalize: bool = True
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
-    resample: int = 3  # Pillow's BICUBIC
+    resample: int = Image.Resampling.BICUBIC.value
     pad_to_square: bool = False  # LLaVA 1.5 "pad" aspect ratio: pad to a square of the mean colour first
     image_grid_pinpoints: list[tuple[int, int]] = field(default_factory=list)
 
@@ -166,38 +283,62 @@ class ImageProcessorConfig:
         return (self.shortest_edge, self.shortest_edge)
 
     @classmethod
+    def for_model(cls, cfg) -> "ImageProcessorConfig":
+        """The defaults for a model config (a LlavaConfig): resize and crop to its vision tower's tile size."""
+        side = cfg.vision.image_size
+        return cls(anyres=cfg.is_anyres, shortest_edge=side, crop_size=(side, side),
+                   image_grid_pinpoints=[(int(h), int(w)) for h, w in cfg.image_grid_pinpoints or []])
+
+    @classmethod
     def from_hf(cls, d: dict[str, Any], anyres: bool, pinpoints: list[tuple[int, int]] | None) -> "ImageProcessorConfig":
-        def hw(value, default):
-            if value is None:
-                return default
+        default = cls()
+
+        def hw(value):
             if isinstance(value, int):
                 return (value, value)
             if "height" in value:
                 return (int(value["height"]), int(value["width"]))
             return (int(value["shortest_edge"]),) * 2
 
-        size = d.get("size", {"shortest_edge": 336})
+        size = d.get("size") or {"shortest_edge": default.shortest_edge}
         if isinstance(size, int):
             size = {"shortest_edge": size}
         shortest = int(size["shortest_edge"]) if "shortest_edge" in size else None
         size_hw = (int(size["height"]), int(size["width"])) if "height" in size else None
+        # No crop size: crop to the resize's short side, as every LLaVA recipe does (not transformers' class default
+        # of 224 px, which would not fit a 336 px tower).
+        crop = hw(d["crop_size"]) if d.get("crop_size") is not None else (shortest or min(size_hw),) * 2
         raw_pinpoints = d.get("image_grid_pinpoints") or pinpoints or []
         return cls(
             anyres=anyres,
             shortest_edge=shortest,
             size_hw=size_hw,
-            do_resize=bool(d.get("do_resize", True)),
-            do_center_crop=bool(d.get("do_center_crop", True)),
-            crop_size=hw(d.get("crop_size"), (shortest or 224,) * 2),
-            do_rescale=bool(d.get("do_rescale", True)),
-            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
-            do_normalize=bool(d.get("do_normalize", True)),
-            image_mean=tuple(d.get("image_mean") or OPENAI_CLIP_MEAN),
-            image_std=tuple(d.get("image_std") or OPENAI_CLIP_STD),
-            resample=int(d.get("resample", 3)),
-            pad_to_square=bool(d.get("do_pad", False)) and not anyres,
+            do_resize=bool(d.get("do_resize", default.do_resize)),
+            do_center_crop=bool(d.get("do_center_crop", default.do_center_crop)),
+            crop_size=crop,
+            do_rescale=bool(d.get("do_rescale", default.do_rescale)),
+            rescale_factor=float(d.get("rescale_factor", default.rescale_factor)),
+            do_normalize=bool(d.get("do_normalize", default.do_normalize)),
+            image_mean=tuple(d.get("image_mean") or default.image_mean),
+            image_std=tuple(d.get("image_std") or default.image_std),
+            resample=int(d.get("resample", default.resample)),
+            pad_to_square=bool(d.get("do_pad", default.pad_to_square)) and not anyres,
             image_grid_pinpoints=[(int(h), int(w)) for h, w in raw_pinpoints],
         )
+
+    def checked(self) -> "ImageProcessorConfig":
+        """Three finite means and positive standard deviations, positive whole sizes; else ValueError."""
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError(f"image_mean and image_std need 3 values, got {list(self.image_mean)}, {list(self.image_std)}")
+        if not all(math.isfinite(m) for m in self.image_mean) or not all(math.isfinite(s) and s > 0 for s in self.image_std):
+            raise ValueError(f"image_mean must be finite and image_std positive, got {list(self.image_mean)}, "
+                             f"{list(self.image_std)}")
+        if self.shortest_edge is None and self.size_hw is None:
+            raise ValueError("size must give shortest_edge, or height and width")
+        sizes = [self.shortest_edge or 1, *(self.size_hw or (1, 1)), *self.crop_size]
+        if not all(isinstance(x, int) and x > 0 for x in sizes):
+            raise ValueError(f"image sizes must be positive integers, got {sizes}")
+        return self
 
     def to_hf(self) -> dict[str, Any]:
         d: dict[str, Any] = dict(
@@ -261,18 +402,33 @@ def _pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
 
 
 class ImageProcessor:
-    """PIL images -> pixel_values and image_sizes with the same values and shapes as transformers' processors."""
+    """PIL images -> pixel_values and image_sizes with the same values and shapes as transformers' processors.
 
-    def __init__(self, cfg: ImageProcessorConfig):
+    max_pixels bounds the intermediate images too. LLaVA 1.5's preprocessing resizes the short side to the tile size
+    before cropping (and may first pad to a square), so a 1 x 20000 image would become 336 x 6,720,000 pixels (6.8 GB)
+    on the way to one 336 x 336 tile; transformers makes that image, we refuse it. Only the resize-then-crop gives the
+    reference's pixels: resizing just the cropped region (Pillow's `box`) rounds differently."""
+
+    def __init__(self, cfg: ImageProcessorConfig, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.cfg = cfg
+        self.max_pixels = max_pixels
         self._mean = torch.tensor(cfg.image_mean, dtype=torch.float32)[:, None, None]
         self._std = torch.tensor(cfg.image_std, dtype=torch.float32)[:, None, None]
+
+    def _check_intermediate(self, image: Image.Image, size_hw: tuple[int, int], step: str) -> None:
+        if size_hw[0] * size_hw[1] > self.max_pixels:
+            raise ImageError(
+                f"a {image.width}x{image.height} image is too elongated for this model's preprocessing: {step} makes "
+                f"a {size_hw[1]}x{size_hw[0]} image, over the limit of {self.max_pixels} pixels; crop the image "
+                "closer to a square (or raise max_image_pixels)"
+            )
 
     def _resize_and_crop(self, image: Image.Image) -> Image.Image:
         cfg = self.cfg
         if cfg.do_resize:
             height, width = image.height, image.width
             target = cfg.size_hw or _shortest_edge_size((height, width), cfg.shortest_edge)
+            self._check_intermediate(image, target, f"resizing its short side to {cfg.shortest_edge} px")
             image = _resize(image, target, cfg.resample)
         if cfg.do_center_crop:
             image = _center_crop(image, cfg.crop_size)
@@ -283,6 +439,8 @@ class ImageProcessor:
         cfg = self.cfg
         if not cfg.anyres:
             if cfg.pad_to_square:
+                side = max(image.width, image.height)
+                self._check_intermediate(image, (side, side), "padding it to a square")
                 image = _pad_to_square(image, cfg.image_mean)
             return [self._resize_and_crop(image)]
         tile = cfg.tile_size

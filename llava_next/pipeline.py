@@ -11,6 +11,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .adapter import is_adapter, merge_adapter, read_adapter_config
 from .checkpoint import (CheckpointError, load_weights, read_json, read_safetensors_index, resolve_checkpoint,
                          save_weights, weight_files)
 from .config import LlavaConfig, read_config, to_hf_dict
@@ -27,7 +28,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class DeviceError(LlavaError, ValueError):
-    """A device that does not exist here."""
+    """A device or dtype that cannot be used here."""
+
+
+class LoadError(LlavaError, ValueError):
+    """load() arguments that cannot work."""
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -73,10 +78,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Ll
     instructions, else float32 (exact, and faster than emulated bfloat16). A quantized model computes in bfloat16
     on such a CPU whatever the checkpoint's dtype: its weights are already rounded far more than that."""
     if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise DeviceError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
         return dtype, "asked for"
     if dtype not in (None, "auto"):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+            raise DeviceError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
         return DTYPES[dtype], "asked for"
     saved = DTYPES.get(str(cfg.torch_dtype or "").replace("torch.", ""))
     if device.type != "cpu":
@@ -107,7 +114,11 @@ def eos_token_ids(generation_config: dict[str, Any], cfg: LlavaConfig, tokenizer
         candidates = tokenizer.eos_token_id
     if candidates is None:
         return []
-    return [int(c) for c in (candidates if isinstance(candidates, list) else [candidates])]
+    ids = candidates if isinstance(candidates, list) else [candidates]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < cfg.text.vocab_size for i in ids):
+        raise CheckpointError(f"generation_config.json / config.json: eos_token_id {candidates!r} must be token ids "
+                              f"below the vocabulary size {cfg.text.vocab_size}")
+    return ids
 
 
 def sampling_defaults(generation_config: dict[str, Any], where: str = "generation_config.json") -> dict[str, Any]:
@@ -215,6 +226,7 @@ def load(
     prefix_cache: bool = True,
     quantize: str | None = None,
     group_size: int = 128,
+    compile: bool = False,
     trainable: bool = False,
 ) -> "Pipeline":
     """Load a LLaVA 1.5 / LLaVA-NeXT checkpoint: a local directory, a Hub id, or "demo" (the bundled demo model).
@@ -231,20 +243,22 @@ def load(
     activations), applied while loading, layer by layer; a checkpoint written by `save_quantized` (`llava-next
     quantize`) loads quantized as it is. See llava_next/quantize.py for what each converts.
 
+    compile: run each decoding step through torch.compile (CUDA graphs on a GPU). It costs a compilation on the
+    first request (a minute for a 7B model) and pays on GPUs; on the CPUs measured here eager decoding was faster
+    (BENCHMARKS.md), so it is off by default.
+
     For inference the model is built lean: the vision tower stops at its feature layer and the decoder's q/k/v and
     gate/up projections are fused. trainable=True builds the plain model instead, parameter for parameter the
     checkpoint's, which training and save() need.
     """
     began = time.perf_counter()
-    from .train.lora import ADAPTER_CONFIG, merge_adapter
-
+    for name, value, low in (("max_image_pixels", max_image_pixels, 1), ("image_cache_bytes", image_cache_bytes, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise LoadError(f"{name} must be an integer >= {low}, got {value!r}")
     adapter = Path(model).expanduser() if str(model) != "demo" else None
-    if adapter is not None and (adapter / ADAPTER_CONFIG).exists() and not (adapter / "config.json").exists():
-        model = read_json(adapter / ADAPTER_CONFIG).get("base_model_name_or_path")
-        if not model:
-            raise CheckpointError(f"{adapter / ADAPTER_CONFIG}: names no base_model_name_or_path to load the adapter onto")
-    else:
-        adapter = None
+    adapter_config = read_adapter_config(adapter) if adapter is not None and is_adapter(adapter) else None
+    if adapter_config is not None:
+        model = adapter_config["base_model_name_or_path"]
     directory = resolve_checkpoint(model, revision)
     cfg = read_config(directory / "config.json")
     saved_quantization = read_json(directory / "config.json").get("quantization")
@@ -268,17 +282,17 @@ def load(
         quantization = saved_quantization
     else:
         llava = build_model(cfg, weight_files(directory), dtype, device, progress, for_inference=not trainable)
-        if adapter is not None:
-            merge_adapter(llava, adapter)
+        if adapter_config is not None:
+            merge_adapter(llava, adapter, adapter_config)
         quantization = None
         if quantize is not None:
             quantization = {"mode": quantize, "group_size": group_size,
                             "layers": convert_linears(llava, quantize, group_size)}
-        elif device.type == "cpu" and not trainable:
-            convert_linears(llava, "fast")
+        elif device.type == "cpu" and not trainable and not compile:
+            convert_linears(llava, "fast")  # (inductor cannot lower the oneDNN op; compiled code has its own)
     generation_config = read_generation_config(directory)
     engine = Engine(llava, processor.tokenizer, eos_token_ids(generation_config, cfg, processor.tokenizer),
-                    image_cache_bytes=image_cache_bytes, prefix_cache=prefix_cache)
+                    image_cache_bytes=image_cache_bytes, prefix_cache=prefix_cache, compile=compile)
     return Pipeline(llava, processor, engine, directory, dtype_reason=dtype_reason,
                     load_seconds=time.perf_counter() - began, quantization=quantization,
                     sampling_defaults=sampling_defaults(generation_config, str(directory / "generation_config.json")))
@@ -303,6 +317,8 @@ class Pipeline:
 
     def prompt_text(self, prompt_or_messages: str | Sequence[dict], images: Sequence[Any] | None) -> tuple[str, list]:
         """One prompt (raw text with <image> placeholders, or chat messages) -> (prompt text, its images)."""
+        if images is not None and not isinstance(images, (list, tuple)):
+            raise PromptError(f"images must be a list (one entry per image), not a {type(images).__name__}")
         images = list(images or [])
         if isinstance(prompt_or_messages, str):
             return prompt_or_messages, images

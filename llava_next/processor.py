@@ -23,13 +23,11 @@ from .prompt import (
     ChatTemplate,
     PromptError,
     Tokenizer,
-    builtin_template,
     count_placeholders,
-    default_template_name,
     expand_placeholders,
-    find_chat_template,
     image_count_message,
     normalize_messages,
+    resolve_chat_template,
 )
 
 
@@ -37,16 +35,21 @@ def read_image_processor_config(directory: Path, cfg: LlavaConfig) -> ImageProce
     """preprocessor_config.json (transformers 4.x) or the image_processor inside processor_config.json (5.x)."""
     legacy = directory / "preprocessor_config.json"
     combined = directory / "processor_config.json"
-    d = None
+    d, where = None, None
     if combined.exists():
-        d = read_json(combined).get("image_processor")
+        d, where = read_json(combined).get("image_processor"), combined
     if d is None and legacy.exists():
-        d = read_json(legacy)
-    if d is None:
-        # No image processor saved: the published recipes' settings for this tile size.
-        side = cfg.vision.image_size
-        d = {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
-    ipc = ImageProcessorConfig.from_hf(d, anyres=cfg.is_anyres, pinpoints=cfg.image_grid_pinpoints)
+        d, where = read_json(legacy), legacy
+    if d is not None and not isinstance(d, dict):
+        raise PromptError(f"{where}: image_processor must be a JSON object, found {type(d).__name__}")
+    try:
+        if d is None:  # no image processor saved: the published recipes' settings at this model's tile size
+            ipc = ImageProcessorConfig.for_model(cfg)
+        else:
+            ipc = ImageProcessorConfig.from_hf(d, anyres=cfg.is_anyres, pinpoints=cfg.image_grid_pinpoints)
+        ipc.checked()
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise PromptError(f"{where}: image processor settings that cannot work ({e})") from None
     if cfg.is_anyres:
         # The model packs features by its own pinpoints; tiles cut by different ones would not line up.
         ipc.image_grid_pinpoints = list(cfg.image_grid_pinpoints)
@@ -78,15 +81,8 @@ class Processor:
     def from_dir(cls, directory: Path, config: LlavaConfig, chat_template: str | None = None,
                  image_limits: ImageLimits = ImageLimits()) -> "Processor":
         tokenizer = Tokenizer.from_dir(directory)
-        if chat_template is not None:
-            source, origin = chat_template, "the chat_template argument"
-        else:
-            source, origin = find_chat_template(directory, tokenizer)
-            if source is None:
-                name = default_template_name(tokenizer, config.text.model_type)
-                source, origin = builtin_template(name), f"built-in template {name!r} (the checkpoint has none)"
-        template = ChatTemplate(source, origin, tokenizer.special_tokens)
-        image_processor = ImageProcessor(read_image_processor_config(directory, config))
+        template = resolve_chat_template(tokenizer, config.text.model_type, directory, chat_template)
+        image_processor = ImageProcessor(read_image_processor_config(directory, config), image_limits.max_pixels)
         return cls(tokenizer, image_processor, template, config, image_limits)
 
     def save(self, directory: Path) -> None:
@@ -132,16 +128,17 @@ class Processor:
     # -- the whole input ---------------------------------------------------------------------------------------------
 
     def __call__(self, text: str | Sequence[str], images: Sequence[Any] | None = None,
-                 padding_side: str | None = None, add_special_tokens: bool | None = None,
-                 return_lengths: bool = False) -> dict[str, torch.Tensor]:
+                 padding_side: str | None = None, add_special_tokens: bool | None = None) -> dict[str, torch.Tensor]:
         """Prompt text(s) with `<image>` placeholders and the images, in order across the texts -> model inputs.
 
         add_special_tokens: None adds the tokenizer's BOS unless the text already starts with it (a template that
         writes BOS itself would otherwise give two).
         """
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else []
         if not texts or not all(isinstance(t, str) for t in texts):
             raise PromptError("text must be a string or a non-empty list of strings")
+        if images is not None and not isinstance(images, (list, tuple)):
+            raise PromptError(f"images must be a list (one entry per <image>), not a {type(images).__name__}")
         images = [self.load_image(im, f"image {i}") for i, im in enumerate(images or [])]
         placeholders = [count_placeholders(t) for t in texts]
         if sum(placeholders) != len(images):
@@ -162,7 +159,9 @@ class Processor:
 
     def _check_fits(self, ids: list[int], sizes, costs) -> None:
         window = self.config.text.max_position_embeddings
-        if len(ids) > window:
+        if not ids:
+            raise PromptError("the prompt is empty (no tokens at all); give some text")
+        if len(ids) >= window:  # an answer needs at least one free position
             per_image = ", ".join(f"{w}x{h} px: {c} tokens" for (h, w), c in zip(sizes, costs)) or "no images"
             raise PromptError(
                 f"the prompt is {len(ids)} tokens with its images ({per_image}) but the model's context window is "

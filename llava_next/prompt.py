@@ -36,6 +36,16 @@ class PromptError(LlavaError, ValueError):
 # Tokenizer
 
 
+def check_text(text: str) -> None:
+    """Text must be valid Unicode: a lone surrogate (from bytes decoded with errors="surrogateescape", as Python
+    does for command-line arguments that are not UTF-8) cannot be tokenized."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"the text has an invalid character at position {e.start} ({text[e.start]!r}, a lone "
+                          "surrogate: bytes that were not UTF-8); give UTF-8 text") from None
+
+
 def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
@@ -68,7 +78,6 @@ class Tokenizer:
         self.image_token_id = self.token_id(IMAGE_TOKEN)
         self.padding_side = config.get("padding_side", "left")
         self.chat_template = config.get("chat_template")
-        self._special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         # transformers 5 applies clean_up_tokenization_spaces only to non-BPE tokenizers (for BPE ones, Llama-3's
         # among them, it would delete real spaces before punctuation) unless the checkpoint insists
         is_bpe = json.loads(tokenizer.to_str()).get("model", {}).get("type") == "BPE"
@@ -115,10 +124,8 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def is_special(self, token_id: int) -> bool:
-        return token_id in self._special_ids
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text)
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
@@ -277,6 +284,31 @@ def find_chat_template(directory: Path, tokenizer: Tokenizer) -> tuple[str | Non
     return None, ""
 
 
+def resolve_chat_template(tokenizer: Tokenizer, text_model_type: str, directory: Path | None = None,
+                          override: str | None = None) -> "ChatTemplate":
+    """The one place that decides a chat template: `override` (a built-in name, a template file, or the Jinja
+    source itself), else the checkpoint's own (`find_chat_template`), else the built-in one for its family."""
+    if override is not None:
+        if not isinstance(override, str):
+            raise PromptError(f"chat_template must be a string (a built-in name, a file, or Jinja text), not "
+                              f"{type(override).__name__}")
+        if override in BUILTIN_TEMPLATES:
+            source, origin = builtin_template(override), f"built-in template {override!r}"
+        elif Path(override).is_file():
+            source, origin = Path(override).read_text(), override
+        elif "{{" in override or "{%" in override:
+            source, origin = override, "the chat_template given"
+        else:
+            raise PromptError(f"chat template {override!r} is not a built-in name ({', '.join(BUILTIN_TEMPLATES)}), "
+                              "a file, or Jinja template text")
+        return ChatTemplate(source, origin, tokenizer.special_tokens)
+    source, origin = find_chat_template(directory, tokenizer) if directory is not None else (None, "")
+    if source is None:
+        name = default_template_name(tokenizer, text_model_type)
+        source, origin = builtin_template(name), f"built-in template {name!r} (the checkpoint has none)"
+    return ChatTemplate(source, origin, tokenizer.special_tokens)
+
+
 def default_template_name(tokenizer: Tokenizer, text_model_type: str) -> str:
     """The built-in template for a checkpoint that ships none, from the special tokens its tokenizer knows."""
     if tokenizer.token_id("<|start_header_id|>") is not None:
@@ -295,8 +327,12 @@ def normalize_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[st
     String content becomes one text item (transformers' templates would silently drop it) and OpenAI-style
     `image_url` items become image items.
     """
+    if isinstance(messages, (bytes, bytearray)):
+        raise PromptError("the prompt is bytes; decode it to str first (e.g. data.decode('utf-8'))")
     if isinstance(messages, dict) or not isinstance(messages, Sequence) or isinstance(messages, str):
         raise PromptError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    if not messages:
+        raise PromptError("there are no messages; give at least one {'role': 'user', 'content': ...}")
     out, images = [], []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
@@ -306,6 +342,8 @@ def normalize_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[st
             content = []
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
+        if not isinstance(content, (list, tuple)):
+            raise PromptError(f"message {i}: content must be a string or a list of items, not {type(content).__name__}")
         items = []
         for j, item in enumerate(content):
             if not isinstance(item, dict) or "type" not in item:
@@ -339,6 +377,9 @@ class RenderedChat:
 
 class ChatTemplate:
     def __init__(self, source: str, origin: str, special_tokens: dict[str, str | None]):
+        if not isinstance(source, str) or not source.strip():
+            raise PromptError(f"the chat template from {origin} is {'empty' if isinstance(source, str) else 'not text'}"
+                              "; give a Jinja template")
         self.source = source
         self.origin = origin
         self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}

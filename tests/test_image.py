@@ -195,3 +195,41 @@ def test_byte_limit(tmp_path):
     smooth_image(200, 200).save(path)
     with pytest.raises(ImageError, match="bytes is over the limit"):
         decode_image(path, ImageLimits(max_bytes=100))
+
+
+def test_image_processor_defaults_are_the_dataclass_defaults_everywhere():
+    from dataclasses import replace
+
+    from llava_next.config import LlavaConfig, VisionConfig
+
+    defaults = ImageProcessorConfig(anyres=True, image_grid_pinpoints=list(DEFAULT_PINPOINTS))
+    # a preprocessor config that leaves every key out
+    assert ImageProcessorConfig.from_hf({}, anyres=True, pinpoints=list(DEFAULT_PINPOINTS)) == defaults
+    # a model with no preprocessor config at all (trained from scratch, or a checkpoint that ships none)
+    model = LlavaConfig(model_type="llava_next", image_grid_pinpoints=list(DEFAULT_PINPOINTS))
+    assert ImageProcessorConfig.for_model(model) == defaults
+    small = replace(model, vision=VisionConfig(image_size=32, patch_size=8), image_grid_pinpoints=[(32, 64)])
+    assert ImageProcessorConfig.for_model(small) == replace(defaults, shortest_edge=32, crop_size=(32, 32),
+                                                            image_grid_pinpoints=[(32, 64)])
+
+
+def test_a_missing_crop_size_crops_to_the_resize_size():
+    # {"height": 336, "width": 336} with no crop_size: the crop follows the resize, it is not a fixed 224 px
+    cfg = ImageProcessorConfig.from_hf({"size": {"height": 336, "width": 336}}, anyres=True, pinpoints=None)
+    assert cfg.crop_size == (336, 336) and cfg.tile_size == 336
+    assert ImageProcessorConfig.from_hf({"size": {"shortest_edge": 224}}, anyres=False, pinpoints=None).crop_size == (224, 224)
+
+
+def test_processor_without_a_preprocessor_config_uses_the_defaults_at_the_model_tile_size(tmp_path, tiny):
+    import shutil
+
+    from llava_next.config import read_config
+    from llava_next.processor import read_image_processor_config
+
+    directory = tmp_path / "ckpt"
+    shutil.copytree(tiny("vicuna"), directory)
+    cfg = read_config(directory / "config.json")
+    saved = read_image_processor_config(directory, cfg)
+    (directory / "preprocessor_config.json").unlink(missing_ok=True)
+    (directory / "processor_config.json").unlink(missing_ok=True)
+    assert read_image_processor_config(directory, cfg) == ImageProcessorConfig.for_model(cfg) == saved

@@ -209,3 +209,18 @@ def test_clean_up_tokenization_spaces_decodes_as_transformers(kind, clean_up, tm
     detok = IncrementalDetokenizer(ours)
     streamed = "".join(detok.add(i) for i in ids) + detok.flush()
     assert streamed == detok.text == expected
+
+
+def test_one_function_resolves_every_chat_template(tiny, load_pipeline, tmp_path):
+    from llava_next.prompt import PromptError, resolve_chat_template
+
+    tokenizer = load_pipeline(tiny("vicuna")).processor.tokenizer
+    assert resolve_chat_template(tokenizer, "llama", override="mistral").origin == "built-in template 'mistral'"
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert resolve_chat_template(tokenizer, "llama", override=str(path)).origin == str(path)
+    assert resolve_chat_template(tokenizer, "llama", override=path.read_text()).origin == "the chat_template given"
+    with pytest.raises(PromptError, match="'vicunna' is not a built-in name"):
+        resolve_chat_template(tokenizer, "llama", override="vicunna")
+    assert resolve_chat_template(tokenizer, "llama", directory=tiny("vicuna")).origin == "chat_template.jinja"
+    assert resolve_chat_template(tokenizer, "mistral").origin == "built-in template 'mistral' (the checkpoint has none)"

@@ -126,3 +126,12 @@ def test_weights_are_read_straight_into_the_parameters(tiny):
         into = torch.empty(tensor.shape, dtype=torch.bfloat16)  # another dtype: through one temporary
         stored[name].read_into(into)
         assert torch.equal(into, tensor.to(torch.bfloat16)), name
+
+
+def test_compiled_decoding_gives_the_eager_tokens(tiny):
+    eager = llava_next.load(tiny("vicuna"), dtype="float32", progress=False, prefix_cache=False)
+    compiled = llava_next.load(tiny("vicuna"), dtype="float32", progress=False, prefix_cache=False, compile=True)
+    got = compiled.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=6)
+    assert got.token_ids == eager.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=6).token_ids
+    if shutil.which("g++") or shutil.which("c++"):  # with a compiler it really ran compiled, no fallback
+        assert compiled.engine.decode_step is not compiled.model

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import llava_next
-from conftest import reference_model, smooth_image
+from conftest import random_image, reference_model, smooth_image
 from llava_next.data import synth
 from llava_next.data.records import DataError, Record, read_records
 from llava_next.data.tokenizer import texts_of, train_tokenizer
@@ -132,6 +132,75 @@ def test_bad_records_are_dropped_with_their_reasons_and_too_many_fail(tiny, load
         validate(read_records(data), encoder, max_bad_fraction=0.1)
 
 
+def _image_files(folder: Path) -> dict[str, Path]:
+    """Images of every kind validation meets: formats, modes, EXIF orientations, and broken files."""
+    from PIL import Image
+
+    base = random_image(70, 40)
+    files = {}
+    for name, image, options in [("rgb.png", base, {}), ("rgba.png", random_image(70, 40, mode="RGBA"), {}),
+                                 ("gray.png", random_image(70, 40, mode="L"), {}), ("photo.jpg", base, {}),
+                                 ("anim.gif", base, {}), ("pic.webp", base, {}), ("pic.bmp", base, {})]:
+        files[name] = folder / name
+        image.save(files[name], **options)
+    for orientation in (3, 6, 8):  # upside down (no swap), and the two quarter turns (width and height swap)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        for ext in ("jpg", "png"):
+            files[f"turned{orientation}.{ext}"] = folder / f"turned{orientation}.{ext}"
+            base.save(files[f"turned{orientation}.{ext}"], exif=exif.tobytes())
+    for ext in ("jpg", "png"):
+        data = files[f"turned6.{ext}" if ext == "jpg" else "rgb.png"].read_bytes()
+        files[f"cut.{ext}"] = folder / f"cut.{ext}"
+        files[f"cut.{ext}"].write_bytes(data[: len(data) * 2 // 3])
+    files["garbage.png"] = folder / "garbage.png"
+    files["garbage.png"].write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    files["missing.jpg"] = folder / "missing.jpg"
+    return files
+
+
+def test_image_size_from_the_header_agrees_with_decoding_in_size_and_errors(tmp_path):
+    from llava_next.image import ImageError, ImageLimits, decode_image, image_size
+
+    files = _image_files(tmp_path)
+    outcomes = {}
+    for name, path in files.items():
+        results = []
+        for read in (lambda p: decode_image(p).size[::-1], image_size):
+            try:
+                results.append(read(path))
+            except ImageError as e:
+                results.append(str(e).split(": ", 1)[1].split(" (")[0])
+        assert results[0] == results[1], name
+        outcomes[name] = results[1]
+    assert outcomes["turned6.jpg"] == outcomes["turned8.png"] == (70, 40) and outcomes["turned3.jpg"] == (40, 70)
+    assert outcomes["cut.jpg"] == outcomes["cut.png"] == "the image data is truncated or corrupt"
+    assert outcomes["missing.jpg"] == "no such image file"
+    with pytest.raises(ImageError, match="pixels is over the limit of 1000"):
+        image_size(files["photo.jpg"], ImageLimits(max_pixels=1000))
+
+
+def test_validation_reads_image_sizes_without_decoding_every_pixel(tiny, load_pipeline, tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    files = _image_files(tmp_path)
+    names = ["rgb.png", "rgba.png", "photo.jpg", "turned6.jpg", "cut.png", "cut.jpg"]
+    data = _write_records(tmp_path / "data.jsonl", [
+        {"id": name, "image": name, "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                       {"from": "gpt", "value": "A thing."}]} for name in names])
+    full_decodes = []  # (format, size) of every decode of all the pixels
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: (full_decodes.append((im.format, im.size))
+                                                                   if im.size == (70, 40) else None, load(im))[1])
+    pipe = load_pipeline(tiny("vicuna"))
+    report = validate(read_records(data), SampleEncoder(pipe.processor, pipe.engine.eos_token_ids, "chat", 100_000),
+                      max_bad_fraction=1.0)
+    assert full_decodes == []  # PNG: chunk checksums only; JPEG: decoded at 1/8 scale
+    assert {s.id: s.image_sizes for s in report.samples} == {
+        "rgb.png": [(40, 70)], "rgba.png": [(40, 70)], "photo.jpg": [(40, 70)], "turned6.jpg": [(70, 40)]}
+    assert dict(report.dropped) == {"unreadable image": ["cut.png", "cut.jpg"]}
+
+
 def test_grouped_batches_never_mix_modalities_and_cover_the_epoch():
     lengths = [10, -5, 30, -7, 12, 8, -20, 40, -3, 15, -9, 22] * 4  # 28 with images, 20 text-only
     batches = epoch_batches(lengths, 4, seed=3, epoch=0, grouped=True)
@@ -216,6 +285,18 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(shapes, tmp_path
     assert losses(tmp_path / "parts") == losses(whole)
     a, b = _final_state(whole), _final_state(tmp_path / "parts")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("keep, kept", [(2, [2, 3]), (0, []), (None, [1, 2, 3])], ids=["2", "0", "null"])
+def test_keep_checkpoints_keeps_the_newest_that_many_none_or_all(keep, kept, shapes, tmp_path):
+    keep_text = "null" if keep is None else keep
+    run = train(recipe_for(shapes, tmp_path / "run", max_steps=3, save_every=1, keep_checkpoints=keep_text),
+                progress=False)
+    steps = sorted(int(p.name.removeprefix("step-")) for p in (run / "checkpoints").glob("step-*"))
+    assert steps == kept
+    assert (run / "model.safetensors").exists()  # the final model is saved whatever is kept
+    with pytest.raises(RecipeError, match="train.keep_checkpoints must be a count"):
+        recipe_for(shapes, tmp_path / "bad", keep_checkpoints=-1)
 
 
 def _torchrun(args: list[str], cwd: Path) -> None:

@@ -31,10 +31,6 @@ class Record:
     turns: list[tuple[str, str]]  # (role, text), roles normalised to system / user / assistant
     types: list[str] = field(default_factory=list)  # one per assistant turn, when the data says
 
-    @property
-    def has_images(self) -> bool:
-        return bool(self.images)
-
     def messages(self, upto: int | None = None) -> list[dict[str, Any]]:
         """Chat messages in transformers' format; each <image> in a user turn becomes an image item in place."""
         out = []

@@ -1,9 +1,13 @@
 """Exact-match evaluation on LLaVA-format question answering data, reported per question type.
 
 Every gpt turn of every record is one question: the model sees the conversation up to it (earlier answers as the
-data gives them) and answers greedily; the answer counts when it equals the reference after normalisation (case,
-surrounding white space and final punctuation ignored). Types come from the record's "types" (one per gpt turn)
-or "type"; otherwise every question is of type "all".
+data gives them) with the images those turns show (each `<image>` takes the record's next image, so a question
+asked before the second `<image>` sees only the first image) and answers greedily; the answer counts when it equals
+the reference after normalisation (case, surrounding white space and final punctuation ignored). Types come from
+the record's "types" (one per gpt turn) or "type"; otherwise every question is of type "all".
+
+A question whose image does not decode, or whose record has a different number of `<image>` than images, is
+skipped with the reason (the record, the file, why) and counted apart: accuracy is over the questions answered.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..data.records import Record, read_records
+from ..image import ImageError
+from ..prompt import IMAGE_TOKEN
 
 
 def normalize_answer(text: str) -> str:
@@ -26,20 +32,38 @@ class Question:
     record_id: str
     type: str
     messages: list[dict[str, Any]]
-    images: list[Path]
+    images: list[Path]  # the images of the turns up to the question, in order
     answer: str
 
 
-def questions_of(records: list[Record]) -> list[Question]:
-    out = []
+@dataclass
+class Skipped:
+    record_id: str
+    type: str
+    image: str | None  # the file at fault, when one is
+    reason: str
+
+
+def questions_of(records: list[Record]) -> list[Question | Skipped]:
+    """Every question of the records in order; those of a record whose <image> count differs from its images come
+    as Skipped."""
+    out: list[Question | Skipped] = []
     for record in records:
+        placeholders = sum(text.count(IMAGE_TOKEN) for role, text in record.turns if role == "user")
+        shown = 0  # the <image> placeholders in the user turns so far: they take the record's images in order
         turn = 0
         for i, (role, text) in enumerate(record.turns):
+            if role == "user":
+                shown += text.count(IMAGE_TOKEN)
             if role != "assistant":
                 continue
             kind = record.types[turn] if turn < len(record.types) else "all"
-            out.append(Question(record.id, kind, record.messages(upto=i), record.images, text))
             turn += 1
+            if placeholders != len(record.images):
+                out.append(Skipped(record.id, kind, None,
+                                   f"{placeholders} <image> in its turns but {len(record.images)} images"))
+            else:
+                out.append(Question(record.id, kind, record.messages(upto=i), record.images[:shown], text))
     return out
 
 
@@ -47,6 +71,7 @@ def questions_of(records: list[Record]) -> list[Question]:
 class EvalResult:
     by_type: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # type -> [right, n]
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)  # one per question not asked
 
     @property
     def correct(self) -> int:
@@ -60,23 +85,56 @@ class EvalResult:
     def accuracy(self) -> float:
         return self.correct / max(1, self.total)
 
+    def skipped_by_type(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for s in self.skipped:
+            counts[s.type] += 1
+        return counts
+
+    def skipped_records(self) -> list[dict[str, Any]]:
+        """One entry per (record, file, reason), with how many of its questions were skipped."""
+        grouped: dict[tuple, int] = {}
+        for s in self.skipped:
+            key = (s.record_id, s.image, s.reason)
+            grouped[key] = grouped.get(key, 0) + 1
+        return [{"id": rid, "image": image, "reason": reason, "questions": n}
+                for (rid, image, reason), n in grouped.items()]
+
     def table(self) -> str:
-        lines = ["| type | questions | correct | accuracy |", "| --- | ---: | ---: | ---: |"]
-        for kind in sorted(self.by_type):
-            right, n = self.by_type[kind]
-            lines.append(f"| {kind} | {n} | {right} | {right / n:.1%} |")
-        lines.append(f"| **all** | {self.total} | {self.correct} | {self.accuracy:.1%} |")
+        skipped = self.skipped_by_type()
+        extra = bool(skipped)  # the skipped column only when something was skipped
+        lines = ["| type | questions | correct | accuracy |" + (" skipped |" if extra else ""),
+                 "| --- | ---: | ---: | ---: |" + (" ---: |" if extra else "")]
+        for kind in sorted(set(self.by_type) | set(skipped)):
+            right, n = self.by_type.get(kind, (0, 0))
+            accuracy = f"{right / n:.1%}" if n else "-"
+            lines.append(f"| {kind} | {n} | {right} | {accuracy} |" + (f" {skipped.get(kind, 0)} |" if extra else ""))
+        lines.append(f"| **all** | {self.total} | {self.correct} | {self.accuracy:.1%} |"
+                     + (f" {len(self.skipped)} |" if extra else ""))
+        if extra:
+            lines.append(f"\n{len(self.skipped)} question(s) skipped:")
+            for s in self.skipped_records():
+                lines.append(f"- record {s['id']}" + (f", image {s['image']}" if s["image"] else "")
+                             + f": {s['reason']} ({s['questions']} question(s))")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total,
-                "by_type": {k: {"correct": r, "total": n, "accuracy": r / n} for k, (r, n) in sorted(self.by_type.items())}}
+        skipped = self.skipped_by_type()
+        by_type = {}
+        for kind in sorted(set(self.by_type) | set(skipped)):
+            right, n = self.by_type.get(kind, (0, 0))
+            by_type[kind] = {"correct": right, "total": n, "accuracy": right / n if n else None,
+                             "skipped": skipped.get(kind, 0)}
+        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total, "skipped": len(self.skipped),
+                "by_type": by_type, "skipped_records": self.skipped_records()}
 
 
 def evaluate(pipe, data: str | Path, image_folder: str | Path | None = None, limit: int | None = None,
              batch_size: int = 16, max_new_tokens: int = 16, progress: bool = False) -> EvalResult:
-    questions = questions_of(read_records(data, image_folder))[:limit]
-    result = EvalResult()
+    items = questions_of(read_records(data, image_folder))[:limit]
+    questions = [q for q in items if isinstance(q, Question)]
+    result = EvalResult(skipped=[s for s in items if isinstance(s, Skipped)])
+    failed: dict[Path, str] = {}  # images that did not decode, and why: kept for the run, so each is tried once
     bar = None
     if progress:
         from tqdm import tqdm
@@ -84,9 +142,23 @@ def evaluate(pipe, data: str | Path, image_folder: str | Path | None = None, lim
         bar = tqdm(total=len(questions), desc="evaluating", leave=False)
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
-        answers = pipe.generate([q.messages for q in chunk], [list(q.images) for q in chunk],
-                                max_new_tokens=max_new_tokens)
-        for q, a in zip(chunk, answers):
+        decoded = {}  # decoded images, for this batch only (a record's questions often share them)
+        ready = []
+        for q in chunk:
+            for path in q.images:
+                if path not in decoded and path not in failed:
+                    try:
+                        decoded[path] = pipe.processor.load_image(path)
+                    except ImageError as e:
+                        failed[path] = str(e).removeprefix(f"{path}: ")
+                if path in failed:
+                    result.skipped.append(Skipped(q.record_id, q.type, str(path), failed[path]))
+                    break
+            else:
+                ready.append(q)
+        answers = pipe.generate([q.messages for q in ready], [[decoded[p] for p in q.images] for q in ready],
+                                max_new_tokens=max_new_tokens) if ready else []
+        for q, a in zip(ready, answers):
             right = normalize_answer(a.text) == normalize_answer(q.answer)
             result.by_type[q.type][0] += int(right)
             result.by_type[q.type][1] += 1

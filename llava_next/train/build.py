@@ -19,7 +19,7 @@ import torch
 from tokenizers import AddedToken
 from torch import nn
 
-from ..checkpoint import CheckpointError, iter_checkpoint_tensors, resolve_checkpoint, weight_files
+from ..checkpoint import CheckpointError, iter_checkpoint_tensors, map_part_weight_name, resolve_checkpoint, weight_files
 from ..config import DEFAULT_PINPOINTS, LlavaConfig, RopeConfig, TextConfig, VisionConfig, text_config_from_hf, \
     vision_config_from_hf
 from ..engine import Engine
@@ -27,7 +27,7 @@ from ..image import ImageProcessor, ImageProcessorConfig
 from ..model.llava import LlavaModel
 from ..pipeline import Pipeline, eos_token_ids, load, read_generation_config
 from ..processor import Processor
-from ..prompt import IMAGE_TOKEN, ChatTemplate, Tokenizer, builtin_template, default_template_name
+from ..prompt import IMAGE_TOKEN, ChatTemplate, Tokenizer, resolve_chat_template
 
 
 @dataclass
@@ -55,21 +55,7 @@ def _pinpoints_for(tile: int) -> list[tuple[int, int]]:
 
 
 def _image_processor(cfg: LlavaConfig) -> ImageProcessor:
-    side = cfg.vision.image_size
-    return ImageProcessor(ImageProcessorConfig.from_hf(
-        {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}},
-        anyres=cfg.is_anyres, pinpoints=cfg.image_grid_pinpoints))
-
-
-def _template(tokenizer: Tokenizer, text_model_type: str, name_or_source: str | None) -> ChatTemplate:
-    if name_or_source is None:
-        name_or_source = default_template_name(tokenizer, text_model_type)
-    if "{%" in name_or_source or "{{" in name_or_source:
-        return ChatTemplate(name_or_source, "the recipe's chat_template", tokenizer.special_tokens)
-    if Path(name_or_source).is_file():
-        return ChatTemplate(Path(name_or_source).read_text(), name_or_source, tokenizer.special_tokens)
-    return ChatTemplate(builtin_template(name_or_source), f"built-in template {name_or_source!r}",
-                        tokenizer.special_tokens)
+    return ImageProcessor(ImageProcessorConfig.for_model(cfg))
 
 
 def _pipeline(model: LlavaModel, tokenizer: Tokenizer, template: ChatTemplate, eos: list[int]) -> Pipeline:
@@ -125,7 +111,7 @@ def build_scratch(tokenizer_dir: str | Path, sizes: ScratchSizes, chat_template:
     torch.manual_seed(seed)
     model = LlavaModel(cfg)
     init_weights(model)
-    template = _template(tokenizer, "llama", chat_template)
+    template = resolve_chat_template(tokenizer, "llama", override=chat_template)
     return _pipeline(model, tokenizer, template, [tokenizer.eos_token_id])
 
 
@@ -164,15 +150,14 @@ def build_from_parts(vision: str, language: str, chat_template: str | None = Non
     params = dict(model.named_parameters())
     loaded = set()
     for key, read in iter_checkpoint_tensors(weight_files(vision_dir)):
-        name = key[len("vision_model."):] if key.startswith("vision_model.") else key
-        target = f"vision_tower.{name}"
+        target = map_part_weight_name(key, "vision")
         if target in params:
             _copy(params[target], read(), key)
             loaded.add(target)
     for key, read in iter_checkpoint_tensors(weight_files(language_dir)):
-        if key.endswith("rotary_emb.inv_freq"):
+        target = map_part_weight_name(key, "language")
+        if target is None:
             continue
-        target = "lm_head.weight" if key == "lm_head.weight" else "language_model." + key[len("model."):]
         if target not in params:
             raise CheckpointError(f"{language_dir}: unexpected weight {key} for a {text_cfg.model_type} model")
         tensor = read()
@@ -185,7 +170,7 @@ def build_from_parts(vision: str, language: str, chat_template: str | None = Non
     if missing:
         raise CheckpointError(f"weights missing from the vision or language checkpoint: {', '.join(missing[:8])}")
     _init_newline(model)
-    template = _template(tokenizer, text_cfg.model_type, chat_template)
+    template = resolve_chat_template(tokenizer, text_cfg.model_type, override=chat_template)
     return _pipeline(model, tokenizer, template, eos_token_ids(read_generation_config(language_dir), cfg, tokenizer))
 
 

@@ -2,7 +2,8 @@
 
 `apply_lora` swaps chosen nn.Linear modules for `LoRALinear`, which keeps the frozen original as `.base` and adds
 a low-rank update B·A scaled by alpha / r. After training the update is either merged into the weights (a plain
-checkpoint) or saved alone as an adapter in PEFT's file format, which `llava_next.load` accepts.
+checkpoint) or saved alone as an adapter in PEFT's file format, which `llava_next.load` merges on loading (with
+`llava_next.adapter`, the inference side, which never imports training).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass
@@ -81,7 +82,7 @@ def split_lora_state(state: dict[str, torch.Tensor], scale: float) -> tuple[dict
 
 def peft_key(name: str) -> str:
     """Our `language_model.layers.0.self_attn.q_proj.lora_A.weight` -> PEFT's key for transformers' module tree."""
-    return "base_model.model.model." + name
+    return PEFT_PREFIX + "model." + name
 
 
 def save_adapter(adapter: dict[str, torch.Tensor], cfg: LoraConfig, directory: Path, base_model: str) -> None:
@@ -94,25 +95,3 @@ def save_adapter(adapter: dict[str, torch.Tensor], cfg: LoraConfig, directory: P
         "lora_dropout": cfg.dropout, "target_modules": cfg.targets, "bias": "none",
     }, indent=2))
 
-
-def merge_adapter(model: nn.Module, directory: Path) -> None:
-    """Add a saved adapter's update B·A·alpha/r into the model's weights, in place."""
-    from safetensors.torch import load_file
-
-    config = json.loads((directory / ADAPTER_CONFIG).read_text())
-    scale = float(config["lora_alpha"]) / float(config["r"])
-    weights = load_file(str(directory / ADAPTER_WEIGHTS))
-    params = model.checkpoint_weights()  # views into fused projections, where the model has them
-    prefix = "base_model.model."
-    for key, a in weights.items():
-        if ".lora_A." not in key:
-            continue
-        module = key[len(prefix):].split(".lora_A.")[0]
-        if module.startswith("model."):
-            module = module[len("model."):]
-        b = weights[key.replace(".lora_A.", ".lora_B.")]
-        target = params.get(f"{module}.weight")
-        if target is None:
-            raise ValueError(f"{directory}: the adapter has weights for {module}, which the base model lacks")
-        with torch.no_grad():
-            target.add_((scale * (b.float() @ a.float())).to(target.dtype))

@@ -69,8 +69,8 @@ class TrainRecipe:
     gradient_checkpointing: bool = False
     group_by_modality_length: bool = True
     seed: int = 0
-    save_every: int = 0  # optimizer steps between resumable checkpoints; 0: only at the end
-    keep_checkpoints: int = 2
+    save_every: int = 0  # optimizer steps between resumable checkpoints; 0: none (the final model is still saved)
+    keep_checkpoints: int | None = 2  # the newest this many are kept; 0: none is written; null (None): all are kept
     log_every: int = 1
     save_dtype: str = "float32"
 
@@ -109,6 +109,9 @@ class Recipe:
                               "onto; it works with model.init: llava")
         if t.precision not in ("auto", "bf16", "fp32"):
             raise RecipeError(f"train.precision must be auto, bf16 or fp32, not {t.precision!r}")
+        if t.keep_checkpoints is not None and (isinstance(t.keep_checkpoints, bool) or
+                                               not isinstance(t.keep_checkpoints, int) or t.keep_checkpoints < 0):
+            raise RecipeError(f"train.keep_checkpoints must be a count (0: none) or null (all), not {t.keep_checkpoints!r}")
         if t.batch_size < 1 or t.grad_accum < 1:
             raise RecipeError("train.batch_size and train.grad_accum must be at least 1")
         return self

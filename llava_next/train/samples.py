@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..data.records import DataError, Record
-from ..image import ImageError, decode_image
+from ..image import ImageError, image_size
 from ..processor import Processor
 from ..prompt import IMAGE_TOKEN, PromptError
 
@@ -190,8 +190,7 @@ def validate(records: Sequence[Record], encoder: SampleEncoder, max_bad_fraction
         for path in record.images:
             if path not in size_cache:
                 try:
-                    image = decode_image(path, encoder.processor.image_limits)
-                    size_cache[path] = (image.height, image.width)
+                    size_cache[path] = image_size(path, encoder.processor.image_limits)  # no full decode
                 except ImageError as e:
                     size_cache[path] = "missing image" if "no such image file" in str(e) else "unreadable image"
             if isinstance(size_cache[path], str):

@@ -198,7 +198,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, position: dict, procs: Processes, keep: int) -> None:
+def save_checkpoint(directory: Path, model, optimizer, scheduler, position: dict, procs: Processes,
+                    keep: int | None) -> None:
+    """Write a resumable checkpoint, then delete all but the newest `keep` (None: keep all)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -211,8 +213,9 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, position: dict
         (step_dir / "trainer_state.json").write_text(json.dumps(
             {**position, "scheduler": scheduler.state_dict(), "world_size": procs.world}, indent=2))
     procs.barrier()
-    if procs.main:
-        for old in sorted(directory.glob("step-*"))[:-keep]:
+    if procs.main and keep is not None:
+        steps = sorted(directory.glob("step-*"))
+        for old in steps[: max(0, len(steps) - keep)]:
             shutil.rmtree(old)
 
 
@@ -372,7 +375,8 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, stop
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{max(row['lr'].values()):.2e}",
                             tok_s=f"{row['tokens_per_s']:.0f}")
         interrupted = stop_after is not None and position["step"] >= stop_after
-        if (t.save_every and position["step"] % t.save_every == 0) or interrupted:
+        wanted = (t.save_every and position["step"] % t.save_every == 0) or interrupted
+        if wanted and t.keep_checkpoints != 0:  # 0 keeps none, so none is written
             save_checkpoint(out / "checkpoints", model, optimizer, scheduler, position, procs, t.keep_checkpoints)
         if interrupted:
             break
