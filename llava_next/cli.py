@@ -60,7 +60,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling options given on the command line (the rest come from the checkpoint or the defaults)."""
-    return {f.name: getattr(args, f.name) for f in fields(SamplingParams) if getattr(args, f.name) is not None}
+    return {f.name: getattr(args, f.name) for f in fields(SamplingParams) if getattr(args, f.name, None) is not None}
 
 
 def _load(args: argparse.Namespace):
