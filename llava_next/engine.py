@@ -414,6 +414,7 @@ class Scheduler:
             return
         self.prefilling.remove(seq)
         self.running.append(seq)
+        seq.features = None  # in the cache now
         self._accept([seq], logits[:, -1], changed)
 
     def _decode(self, changed: list[Sequence]) -> None:
