@@ -60,7 +60,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling options given on the command line (the rest come from the checkpoint or the defaults)."""
-    return {f.name: getattr(args, f.name) for f in fields(SamplingParams) if getattr(args, f.name) is not None}
+    return {f.name: getattr(args, f.name) for f in fields(SamplingParams) if getattr(args, f.name, None) is not None}
 
 
 def _load(args: argparse.Namespace):
@@ -287,6 +287,68 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve -----------------------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from .serve.app import ServeSettings, parse_bytes, serve  # noqa: F811
+    except ImportError as e:
+        raise LlavaError(f"the server needs the serve extra ({e.name} is missing): pip install 'llava-next[serve]'") from None
+    try:
+        kv_memory = parse_bytes(args.kv_memory) if args.kv_memory else None
+    except ValueError as e:
+        raise LlavaError(f"--kv-memory: {e}") from None
+    settings = ServeSettings(
+        model=args.model, served_name=args.served_model_name, host=args.host, port=args.port,
+        api_key=args.api_key or os.environ.get("LLAVA_NEXT_API_KEY") or None, max_concurrent=args.max_concurrent,
+        kv_memory=kv_memory, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_images=args.max_images,
+        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+        max_body_bytes=args.max_body_bytes, allow_remote_images=args.allow_remote_images,
+        allowed_local_media_path=args.allowed_local_media_path, fetch_timeout=args.fetch_timeout,
+        log_prompts=args.log_prompts, dtype=args.dtype, device=args.device, revision=args.revision,
+        quantize=args.quantize, group_size=args.group_size, compile=args.compile)
+    if settings.allowed_local_media_path and not os.path.isdir(settings.allowed_local_media_path):
+        raise LlavaError(f"--allowed-local-media-path {settings.allowed_local_media_path}: not a directory")
+    serve(settings)
+    return 0
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    from .serve.settings import ServeSettings
+
+    d = ServeSettings()
+
+    p.add_argument("--served-model-name", help="the model id clients send (default: the --model directory's name)")
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host}: this machine only)")
+    p.add_argument("--port", type=int, default=d.port, help=f"(default {d.port})")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes (or set LLAVA_NEXT_API_KEY, "
+                                     "which keeps the key out of the process list)")
+    p.add_argument("--max-concurrent", type=int, help="sequences generated at once (default: 8 on CPU, 32 on GPU, "
+                                                      "fewer when the KV memory is short)")
+    p.add_argument("--kv-memory", help="KV cache memory, e.g. 4GiB (default: a quarter of free memory on CPU, half "
+                                       "of free GPU memory)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help=f"requests waiting beyond the running ones before answering 429 (default {d.max_queue})")
+    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
+                   help=f"prompt tokens per step while other answers stream (default {d.prefill_chunk})")
+    p.add_argument("--max-images", type=int, default=d.max_images, help=f"per request (default {d.max_images})")
+    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes,
+                   help=f"encoded bytes per image (default {d.max_image_bytes})")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help=f"request body size (default {d.max_body_bytes})")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (public addresses only; off by default)")
+    p.add_argument("--allowed-local-media-path", metavar="DIR",
+                   help="allow file:// URLs and paths under DIR (off by default)")
+    p.add_argument("--fetch-timeout", type=float, default=d.fetch_timeout,
+                   help=f"seconds for a remote image download (default {d.fetch_timeout})")
+    p.add_argument("--log-prompts", action="store_true", help="log the messages of each request (off: ids, counts "
+                                                              "and timings only)")
+
+
 # -- entry point -----------------------------------------------------------------------------------------------------
 
 
@@ -359,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--predictions", help="write every prediction to this JSON-lines file")
     e.add_argument("--json", action="store_true")
     e.set_defaults(run=cmd_eval)
+    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a web chat page (the serve extra)")
+    _add_model_args(v)
+    _add_serve_args(v)
+    v.set_defaults(run=cmd_serve)
     return parser
 
 

@@ -1,24 +1,30 @@
-"""The generation engine: KV cache, sampling, stopping, batched and streaming generation.
+"""The generation engine: KV space, scheduling, sampling, stopping; batched, streamed and served generation.
 
-The model is stateless; this engine owns the cache. One prefill pass over the whole (left-padded) batch, then one
-token per row per step, each row stopping on its own. Per step the only Python work is bookkeeping of the rows
-still running; everything that can be computed once (EOS ids, the cache, the penalty mask) is computed once.
+The model is stateless; this engine owns the cache. A `Scheduler` runs many sequences at once in one preallocated KV
+space of `slots` rows: each sequence is prefilled in its own row (whole, or in chunks between decoding steps when
+other sequences are streaming), then joins the running batch, which takes one token per sequence per step; sequences
+join and leave between steps (continuous batching). `generate()` and `stream()` are a scheduler run to completion;
+the server keeps one running on a thread of its own (`BackgroundEngine`). A batch is just sequences submitted
+together, and since no row is ever padded, a prompt's answer does not depend on what it ran beside.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from collections import deque
+from dataclasses import dataclass
+import typing
+from typing import Callable, Iterator
 
 import torch
 
 from .caches import ImageFeatureCache, PrefixCache, image_key, token_identities
 from .errors import LlavaError
 from .model.decoder import KVCache
-from .model.llava import LlavaModel, positions_from_mask
+from .model.llava import ImageTokenMismatch, LlavaModel
 from .prompt import IncrementalDetokenizer, Tokenizer
 
 
@@ -28,6 +34,7 @@ class GenerationError(LlavaError, ValueError):
 
 # Temperatures this small are greedy: dividing float32 logits by them would overflow to infinity.
 GREEDY_BELOW = 1e-5
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -40,7 +47,8 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output
     seed: int | None = None
-    stop: Sequence[str] = ()  # stop when the output contains one of these; it is not included in the text
+    stop: typing.Sequence[str] = ()  # stop when the output contains one of these; it is not included in the text
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely ones
 
     def validate(self) -> "SamplingParams":
         def number(name: str, integer: bool = False) -> float:
@@ -68,6 +76,8 @@ class SamplingParams:
             self.stop = (self.stop,)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationError("stop strings must be non-empty strings")
+        if self.logprobs is not None and not 0 <= number("logprobs", integer=True) <= MAX_LOGPROBS:
+            raise GenerationError(f"logprobs must be from 0 to {MAX_LOGPROBS}, got {self.logprobs}")
         return self
 
 
@@ -79,6 +89,7 @@ class Generation:
     prompt_tokens: int
     prefill_seconds: float = 0.0  # from the request's start to its first token (images, prompt, first sample)
     decode_seconds: float = 0.0  # from the first token to the last
+    logprobs: list["TokenLogprob"] | None = None  # one per new token, when asked for
 
     @property
     def completion_tokens(self) -> int:
@@ -119,43 +130,340 @@ def choose_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
 
 
 @dataclass
-class _Row:
-    """Output state of one prompt of the batch."""
+class TokenLogprob:
+    token_id: int
+    logprob: float  # of the model's distribution, before temperature, penalties and filtering
+    top: list[tuple[int, float]]  # the most likely (token id, logprob) at this step, most likely first
 
-    detok: IncrementalDetokenizer
-    stops: Sequence[str]
-    prompt_tokens: int
-    token_ids: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of detok.text already handed out
-    searched: int = 0  # characters of detok.text already searched for stop strings
-    done: bool = False
-    finish_reason: str = "length"
-    stop_at: int | None = None  # where a stop string begins in detok.text
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
+
+class Sequence:
+    """One answer being generated: its prompt, sampling settings, place in the KV space, and output so far.
+
+    The scheduler's thread is the only one that changes it, except `cancelled`, which any thread may set.
+    """
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, detok: IncrementalDetokenizer,
+                 features: list[torch.Tensor] | None = None, image_keys: typing.Sequence[bytes] = (),
+                 images: tuple[torch.Tensor, torch.Tensor | None] | None = None, seed: int | None = None,
+                 listener: Callable[["Sequence"], None] | None = None):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.detok = detok
+        self.stops = tuple(params.stop)
+        self.features = features  # one (k, C) tensor per image, or None until `images` went through the tower
+        self.image_keys = list(image_keys)
+        self.images = images  # (pixel_values, image_sizes) of this prompt's images, not yet through the tower
+        self.seed = params.seed if seed is None else seed
+        self.listener = listener  # called on the scheduler's thread after every step that changed this sequence
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.emitted = 0  # characters of detok.text already handed out
+        self.searched = 0  # characters of detok.text already searched for stop strings
+        self.done = False
+        self.finish_reason = "length"  # "stop", "length", "cancelled" or "error" (see `error`)
+        self.error: Exception | None = None
+        self.stop_at: int | None = None  # where a stop string begins in detok.text
+        self.cancelled = False
+        self.slot = -1  # the KV row it occupies while admitted
+        self.length = 0  # tokens whose keys and values are in the cache
+        self.max_new = params.max_new_tokens
+        self.rng: torch.Generator | None = None
+        self.seen: torch.Tensor | None = None  # (V,) tokens the repetition penalty applies to
+        self.identities: list | None = None  # the prompt as the prefix cache compares it
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
     @property
     def text(self) -> str:
         return self.detok.text if self.stop_at is None else self.detok.text[: self.stop_at]
 
     def generation(self) -> Generation:
-        return Generation(self.text, self.token_ids, self.finish_reason, self.prompt_tokens, self.prefill_seconds,
-                          self.decode_seconds)
+        first = self.first_token_at or self.finished_at or self.submitted_at
+        return Generation(self.text, self.token_ids, self.finish_reason, self.prompt_tokens,
+                          first - self.submitted_at, (self.finished_at or first) - first, self.logprobs)
 
-    def safe_text_end(self) -> int:
-        """How far the text can be handed out without possibly emitting the beginning of a stop string."""
+    def take_text(self) -> str:
+        """The text not handed out yet, as far as it is final: held back are the detokenizer's unsettled end and,
+        while running, whatever could be the beginning of a stop string."""
         if self.done:
-            return len(self.text)
-        hold = max((len(s) - 1 for s in self.stops), default=0)
-        return max(self.emitted, min(len(self.detok.text) - hold, self.detok.settled_length))
+            end = len(self.text)
+        else:
+            hold = max((len(s) - 1 for s in self.stops), default=0)
+            end = max(self.emitted, min(len(self.detok.text) - hold, self.detok.settled_length))
+        piece = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return piece
+
+    def add_token(self, token: int, is_eos: bool) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.token_ids.append(token)
+        if is_eos:
+            self.done, self.finish_reason = True, "stop"
+            return
+        self.detok.add(token)
+        if self.stops:
+            self._check_stop()
+        if not self.done and len(self.token_ids) >= self.max_new:
+            self.done = True
+
+    def finish(self, reason: str | None = None) -> None:
+        """The end: the detokenizer's last held-back characters, which may complete a stop string."""
+        if reason is not None:
+            self.finish_reason = reason
+        if self.stop_at is None:
+            self.detok.flush()
+            if self.stops:
+                self.searched = 0  # the flush may have rewritten the text's end: search it whole
+                self._check_stop()
+        self.done = True
+        self.finished_at = time.perf_counter()
+
+    def _check_stop(self) -> None:
+        # Only the new end of the text can hold a stop string that was not there before (and the unsettled end,
+        # which clean-up may have rewritten since the last search).
+        start = max(0, self.searched - self.detok.unsettled - max(len(s) for s in self.stops) + 1)
+        self.searched = len(self.detok.text)
+        found = [i for i in (self.detok.text.find(s, start) for s in self.stops) if i >= 0]
+        if found:
+            self.stop_at = min(found)
+            self.done, self.finish_reason = True, "stop"
+
+
+class Scheduler:
+    """Continuous batching in one KV space of `slots` rows of `capacity` tokens.
+
+    Each step: sequences that were cancelled leave; waiting ones take free rows (their images through the tower,
+    their prefix copied from the prefix cache); prefill runs, whole, or one chunk of `prefill_chunk` tokens of the
+    oldest prefilling sequence while others are decoding (so a long prompt does not freeze their streams); then
+    one decoding step over every running sequence, each at its own length and with its own sampling settings.
+    Running sequences occupy rows 0..n-1, so the decoding step works on a view of the KV space, never a copy; a
+    sequence that leaves is replaced by the last one (one row copied).
+    """
+
+    def __init__(self, engine: "Engine", slots: int, capacity: int, prefill_chunk: int | None = None,
+                 isolate_errors: bool = False, commit_memory: bool = False):
+        model = engine.model
+        self.engine = engine
+        self.slots, self.capacity, self.prefill_chunk = slots, capacity, prefill_chunk
+        # isolate_errors: a failure while prefilling fails that sequence only (a server); otherwise it is raised
+        self.isolate_errors = isolate_errors
+        shape = (model.cfg.text.num_layers, slots, model.cfg.text.num_kv_heads, capacity, model.cfg.text.head_dim)
+        allocate = torch.zeros if commit_memory else torch.empty  # zeros: the memory is taken now, not under load
+        self.cache = KVCache(allocate(shape, dtype=model.dtype, device=engine.device),
+                             allocate(shape, dtype=model.dtype, device=engine.device))
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.eos = frozenset(engine.eos_token_ids)
+
+    @property
+    def idle(self) -> bool:
+        return not (self.waiting or self.prefilling or self.running)
+
+    @property
+    def kv_bytes(self) -> int:
+        return 2 * self.cache.keys.numel() * self.cache.keys.element_size()
+
+    def limit_new_tokens(self, seq: Sequence) -> None:
+        """Fits the sequence's answer into the context window and a KV row, or refuses a prompt that leaves no room."""
+        window = self.engine.model.cfg.text.max_position_embeddings
+        room = min(window, self.capacity) - seq.prompt_tokens
+        if room < 1:
+            where = (f"the model's context window ({window} tokens)" if window <= self.capacity else
+                     f"the KV space of one sequence ({self.capacity} tokens; raise the KV memory to allow longer "
+                     "prompts)")
+            raise GenerationError(f"the prompt ({seq.prompt_tokens} tokens) fills {where}: there is no room for an "
+                                  "answer; shorten it")
+        seq.max_new = min(seq.params.max_new_tokens, room)
+
+    def add(self, seq: Sequence) -> None:
+        self.limit_new_tokens(seq)
+        self.waiting.append(seq)
+
+    def step(self) -> list[Sequence]:
+        """One round of scheduling; returns the sequences that changed (new text, finished), after calling their
+        listeners."""
+        changed: list[Sequence] = []
+        self._drop_cancelled(changed)
+        self._admit(changed)
+        if self.prefilling:
+            # without chunking, every waiting prompt now (generate()); with it, the oldest, a chunk per step
+            for seq in list(self.prefilling) if self.prefill_chunk is None else self.prefilling[:1]:
+                self._guarded(self._prefill, seq, changed)
+        self._compact()
+        if self.running:
+            try:
+                self._decode(changed)
+            except Exception as e:  # noqa: BLE001 - a failed step fails every sequence in it, never the server
+                if not self.isolate_errors:
+                    raise
+                for seq in list(self.running):
+                    self._fail(seq, e, changed)
+        self._compact()
+        for seq in changed:
+            if seq.listener is not None:
+                seq.listener(seq)
+        return changed
+
+    # -- admission and leaving ---------------------------------------------------------------------------------------
+
+    def _guarded(self, work: Callable, seq: Sequence, changed: list[Sequence]) -> None:
+        try:
+            work(seq, changed)
+        except Exception as e:  # noqa: BLE001
+            if not self.isolate_errors:
+                raise
+            self._fail(seq, e, changed)
+
+    def _fail(self, seq: Sequence, error: Exception, changed: list[Sequence]) -> None:
+        seq.error = error
+        self._leave(seq, "error", changed)
+
+    def _drop_cancelled(self, changed: list[Sequence]) -> None:
+        for seq in [s for s in (*self.waiting, *self.prefilling, *self.running) if s.cancelled]:
+            self._leave(seq, "cancelled", changed)
+
+    def _admit(self, changed: list[Sequence]) -> None:
+        while self.waiting and len(self.running) + len(self.prefilling) < self.slots:
+            seq = self.waiting.popleft()
+            seq.slot = len(self.running) + len(self.prefilling)
+            self.prefilling.append(seq)
+            self._guarded(self._start, seq, changed)
+
+    def _start(self, seq: Sequence, changed: list[Sequence]) -> None:
+        engine, model = self.engine, self.engine.model
+        prefix = engine.prefix_cache
+        if seq.images is not None:
+            pixel_values, image_sizes = seq.images
+            seq.features, seq.image_keys = engine.image_features(pixel_values, image_sizes, keyed=prefix.enabled)
+            seq.images = None
+        placeholders = seq.prompt_ids.count(model.cfg.image_token_id)
+        features = sum(f.shape[0] for f in seq.features or [])
+        if placeholders != features:
+            raise ImageTokenMismatch(f"the input has {placeholders} image placeholder tokens but the images give "
+                                     f"{features} features; build inputs with the processor, which expands each "
+                                     "<image> to its image's exact token count")
+        if seq.seed is not None:
+            seq.rng = torch.Generator(device=engine.device).manual_seed(seq.seed)
+        if seq.params.repetition_penalty != 1.0:
+            seq.seen = torch.zeros(model.cfg.text.vocab_size, dtype=torch.bool, device=engine.device)
+            seq.seen[torch.tensor(seq.prompt_ids, device=engine.device)] = True
+        if prefix.enabled:
+            seq.identities = token_identities(seq.prompt_ids, model.cfg.image_token_id, seq.image_keys,
+                                              [f.shape[0] for f in seq.features or []])
+            reused = prefix.match(seq.identities)
+            if reused is not None:  # the prefix a previous request left is copied in, not recomputed
+                seq.length = len(reused.tokens)
+                self.cache.keys[:, seq.slot, :, : seq.length] = reused.cache.keys[:, 0, :, : seq.length]
+                self.cache.values[:, seq.slot, :, : seq.length] = reused.cache.values[:, 0, :, : seq.length]
+
+    def _leave(self, seq: Sequence, reason: str | None, changed: list[Sequence]) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.prefilling:
+            self.prefilling.remove(seq)
+        elif seq in self.running:  # the last running sequence takes its place (see _compact)
+            i = self.running.index(seq)
+            self.running[i] = self.running[-1]
+            self.running.pop()
+        prefix = self.engine.prefix_cache
+        if reason is None and prefix.enabled and seq.identities is not None and seq.length > 0:
+            # every token but the last chosen one has been through the model: their keys are in the cache
+            rows = slice(seq.slot, seq.slot + 1)
+            prefix.save(seq.identities + seq.token_ids[:-1],
+                        KVCache(self.cache.keys[:, rows, :, : seq.length].clone(),
+                                self.cache.values[:, rows, :, : seq.length].clone()))
+        seq.slot = -1
+        seq.finish(reason)
+        if seq not in changed:
+            changed.append(seq)
+
+    def _compact(self) -> None:
+        """Moves sequences down into freed rows: running first (rows 0..n-1), then prefilling. A row is only ever
+        copied into one that is free or whose sequence has already moved (order and slots only decrease)."""
+        for i, seq in enumerate((*self.running, *self.prefilling)):
+            if seq.slot != i:
+                self.cache.keys[:, i, :, : seq.length] = self.cache.keys[:, seq.slot, :, : seq.length]
+                self.cache.values[:, i, :, : seq.length] = self.cache.values[:, seq.slot, :, : seq.length]
+                seq.slot = i
+
+    # -- the model ---------------------------------------------------------------------------------------------------
+
+    def _prefill(self, seq: Sequence, changed: list[Sequence]) -> None:
+        model, device = self.engine.model, self.engine.device
+        begin, total = seq.length, seq.prompt_tokens
+        end = total if self.prefill_chunk is None or not self.running else min(total, begin + self.prefill_chunk)
+        ids = seq.prompt_ids[begin:end]
+        features = None
+        image_id = model.cfg.image_token_id
+        if seq.features and image_id in ids:  # the feature rows of this chunk's placeholders
+            skip = seq.prompt_ids[:begin].count(image_id)
+            features = [torch.cat(seq.features)[skip : skip + ids.count(image_id)]]
+        rows = slice(seq.slot, seq.slot + 1)
+        logits = model(torch.tensor([ids], device=device), image_features=features,
+                       cache=KVCache(self.cache.keys[:, rows], self.cache.values[:, rows]), start=begin,
+                       positions=torch.arange(begin, end, device=device)[None], logits_to_keep=1)
+        seq.length = end
+        if end < total:
+            return
+        self.prefilling.remove(seq)
+        self.running.append(seq)
+        self._accept([seq], logits[:, -1], changed)
+
+    def _decode(self, changed: list[Sequence]) -> None:
+        running, device = self.running, self.engine.device
+        n = len(running)
+        tokens = torch.tensor([[s.token_ids[-1]] for s in running], device=device)
+        lengths = [s.length for s in running]
+        positions = torch.tensor(lengths, device=device)[:, None]  # no padding: a token's position is its slot
+        if len(set(lengths)) == 1:  # all at one slot: the plain path, no mask
+            start, key_mask = lengths[0], None
+        else:
+            start = positions[:, 0]
+            key_mask = torch.arange(max(lengths) + 1, device=device)[None] <= positions  # (n, S)
+        logits = self.engine.decode(tokens, cache=KVCache(self.cache.keys[:, :n], self.cache.values[:, :n]),
+                                    start=start, positions=positions, key_mask=key_mask, logits_to_keep=1)
+        for seq in running:
+            seq.length += 1
+        self._accept(list(running), logits[:, -1], changed)
+
+    def _accept(self, seqs: list[Sequence], logits: torch.Tensor, changed: list[Sequence]) -> None:
+        """Chooses each sequence's next token from its logits (n, V) with its own settings, and records it."""
+        logits = logits.float()
+        tokens = logits.argmax(-1).tolist()  # greedy rows without a penalty are done with this
+        for i, seq in enumerate(seqs):
+            params = seq.params
+            if params.temperature >= GREEDY_BELOW or seq.seen is not None:
+                seen = seq.seen[None] if seq.seen is not None else None
+                tokens[i] = int(choose_next(logits[i : i + 1], params, seen, seq.rng)[0])
+            if seq.seen is not None:
+                seq.seen[tokens[i]] = True
+            if seq.logprobs is not None:
+                logprobs = logits[i].log_softmax(-1)
+                top = logprobs.topk(params.logprobs) if params.logprobs else None
+                seq.logprobs.append(TokenLogprob(tokens[i], float(logprobs[tokens[i]]),
+                                                 list(zip(top.indices.tolist(), top.values.tolist())) if top else []))
+            seq.add_token(tokens[i], tokens[i] in self.eos)
+            if not seq.done and seq.length >= self.capacity:
+                seq.done = True  # the row is full (limit_new_tokens keeps this from happening)
+            if seq.done:
+                self._leave(seq, None, changed)
+            elif seq not in changed:
+                changed.append(seq)
 
 
 class Engine:
-    """Runs requests on the model. It owns the KV space and the caches: image features by content, and the KV
-    cache of the last single-sequence request, which the next request reuses for the token ids it shares (the next
-    turn of a conversation). Neither cache changes an answer; both are off unless asked for."""
+    """Runs requests on the model. It owns the caches: image features by content, and the KV cache of the last
+    finished sequence, which the next one reuses for the token ids it shares (the next turn of a conversation).
+    Neither cache changes an answer; both are off unless asked for."""
 
-    def __init__(self, model: LlavaModel, tokenizer: Tokenizer, eos_token_ids: Sequence[int],
+    def __init__(self, model: LlavaModel, tokenizer: Tokenizer, eos_token_ids: typing.Sequence[int],
                  image_cache_bytes: int = 0, prefix_cache: bool = False, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
@@ -173,7 +481,7 @@ class Engine:
     def device(self) -> torch.device:
         return self.model.device
 
-    def _decode(self, *args, **kwargs) -> torch.Tensor:
+    def decode(self, *args, **kwargs) -> torch.Tensor:
         if self.decode_step is self.model:
             return self.model(*args, **kwargs)
         try:
@@ -191,8 +499,12 @@ class Engine:
     def cache_stats(self) -> dict[str, dict[str, int]]:
         return {"image_features": self.image_cache.as_dict(), "prefix": self.prefix_cache.as_dict()}
 
-    def _image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None,
-                        keyed: bool) -> tuple[list[torch.Tensor], list[bytes]]:
+    def kv_bytes_per_token(self) -> int:
+        text = self.model.cfg.text
+        return 2 * text.num_layers * text.num_kv_heads * text.head_dim * self.model.dtype.itemsize
+
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None,
+                       keyed: bool) -> tuple[list[torch.Tensor], list[bytes]]:
         """Each image's packed features, from the cache where its tiles were seen before, the misses in one call;
         and, when asked for or when the cache is on, each image's content key."""
         model, device = self.model, self.device
@@ -217,167 +529,145 @@ class Engine:
                 self.image_cache.put(keys[i], f)
         return features, keys
 
-    def _steps(self, inputs: dict[str, torch.Tensor], params: SamplingParams, rows: list[_Row]) -> Iterator[None]:
-        """Runs prefill and decoding, updating `rows` and yielding after every step."""
-        began = time.perf_counter()
-        model, device = self.model, self.device
-        input_ids = inputs["input_ids"].to(device)
-        mask = inputs["attention_mask"].to(device).bool()
-        batch, prompt_len = input_ids.shape
-        window = model.cfg.text.max_position_embeddings
-        max_new = min(params.max_new_tokens, window - int(mask.sum(-1).max()))
-        if max_new < 1:
-            raise GenerationError(f"the prompt ({int(mask.sum(-1).max())} tokens) fills the model's context window "
-                                  f"({window} tokens): there is no room for an answer; shorten it")
-        cache = KVCache.allocate(model.cfg.text, batch, prompt_len + max_new, model.dtype, device)
-        # Which cache slots hold real tokens, kept only when some row is padded: without padding, attention runs
-        # without a mask tensor (plain causal kernels for the prompt, nothing to mask for one decoding query).
-        key_mask = None
-        if not bool(mask.all()):
-            key_mask = torch.zeros((batch, prompt_len + max_new), dtype=torch.bool, device=device)
-            key_mask[:, :prompt_len] = mask
-        positions = positions_from_mask(mask)
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros((batch, model.cfg.text.vocab_size), dtype=torch.bool, device=device)
-            seen.scatter_(1, input_ids.masked_fill(~mask, 0), mask)
-        rng = None
-        if params.seed is not None:
-            rng = torch.Generator(device=device).manual_seed(params.seed)
-        eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
-        # The prefix a previous request left in the KV cache is copied in, not recomputed (one unpadded row only).
-        single = batch == 1 and bool(mask.all()) and self.prefix_cache.enabled
-        pixel_values = inputs.get("pixel_values")
-        features, keys = None, []
-        if pixel_values is not None:
-            features, keys = self._image_features(pixel_values, inputs.get("image_sizes"), keyed=single)
-        identities = None
-        if single:
-            identities = token_identities(input_ids[0].tolist(), model.cfg.image_token_id, keys,
-                                      [f.shape[0] for f in features or []])
-        reused = self.prefix_cache.match(identities) if identities is not None else None
-        start = 0
-        if reused is not None:
-            start = len(reused.tokens)
-            cache.keys[:, :, :, :start] = reused.cache.keys[:, :, :, :start]
-            cache.values[:, :, :, :start] = reused.cache.values[:, :, :, :start]
-            if features is not None:  # only the placeholders after the prefix still need their feature rows
-                skip = int((input_ids[0, :start] == model.cfg.image_token_id).sum())
-                features = [torch.cat(features)[skip:]]
-        logits = model(
-            input_ids[:, start:], mask[:, start:], image_features=features if features is not None else None,
-            cache=cache, start=start, positions=positions[:, start:],
-            key_mask=key_mask[:, :prompt_len] if key_mask is not None else None,
-            logits_to_keep=1,
-        )
-        next_positions = positions[:, -1:] + 1
-        first_token_at = None
-        for step in range(max_new):
-            tokens = choose_next(logits[:, -1], params, seen, rng)
-            is_eos = torch.isin(tokens, eos).tolist()
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
-                if row.done:
-                    continue
-                row.token_ids.append(token)
-                if is_eos[i]:
-                    row.done, row.finish_reason = True, "stop"
-                    continue
-                row.detok.add(token)
-                if row.stops:
-                    self._check_stop(row)
-            if step == max_new - 1 or all(row.done for row in rows):
-                for row in rows:  # timed once, at the end: no per-token work for it
-                    row.prefill_seconds = first_token_at - began
-                    row.decode_seconds = time.perf_counter() - first_token_at
-                if identities is not None:
-                    # every token but the last chosen one has been through the model: their keys are in the cache
-                    self.prefix_cache.save(identities + rows[0].token_ids[:-1], cache)
-                yield
-                return
-            yield
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None], True)
-            slot = prompt_len + step
-            if key_mask is not None:
-                key_mask[:, slot] = True
-            logits = self._decode(tokens[:, None], cache=cache, start=slot, positions=next_positions,
-                                  key_mask=key_mask[:, : slot + 1] if key_mask is not None else None,
-                                  logits_to_keep=1)
-            next_positions = next_positions + 1
+    def sequences(self, inputs: dict[str, torch.Tensor], params: SamplingParams) -> list[Sequence]:
+        """A (padded) batch from the processor -> one sequence per row, padding removed, each with the features
+        of its own images (all images go through the tower in one call)."""
+        params.validate()
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        prompts = [row[keep].tolist() for row, keep in zip(ids, mask)]
+        features: list[torch.Tensor] = []
+        keys: list[bytes] = []
+        if inputs.get("pixel_values") is not None:
+            features, keys = self.image_features(inputs["pixel_values"], inputs.get("image_sizes"),
+                                                 keyed=self.prefix_cache.enabled)
+        seqs, image = [], 0
+        for prompt in prompts:
+            wanted, first = prompt.count(self.model.cfg.image_token_id), image
+            while wanted > 0 and image < len(features):  # this row's images: as many as its placeholders take
+                wanted -= features[image].shape[0]
+                image += 1
+            seqs.append(Sequence(prompt, params, IncrementalDetokenizer(self.tokenizer),
+                                 features[first:image] or None, keys[first:image]))
+        if image < len(features):
+            seqs[-1].features = (seqs[-1].features or []) + features[image:]  # too many: the count check says so
+        return seqs
 
-    @staticmethod
-    def _finish(row: _Row) -> None:
-        """The end of a row: the detokenizer's last held-back characters, which may complete a stop string."""
-        if row.stop_at is None:
-            row.detok.flush()
-            if row.stops:
-                row.searched = 0  # the flush may have rewritten the text's end: search it whole
-                Engine._check_stop(row)
-        row.done = True
-
-    @staticmethod
-    def _check_stop(row: _Row) -> None:
-        # Only the new end of the text can hold a stop string that was not there before (and the unsettled end,
-        # which clean-up may have rewritten since the last search).
-        start = max(0, row.searched - row.detok.unsettled - max(len(s) for s in row.stops) + 1)
-        row.searched = len(row.detok.text)
-        found = [i for i in (row.detok.text.find(s, start) for s in row.stops) if i >= 0]
-        if found:
-            row.stop_at = min(found)
-            row.done, row.finish_reason = True, "stop"
-
-    def _rows(self, inputs: dict[str, torch.Tensor], params: SamplingParams) -> list[_Row]:
-        lengths = inputs["attention_mask"].sum(-1).tolist()
-        return [_Row(IncrementalDetokenizer(self.tokenizer), tuple(params.stop), int(n)) for n in lengths]
+    def scheduler(self, seqs: list[Sequence]) -> Scheduler:
+        """A scheduler with a row for each of `seqs`, just long enough for the longest, with them added."""
+        window = self.model.cfg.text.max_position_embeddings
+        for seq in seqs:
+            if seq.prompt_tokens >= window:
+                raise GenerationError(f"the prompt ({seq.prompt_tokens} tokens) fills the model's context window "
+                                      f"({window} tokens): there is no room for an answer; shorten it")
+        capacity = max(min(window, s.prompt_tokens + s.params.max_new_tokens) for s in seqs)
+        scheduler = Scheduler(self, len(seqs), capacity)
+        for seq in seqs:
+            scheduler.add(seq)
+        return scheduler
 
     @torch.inference_mode()
     def generate(self, inputs: dict[str, torch.Tensor], params: SamplingParams) -> list[Generation]:
-        params.validate()
-        rows = self._rows(inputs, params)
-        for _ in self._steps(inputs, params, rows):
-            pass
-        for row in rows:
-            self._finish(row)
-        return [row.generation() for row in rows]
+        seqs = self.sequences(inputs, params)
+        scheduler = self.scheduler(seqs)
+        while not scheduler.idle:
+            scheduler.step()
+        return [seq.generation() for seq in seqs]
 
     def stream(self, inputs: dict[str, torch.Tensor], params: SamplingParams) -> "TextStream":
         """Text pieces of a single prompt as they are generated; joined, they equal `generate(...)`'s text."""
-        params.validate()
         if inputs["input_ids"].shape[0] != 1:
             raise GenerationError("stream() takes one prompt; use generate() for a batch")
-        return TextStream(self, inputs, params)
-
-    @staticmethod
-    def _take(row: _Row) -> str:
-        end = row.safe_text_end()
-        piece = row.text[row.emitted : end]
-        row.emitted = max(row.emitted, end)
-        return piece
+        with torch.inference_mode():
+            seqs = self.sequences(inputs, params)
+            return TextStream(seqs[0], self.scheduler(seqs))
 
 
 class TextStream:
     """An iterator of text pieces; once exhausted, `generation` holds the whole result (finish reason included)."""
 
-    def __init__(self, engine: Engine, inputs: dict[str, torch.Tensor], params: SamplingParams):
-        self._rows = engine._rows(inputs, params)
-        self._steps = engine._steps(inputs, params, self._rows)
+    def __init__(self, seq: Sequence, scheduler: Scheduler):
+        self._seq, self._scheduler = seq, scheduler
         self.generation: Generation | None = None
 
     def __iter__(self) -> Iterator[str]:
-        row = self._rows[0]
-        while True:
+        while not self._scheduler.idle:
             # Inference mode per step: a generator suspended inside the context would leak it into the caller.
             with torch.inference_mode():
-                finished = next(self._steps, StopIteration) is StopIteration
-            if finished:
-                break
-            piece = Engine._take(row)
+                self._scheduler.step()
+            piece = self._seq.take_text()
             if piece:
                 yield piece
-        Engine._finish(row)
-        piece = Engine._take(row)
-        if piece:
-            yield piece
-        self.generation = row.generation()
+        self.generation = self._seq.generation()
+
+
+class EngineBusy(GenerationError):
+    """The waiting queue is full, or the engine is shutting down: try again later."""
+
+
+class BackgroundEngine:
+    """A scheduler on a thread of its own, for a server. Any thread submits sequences and may cancel them; each
+    sequence's listener is called on the engine's thread after every step that changed it (new text, the end)."""
+
+    def __init__(self, engine: Engine, slots: int, capacity: int, prefill_chunk: int | None = 256,
+                 max_waiting: int = 64):
+        self.engine = engine
+        self.scheduler = Scheduler(engine, slots, capacity, prefill_chunk, isolate_errors=True, commit_memory=True)
+        self.max_waiting = max_waiting
+        self._inbox: list[Sequence] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="llava-next-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._inbox) + len(self.scheduler.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.scheduler.running) + len(self.scheduler.prefilling)
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queues all of `seqs` or none: EngineBusy when the queue is full, GenerationError when one cannot fit."""
+        for seq in seqs:
+            seq.params.validate()
+            self.scheduler.limit_new_tokens(seq)
+        with self._wake:
+            if self._stopping:
+                raise EngineBusy("the server is shutting down")
+            if self.waiting + len(seqs) > self.max_waiting:
+                raise EngineBusy(f"the queue is full ({self.max_waiting} requests waiting)")
+            self._inbox.extend(seqs)
+            self._wake.notify()
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        """Frees their KV rows at the next step."""
+        for seq in seqs:
+            seq.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    def _run(self) -> None:
+        scheduler = self.scheduler
+        while True:
+            with self._wake:
+                while not self._inbox and scheduler.idle and not self._stopping:
+                    self._wake.wait()
+                if self._stopping and not self._inbox and scheduler.idle:
+                    return
+                scheduler.waiting.extend(self._inbox)
+                self._inbox.clear()
+            with torch.inference_mode():
+                scheduler.step()
+            self.steps += 1
+
+    def shutdown(self, cancel: bool = False, timeout: float | None = None) -> None:
+        """Stops taking requests; finishes those in flight (or cancels them), then the thread ends."""
+        with self._wake:
+            self._stopping = True
+            if cancel:
+                for seq in (*self._inbox, *self.scheduler.waiting, *self.scheduler.prefilling, *self.scheduler.running):
+                    seq.cancelled = True
+            self._wake.notify()
+        self._thread.join(timeout)

@@ -35,6 +35,10 @@ class ImageError(LlavaError, ValueError):
     """An image could not be used: unreadable, truncated, too large, or of an unsupported kind."""
 
 
+class ImageTooLarge(ImageError):
+    """An image over a limit (bytes or pixels): too large rather than malformed, so a server answers 413, not 400."""
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Decoding
 
@@ -103,7 +107,7 @@ def _read(source: str | os.PathLike | bytes, limits: ImageLimits, name: str | No
         label = name or printable(source)
         data = _read_file(Path(source), limits, label)
     if len(data) > limits.max_bytes:
-        raise ImageError(f"{label}: {len(data)} bytes is over the limit of {limits.max_bytes} bytes")
+        raise ImageTooLarge(f"{label}: {len(data)} bytes is over the limit of {limits.max_bytes} bytes")
     if not data:
         raise ImageError(f"{label}: the file is empty (0 bytes)")
     return label, data
@@ -115,14 +119,14 @@ def _open(data: bytes, limits: ImageLimits, label: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=[f for f in Image.OPEN if f not in REFUSED_FORMATS])
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{label}: refused as a decompression bomb ({e})") from None
+        raise ImageTooLarge(f"{label}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not an image format Pillow can read (or the file is corrupt)") from None
     except Exception as e:  # noqa: BLE001 - Pillow's parsers raise many kinds of errors on malformed headers
         raise ImageError(f"{label}: the image data is truncated or corrupt ({_describe(e)})") from None
     width, height = image.size
     if width * height > limits.max_pixels:
-        raise ImageError(
+        raise ImageTooLarge(
             f"{label}: {width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels} "
             "(raise it with max_image_pixels if you trust this image)"
         )
@@ -143,7 +147,7 @@ def _read_file(path: Path, limits: ImageLimits, label: str) -> bytes:
     if not stat.S_ISREG(info.st_mode):
         raise ImageError(f"{label}: not a regular file (a pipe, socket or device); give an image file")
     if info.st_size > limits.max_bytes:
-        raise ImageError(f"{label}: {info.st_size} bytes is over the limit of {limits.max_bytes} bytes")
+        raise ImageTooLarge(f"{label}: {info.st_size} bytes is over the limit of {limits.max_bytes} bytes")
     try:
         with path.open("rb") as f:
             return f.read(limits.max_bytes + 1)  # a file that grew since stat() is still caught by the limit
@@ -167,7 +171,7 @@ def _load_pixels(image: Image.Image, label: str) -> Image.Image:
     try:
         image.load()
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{label}: refused as a decompression bomb ({e})") from None
+        raise ImageTooLarge(f"{label}: refused as a decompression bomb ({e})") from None
     except MemoryError:
         raise ImageError(f"{label}: not enough memory to decode this image") from None
     except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many kinds of errors on corrupt data
@@ -219,7 +223,7 @@ def check_image(image: Image.Image, limits: ImageLimits = ImageLimits(), label: 
     if width < 1 or height < 1:
         raise ImageError(f"{label}: an image of size {width}x{height} has no pixels")
     if width * height > limits.max_pixels:
-        raise ImageError(f"{label}: {width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels}")
+        raise ImageTooLarge(f"{label}: {width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels}")
     return _load_pixels(image, label)
 
 
@@ -417,7 +421,7 @@ class ImageProcessor:
 
     def _check_intermediate(self, image: Image.Image, size_hw: tuple[int, int], step: str) -> None:
         if size_hw[0] * size_hw[1] > self.max_pixels:
-            raise ImageError(
+            raise ImageTooLarge(
                 f"a {image.width}x{image.height} image is too elongated for this model's preprocessing: {step} makes "
                 f"a {size_hw[1]}x{size_hw[0]} image, over the limit of {self.max_pixels} pixels; crop the image "
                 "closer to a square (or raise max_image_pixels)"

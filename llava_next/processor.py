@@ -157,6 +157,31 @@ class Processor:
             out.update(self.image_processor(images))
         return out
 
+    def chat_inputs(self, messages: Sequence[dict[str, Any]], images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Chat messages from someone who may not choose tokens (a server's users) -> model inputs for one prompt.
+
+        Only the template's image items become image placeholders; `<image>` or any other special-token text typed
+        in a message is tokenized as text. For messages without such text the ids equal `__call__`'s.
+        """
+        plain, _ = normalize_messages(messages)
+        text, literal = self.chat_template.render_marking_text(plain)
+        images = [self.load_image(im, f"image {i}") for i, im in enumerate(images)]
+        add = not self.tokenizer.starts_with_bos(text)
+        ids = self.tokenizer.encode_literal_text(text, add, literal)
+        image_id = self.config.image_token_id
+        if ids.count(image_id) != len(images):
+            raise PromptError(image_count_message(ids.count(image_id), len(images)))
+        sizes = [(im.height, im.width) for im in images]
+        costs = iter([self.image_tokens(s) for s in sizes])
+        expanded: list[int] = []
+        for token in ids:  # the same ids as expanding the text first: added tokens are split out before the rest
+            expanded.extend([token] * next(costs) if token == image_id else [token])
+        self._check_fits(expanded, sizes, [self.image_tokens(s) for s in sizes])
+        out = self.pad([expanded])
+        if images:
+            out.update(self.image_processor(images))
+        return out
+
     def _check_fits(self, ids: list[int], sizes, costs) -> None:
         window = self.config.text.max_position_embeddings
         if not ids:

@@ -128,6 +128,31 @@ class Tokenizer:
         check_text(text)
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_literal_text(self, text: str, add_special_tokens: bool, literal: Sequence[tuple[int, int]]) -> list[int]:
+        """Like encode(), except that special-token text (`<image>`, `</s>`, `<|im_start|>`, ...) inside the
+        `literal` character spans is tokenized as the plain text it is: a user who types `</s>` gets those
+        characters, not the end of the prompt. Outside the spans, and wherever no such text occurs, the ids are
+        exactly encode()'s."""
+        check_text(text)
+        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        added = self.backend.get_added_tokens_decoder()
+        ids: list[int] = []
+        for token, (start, end) in zip(encoding.ids, encoding.offsets):
+            inside = end > start and any(a <= start and end <= b for a, b in literal)
+            if token in added and inside:
+                ids.extend(self._literal_backend().encode(text[start:end], add_special_tokens=False).ids)
+            else:
+                ids.append(token)
+        return ids
+
+    def _literal_backend(self):
+        # a copy that does not split out added tokens (a separate object: the flag is per tokenizer, and the
+        # engine's thread decodes with the original meanwhile)
+        if getattr(self, "_literal", None) is None:
+            self._literal = type(self.backend).from_str(self.backend.to_str())
+            self._literal.encode_special_tokens = True
+        return self._literal
+
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
@@ -396,20 +421,46 @@ class ChatTemplate:
                                         __generation_marker=marker, **variables)
         except jinja2.TemplateError as e:
             raise PromptError(f"the chat template ({self.origin}) refused the conversation: {e}") from None
-        text, spans, pos = [], [], 0
-        while True:
-            start = raw.find(marker + "[", pos)
-            if start < 0:
-                text.append(raw[pos:])
-                break
-            end = raw.find(marker + "]", start)
-            text.append(raw[pos:start])
-            offset = sum(map(len, text))
-            body = raw[start + len(marker) + 1 : end]
-            text.append(body)
-            spans.append((offset, offset + len(body)))
-            pos = end + len(marker) + 1
-        return RenderedChat("".join(text), spans)
+        return RenderedChat(*cut_marked(raw, marker))
+
+    def render_marking_text(self, messages: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+        """The prompt (with the generation prompt) and the character spans of the messages' own text in it: what
+        the template wrote around them is outside every span."""
+        marker = "\x00text" + uuid.uuid4().hex
+
+        def mark(text: str) -> str:
+            # whitespace at the ends stays outside the marks, so that a template that trims still trims it
+            core = text.strip()
+            if not core:
+                return text
+            lead = text[: len(text) - len(text.lstrip())]
+            return f"{lead}{marker}[{core}{marker}]{text[len(lead) + len(core):]}"
+
+        marked = [{**m, "content": [{**item, "text": mark(item["text"])} if item.get("type") == "text" else item
+                                    for item in m["content"]]} for m in messages]
+        text, spans = cut_marked(self.render(marked, add_generation_prompt=True).text, marker)
+        if marker in text:  # a template that cut or reordered the text: no span can be trusted
+            raise PromptError(f"the chat template ({self.origin}) rewrites message text; it cannot be used where "
+                              "message text must stay literal")
+        return text, spans
+
+
+def cut_marked(raw: str, marker: str) -> tuple[str, list[tuple[int, int]]]:
+    """Text with `marker[...marker]` marks -> (the text without the marks, the character spans they enclosed)."""
+    text, spans, pos = [], [], 0
+    while True:
+        start = raw.find(marker + "[", pos)
+        end = raw.find(marker + "]", start) if start >= 0 else -1
+        if end < 0:
+            text.append(raw[pos:])
+            break
+        text.append(raw[pos:start])
+        offset = sum(map(len, text))
+        body = raw[start + len(marker) + 1 : end]
+        text.append(body)
+        spans.append((offset, offset + len(body)))
+        pos = end + len(marker) + 1
+    return "".join(text), spans
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from PIL import Image
 from conftest import random_image, smooth_image
 from llava_next.config import DEFAULT_PINPOINTS, llava_config_from_hf
 from llava_next.geometry import anyres_grid, num_image_tokens, select_best_resolution
-from llava_next.image import ImageError, ImageLimits, ImageProcessor, ImageProcessorConfig, decode_image, to_rgb
+from llava_next.image import (ImageError, ImageLimits, ImageProcessor, ImageProcessorConfig, ImageTooLarge, decode_image,
+                              to_rgb)
 
 PINPOINTS = [list(p) for p in DEFAULT_PINPOINTS]
 VICUNA_7B = llava_config_from_hf({"model_type": "llava_next", "text_config": {"model_type": "llama"},
@@ -170,15 +171,18 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     path = tmp_path / "bomb.png"
     Image.new("L", (5000, 5000)).save(path)  # a small file: 25 million pixels of zeros
     assert path.stat().st_size < 100_000
-    with pytest.raises(ImageError, match=r"5000x5000 = 25000000 pixels is over the limit of 1000000"):
+    with pytest.raises(ImageTooLarge, match=r"5000x5000 = 25000000 pixels is over the limit of 1000000"):
         decode_image(path, ImageLimits(max_pixels=1_000_000))
+    with pytest.raises(ImageTooLarge, match=r"bytes is over the limit of 1000 bytes"):
+        decode_image(path, ImageLimits(max_bytes=1000))
 
 
 def test_truncated_file_is_a_clear_error(tmp_path):
     path = tmp_path / "cut.jpg"
     path.write_bytes(_jpeg_with_orientation(1)[:400])
-    with pytest.raises(ImageError, match="truncated or corrupt"):
+    with pytest.raises(ImageError, match="truncated or corrupt") as caught:
         decode_image(path)
+    assert not isinstance(caught.value, ImageTooLarge)  # malformed, not too large: a server answers 400, not 413
 
 
 def test_not_an_image_is_a_clear_error(tmp_path):

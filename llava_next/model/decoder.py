@@ -121,7 +121,8 @@ class Attention(nn.Module):
         """Checkpoint name (within this module) -> the tensor holding it: row blocks of qkv_proj when fused."""
         return fused_views(self.qkv_proj, ("q_proj", "k_proj", "v_proj"), self.widths) if self.fused else {}
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int | torch.Tensor,
+                is_causal: bool = False) -> torch.Tensor:
         b, t, _ = x.shape
         if self.fused:
             # Rotate q and k together, in their (B, T, heads, D) layout: one rope for all of their heads.
@@ -137,7 +138,13 @@ class Attention(nn.Module):
             k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if isinstance(start, torch.Tensor):  # one query per row, each written at its own slot (its length)
+            rows = torch.arange(b, device=x.device)
+            cache.keys[self.layer, rows, :, start] = k[:, :, 0]
+            cache.values[self.layer, rows, :, start] = v[:, :, 0]
+            k = cache.keys[self.layer, :, :, : mask.shape[-1]]
+            v = cache.values[self.layer, :, :, : mask.shape[-1]]
+        elif cache is not None:
             cache.keys[self.layer, :, :, start : start + t] = k
             cache.values[self.layer, :, :, start : start + t] = v
             k = cache.keys[self.layer, :, :, : start + t]
@@ -236,17 +243,36 @@ class Decoder(nn.Module):
             masks[window] = mask | (~mask.any(-1, keepdim=True) & (distance == 0)[None, None])
         return masks
 
+    def row_masks(self, slots: torch.Tensor, key_mask: torch.Tensor) -> dict:
+        """Masks (B, 1, 1, S) for one query per row at cache slot slots[b], one per distinct window size."""
+        distance = slots[:, None] - torch.arange(key_mask.shape[1], device=key_mask.device)[None]  # (B, S)
+        masks = {}
+        for window in {layer.window for layer in self.layers}:
+            allowed = key_mask & (distance >= 0)
+            if window is not None:
+                allowed = allowed & (distance < window)
+            masks[window] = allowed[:, None, None, :]
+        return masks
+
     def forward(
         self,
         embeds: torch.Tensor,  # (B, T, C)
         positions: torch.Tensor,  # (B, T) rotary positions
         key_mask: torch.Tensor | None,  # (B, S) with S = start + T: which cache slots hold real tokens; None: all
         cache: KVCache | None = None,
-        start: int = 0,  # cache slot of the first query
+        start: int | torch.Tensor = 0,  # cache slot of the first query; (B,): each row's slot of its one query
     ) -> torch.Tensor:  # hidden states after the final norm: (B, T, C)
         t = embeds.shape[1]
         cos, sin = self.rope_tables(positions, embeds.dtype)
         windows = {layer.window for layer in self.layers}
+        if isinstance(start, torch.Tensor):
+            # Rows of different lengths decoding together: row b's query sits at slot start[b] and sees the
+            # slots before it; key_mask (B, S) spans the longest row.
+            masks = self.row_masks(start, key_mask)
+            x = embeds
+            for layer in self.layers:
+                x = layer(x, cos, sin, masks, cache, start)
+            return self.norm(x)
         # Without padding, and with every window wider than the keys, attention needs no mask tensor: a prompt is
         # plain causal attention (SDPA's fast kernels), a single decoding query sees every key.
         unmasked = key_mask is None and all(w is None or w >= start + t for w in windows) and (start == 0 or t == 1)

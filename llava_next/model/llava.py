@@ -136,7 +136,7 @@ class LlavaModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,  # (B,): one decoding query per row, each at its own cache slot
         positions: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
         logits_to_keep: int = 0,
@@ -149,7 +149,7 @@ class LlavaModel(nn.Module):
         """
         if image_features is None and pixel_values is not None:
             image_features = self.image_features(pixel_values, image_sizes)
-        if image_features is None and start > 0:
+        if image_features is None and (isinstance(start, torch.Tensor) or start > 0):
             # a decoding step: the prompt's images are in the cache, and a generated <image> id (an undertrained
             # model can sample one) is an ordinary token here, as in transformers
             embeds = self.language_model.embed_tokens(input_ids)
