@@ -247,16 +247,18 @@ class Scheduler:
     """
 
     def __init__(self, engine: "Engine", slots: int, capacity: int, prefill_chunk: int | None = None,
-                 isolate_errors: bool = False, commit_memory: bool = False):
+                 isolate_errors: bool = False):
         model = engine.model
         self.engine = engine
         self.slots, self.capacity, self.prefill_chunk = slots, capacity, prefill_chunk
         # isolate_errors: a failure while prefilling fails that sequence only (a server); otherwise it is raised
         self.isolate_errors = isolate_errors
         shape = (model.cfg.text.num_layers, slots, model.cfg.text.num_kv_heads, capacity, model.cfg.text.head_dim)
-        allocate = torch.zeros if commit_memory else torch.empty  # zeros: the memory is taken now, not under load
-        self.cache = KVCache(allocate(shape, dtype=model.dtype, device=engine.device),
-                             allocate(shape, dtype=model.dtype, device=engine.device))
+        # Zeros, not empty: rows of different lengths decode together, and a shorter row's attention weights are 0
+        # on the longer rows' slots, which must hold numbers (0 x NaN from uninitialised memory is NaN). It also
+        # takes the memory now rather than under load.
+        self.cache = KVCache(torch.zeros(shape, dtype=model.dtype, device=engine.device),
+                             torch.zeros(shape, dtype=model.dtype, device=engine.device))
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -612,7 +614,7 @@ class BackgroundEngine:
     def __init__(self, engine: Engine, slots: int, capacity: int, prefill_chunk: int | None = 256,
                  max_waiting: int = 64):
         self.engine = engine
-        self.scheduler = Scheduler(engine, slots, capacity, prefill_chunk, isolate_errors=True, commit_memory=True)
+        self.scheduler = Scheduler(engine, slots, capacity, prefill_chunk, isolate_errors=True)
         self.max_waiting = max_waiting
         self._inbox: list[Sequence] = []
         self._wake = threading.Condition()

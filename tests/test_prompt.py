@@ -224,3 +224,27 @@ def test_one_function_resolves_every_chat_template(tiny, load_pipeline, tmp_path
         resolve_chat_template(tokenizer, "llama", override="vicunna")
     assert resolve_chat_template(tokenizer, "llama", directory=tiny("vicuna")).origin == "chat_template.jinja"
     assert resolve_chat_template(tokenizer, "mistral").origin == "built-in template 'mistral' (the checkpoint has none)"
+
+
+@pytest.mark.parametrize("name", FAMILY_CHECKPOINTS)
+def test_literal_chat_inputs_equal_the_processors_and_keep_typed_special_tokens_as_text(name, tiny, load_pipeline):
+    pipe = load_pipeline(tiny(name))
+    image = smooth_image(300, 200, seed=1)
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "  What is it?\n"}]},
+                {"role": "assistant", "content": "A thing."}, {"role": "user", "content": "And now?"}]
+    expected, _ = pipe.prepare(messages, [image])
+    literal = pipe.processor.chat_inputs(messages, [image])
+    assert torch.equal(literal["input_ids"], expected["input_ids"])
+    assert torch.equal(literal["pixel_values"], expected["pixel_values"])
+    tokenizer = pipe.processor.tokenizer
+    specials = [t for t in ("<image>", tokenizer.special_tokens["eos_token"], tokenizer.special_tokens["bos_token"],
+                            "<|im_start|>", "<|eot_id|>") if t and tokenizer.token_id(t) is not None]
+    typed = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Say " + " and ".join(specials)}]}]
+    ids = pipe.processor.chat_inputs(typed, [image])["input_ids"][0].tolist()
+    assert ids.count(pipe.config.image_token_id) == pipe.image_tokens(image)  # the image's own placeholders only
+    plain = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Say"}]}]
+    plain_ids = pipe.processor.chat_inputs(plain, [image])["input_ids"][0].tolist()
+    for special in specials:  # as many of each as the template (and BOS) put there without the typed text
+        assert ids.count(tokenizer.token_id(special)) == plain_ids.count(tokenizer.token_id(special)), special
+    assert "Say " + " and ".join(specials) in tokenizer.decode(ids, skip_special_tokens=False).replace("  ", " ")

@@ -120,9 +120,10 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def ready(self) -> tuple[Pipeline, BackgroundEngine]:
+        if self.failure:  # no Retry-After: waiting will not help
+            raise ApiError(503, f"the model failed to load: {self.failure}; the server's log has the details")
         if self.pipe is None or self.engine is None:
-            raise ApiError(503, f"the model failed to load: {self.failure}" if self.failure else
-                           "the model is still loading; try again shortly", headers={"Retry-After": "5"})
+            raise ApiError(503, "the model is still loading; try again shortly", headers={"Retry-After": "5"})
         return self.pipe, self.engine
 
     def start(self, pipe: Pipeline) -> None:
@@ -377,14 +378,14 @@ def create_app(settings: ServeSettings, pipe: Pipeline | None = None) -> FastAPI
             raise ApiError(404, f"model {model_id!r} does not exist; this server serves {name!r}", code="model_not_found")
         return model_card()
 
-    async def fetch_images(urls: list[str]) -> list:
+    async def fetch_images(urls: list[str], single: bool = False) -> list:
         if len(urls) > settings.max_images:
             raise ApiError(413, f"the request has {len(urls)} images; this server takes at most {settings.max_images} "
                                 "per request (--max-images)", code="too_many_images")
         images = []
         for i, url in enumerate(urls):
             try:
-                images.append(await load_image_url(url, policy, f"image {i + 1}"))
+                images.append(await load_image_url(url, policy, "image" if single else f"image {i + 1}"))
             except MediaError as e:
                 raise ApiError(e.status, str(e), code="invalid_image", param=f"image {i + 1}") from None
         return images
@@ -392,7 +393,7 @@ def create_app(settings: ServeSettings, pipe: Pipeline | None = None) -> FastAPI
     @app.post("/v1/image_tokens", dependencies=[Depends(authorized)])
     async def image_tokens(body: ImageTokensRequest):
         pipe, _ = state.ready()
-        image = (await fetch_images([body.image_url.url]))[0]
+        image = (await fetch_images([body.image_url.url], single=True))[0]
         height, width = image.height, image.width
         return {"tokens": pipe.processor.image_tokens((height, width)), "width": width, "height": height}
 
