@@ -4,9 +4,10 @@ same requests one after another, and against transformers' `generate` called onc
 Each client sends `--requests-per-client` streamed chat completions one after another (greedy, `--max-tokens`
 new tokens at most, a different question each, text only unless `--image`, which adds the 500x316 image to every
 request). Per concurrency level: wall time, generated tokens (from each response's `usage`), tokens/s over the
-wall time, and the time to first token (first content chunk) p50/p95. Then the 8-client workload's requests are
-sent again one at a time (`sequential`), and finally transformers (`generate`, same dtype, same chat template,
-same greedy settings) answers the same requests one at a time in this process, after the server has exited.
+wall time, and the time to first token (the first streamed chunk with a token) p50/p95. Then the 8-client
+workload's requests are sent again one at a time (`sequential`). `--rounds` repeats all of that, interleaved;
+figures are medians over the rounds. Finally transformers (`generate`, same dtype, same chat template, same
+greedy settings) answers the same requests one at a time in this process, after the server has exited.
 
 The server runs in its own process (`llava-next serve --max-concurrent 16`) on the preset's checkpoint
 (benchmarks/checkpoints.py). The last line printed is JSON with every number.
@@ -60,19 +61,20 @@ def api_messages(i: int, url: str | None) -> list[dict]:
 
 
 def one_request(base: str, i: int, url: str | None, max_tokens: int) -> dict:
-    """A streamed request: time to the first content chunk, total time, generated tokens."""
+    """A streamed request: time to the first token (the first chunk carrying a token's logprob: a random model's
+    text can stay empty until the end, held back as incomplete characters), total time, generated tokens."""
     began = time.perf_counter()
     first = None
     usage = None
     body = {"model": "bench", "messages": api_messages(i, url), "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, "logprobs": True}
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line[6:])
-            if event["choices"] and event["choices"][0]["delta"].get("content") and first is None:
+            if event["choices"] and event["choices"][0].get("logprobs") and first is None:
                 first = time.perf_counter() - began
             if event.get("usage"):
                 usage = event["usage"]
@@ -111,6 +113,11 @@ def summary(results: list[dict], wall: float) -> dict:
     return {"requests": len(results), "wall_s": round(wall, 3), "tokens": tokens, "tok_s": round(tokens / wall, 2),
             "ttft_p50_s": round(statistics.median(ttfts), 3),
             "ttft_p95_s": round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 3)}
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Each figure's median over the rounds, and the ratio that matters computed per round first."""
+    return {key: round(statistics.median(r[key] for r in runs), 3) for key in runs[0]} | {"rounds": len(runs)}
 
 
 def start_server(checkpoint: Path, port: int, dtype: str) -> subprocess.Popen:
@@ -170,26 +177,35 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--image", action="store_true", help="every request carries the 500x316 image")
     parser.add_argument("--no-reference", action="store_true", help="skip transformers")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--cache", default="/tmp/llava-next-bench", help="where benchmark checkpoints are kept")
     args = parser.parse_args()
 
-    checkpoint = build_checkpoint(args.preset)
+    checkpoint = build_checkpoint(Path(args.cache), args.preset)
     url = image_url() if args.image else None
     base = f"http://127.0.0.1:{args.port}"
     server = start_server(checkpoint, args.port, args.dtype)
-    levels: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}
     try:
         run_sequential(base, 2, url, 8)  # warm-up
-        for clients in [int(c) for c in args.concurrency.split(",")]:
-            levels[str(clients)] = run_level(base, clients, args.requests_per_client, url, args.max_tokens)
-            print(f"{clients:>3} clients: {levels[str(clients)]}", flush=True)
-        sequential = run_sequential(base, 8 * args.requests_per_client, url, args.max_tokens)
-        print(f"sequential ({8 * args.requests_per_client} requests): {sequential}", flush=True)
+        for round_ in range(args.rounds):  # interleaved rounds: a noisy machine slows all of a round, not one figure
+            for clients in [int(c) for c in args.concurrency.split(",")]:
+                runs.setdefault(str(clients), []).append(
+                    run_level(base, clients, args.requests_per_client, url, args.max_tokens))
+                print(f"round {round_ + 1}, {clients:>3} clients: {runs[str(clients)][-1]}", flush=True)
+            runs.setdefault("sequential", []).append(
+                run_sequential(base, 8 * args.requests_per_client, url, args.max_tokens))
+            print(f"round {round_ + 1}, sequential ({8 * args.requests_per_client} requests): "
+                  f"{runs['sequential'][-1]}", flush=True)
     finally:
         server.terminate()
         server.wait(60)
+    medians = {key: median_of(values) for key, values in runs.items()}
+    sequential = medians.pop("sequential")
+    levels = medians
     reference = None
     if not args.no_reference:
         reference = transformers_sequential(checkpoint, 8 * args.requests_per_client, args.image, args.max_tokens,
@@ -199,7 +215,9 @@ def main() -> None:
               "requests_per_client": args.requests_per_client, "levels": levels, "sequential": sequential,
               "transformers_sequential": reference, "cpu_count": os.cpu_count(), "machine": platform.machine()}
     if "8" in levels:
-        result["8_clients_vs_sequential"] = round(levels["8"]["tok_s"] / sequential["tok_s"], 2)
+        per_round = [a["tok_s"] / b["tok_s"] for a, b in zip(runs["8"], runs["sequential"])]
+        result["8_clients_vs_sequential"] = round(statistics.median(per_round), 2)
+        result["8_clients_vs_sequential_per_round"] = [round(r, 2) for r in per_round]
         if reference:
             result["8_clients_vs_transformers"] = round(levels["8"]["tok_s"] / reference["tok_s"], 2)
     print(json.dumps(result))

@@ -239,8 +239,9 @@ class Scheduler:
     """Continuous batching in one KV space of `slots` rows of `capacity` tokens.
 
     Each step: sequences that were cancelled leave; waiting ones take free rows (their images through the tower,
-    their prefix copied from the prefix cache); prefill runs, whole, or one chunk of `prefill_chunk` tokens of the
-    oldest prefilling sequence while others are decoding (so a long prompt does not freeze their streams); then
+    their prefix copied from the prefix cache); prefill runs, whole, or, while others are decoding, at most
+    `prefill_chunk` prompt tokens of the oldest prefilling sequences (so a long prompt does not freeze their
+    streams, and several short ones join in one step); then
     one decoding step over every running sequence, each at its own length and with its own sampling settings.
     Running sequences occupy rows 0..n-1, so the decoding step works on a view of the KV space, never a copy; a
     sequence that leaves is replaced by the last one (one row copied).
@@ -294,10 +295,16 @@ class Scheduler:
         changed: list[Sequence] = []
         self._drop_cancelled(changed)
         self._admit(changed)
-        if self.prefilling:
-            # without chunking, every waiting prompt now (generate()); with it, the oldest, a chunk per step
-            for seq in list(self.prefilling) if self.prefill_chunk is None else self.prefilling[:1]:
-                self._guarded(self._prefill, seq, changed)
+        # Without chunking, every admitted prompt now (generate()). With it, at most `prefill_chunk` prompt tokens
+        # per step while others decode, oldest first: several short prompts, or one chunk of a long one.
+        budget = self.prefill_chunk
+        for seq in list(self.prefilling):
+            if budget is not None and budget <= 0:
+                break
+            before = seq.length
+            self._guarded(self._prefill, seq, changed, budget)
+            if budget is not None:
+                budget -= max(0, seq.length - before)
         self._compact()
         if self.running:
             try:
@@ -315,9 +322,9 @@ class Scheduler:
 
     # -- admission and leaving ---------------------------------------------------------------------------------------
 
-    def _guarded(self, work: Callable, seq: Sequence, changed: list[Sequence]) -> None:
+    def _guarded(self, work: Callable, seq: Sequence, changed: list[Sequence], *args) -> None:
         try:
-            work(seq, changed)
+            work(seq, changed, *args)
         except Exception as e:  # noqa: BLE001
             if not self.isolate_errors:
                 raise
@@ -397,10 +404,10 @@ class Scheduler:
 
     # -- the model ---------------------------------------------------------------------------------------------------
 
-    def _prefill(self, seq: Sequence, changed: list[Sequence]) -> None:
+    def _prefill(self, seq: Sequence, changed: list[Sequence], budget: int | None) -> None:
         model, device = self.engine.model, self.engine.device
         begin, total = seq.length, seq.prompt_tokens
-        end = total if self.prefill_chunk is None or not self.running else min(total, begin + self.prefill_chunk)
+        end = total if budget is None or not self.running else min(total, begin + budget)
         ids = seq.prompt_ids[begin:end]
         features = None
         image_id = model.cfg.image_token_id
