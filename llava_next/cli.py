@@ -13,6 +13,7 @@ from .data.synth import generate as synth_generate
 from .data.tokenizer import texts_of, train_tokenizer
 from .engine import SamplingParams
 from .errors import LlavaError
+from .eval.tasks import TASK_MODULES as TASK_NAMES
 from .eval.vqa import evaluate
 from .pipeline import load
 from .quantize import GROUP_SIZES, MODES, QuantizeError, describe
@@ -275,6 +276,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .eval.vqa import write_predictions
 
+    if args.task:
+        from .eval.runner import run_task
+        from .eval.tasks import get_task
+
+        get_task(args.task)  # an unknown name is an error before the model loads
+        pipe = _load(args)
+        result = run_task(pipe, args.task, args.data, args.output, args.limit, args.batch_size,
+                          progress=sys.stderr.isatty(), model_name=str(args.model))
+        print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+        return 0
     pipe = _load(args)
     result = evaluate(pipe, args.data, args.image_folder, args.limit, args.batch_size, args.max_new_tokens,
                       progress=sys.stderr.isatty())
@@ -411,9 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--template", help="a built-in chat template whose markers the tokenizer should learn")
     k.set_defaults(run=cmd_data_tokenizer)
 
-    e = sub.add_parser("eval", help="exact-match accuracy on LLaVA-format questions, per question type")
+    e = sub.add_parser("eval", help="a standard benchmark (--task), or exact match on LLaVA-format questions")
     _add_model_args(e)
-    e.add_argument("--data", required=True, help="LLaVA-format file; every gpt turn is a question")
+    e.add_argument("--task", help="a benchmark, scored as lmms-eval scores it: " + ", ".join(TASK_NAMES))
+    e.add_argument("--data", required=True, help="with --task: the benchmark's dataset (parquet files or a directory "
+                                                 "of them, a `datasets` directory, or its Hub id); without: a "
+                                                 "LLaVA-format file, every gpt turn a question")
+    e.add_argument("--output", help="with --task: write results.json and predictions.jsonl here (and resume from "
+                                    "them)")
     e.add_argument("--image-folder", help="image paths are relative to this (default: the data file's folder)")
     e.add_argument("--limit", type=int, help="only the first N questions")
     e.add_argument("--batch-size", type=int, default=default_of(evaluate, "batch_size"))

@@ -1,0 +1,287 @@
+"""Runs a standard benchmark (`eval/tasks/`) on a pipeline: reads the task's split of its published dataset, asks
+every question through the generation engine (batched, greedy, the task's max_new_tokens, the checkpoint's chat
+template with the images first), scores each answer as lmms-eval does and aggregates.
+
+Every answered question is appended to `predictions.jsonl` as soon as its batch is done, so an interrupted run
+resumes where it stopped: the questions already in the file are not asked again and their scores are read back.
+Under torchrun (RANK / WORLD_SIZE set) each process takes every WORLD_SIZE-th question and writes its own
+predictions file; the last process to finish merges them in dataset order and writes the results, which equal a
+single process's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .tasks import Sample, Skip, Task, TaskDataError, get_task
+
+
+# -- data ------------------------------------------------------------------------------------------------------------
+
+
+def read_rows(data: str | Path, task: Task) -> tuple[Iterator[dict[str, Any]], int | None]:
+    """The rows of the task's split, and how many there are when the files say so.
+
+    `data`: a parquet file; a directory of parquet files as the Hub dataset stores them (`<split>-*.parquet`,
+    under `data/` or the configuration's folder); a directory written by `datasets`' save_to_disk; or, when no
+    such path exists, a Hub dataset id (read with `datasets`, which needs the network).
+    """
+    path = Path(data)
+    if path.is_file():
+        return _parquet_rows([path])
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists() or \
+                (path / task.split / "state.json").exists():
+            return _saved_dataset_rows(path, task)
+        files = sorted(path.rglob("*.parquet"))
+        if not files:
+            raise TaskDataError(f"{path}: no parquet files and no `datasets` save_to_disk layout; give the "
+                                f"{task.hub_dataset} dataset's files for the {task.split!r} split")
+        chosen = [f for f in files if _split_of(f, path) == task.split]
+        if not chosen:
+            found = sorted({_split_of(f, path) for f in files})
+            raise TaskDataError(f"{path}: no parquet files of the {task.split!r} split (found: {', '.join(found)}); "
+                                f"{task.name} evaluates {task.hub_dataset}'s {task.split!r} split")
+        return _parquet_rows(chosen)
+    if str(data).count("/") == 1 and not str(data).startswith((".", "/")):
+        return _hub_rows(str(data), task)
+    raise TaskDataError(f"{data}: no such file or directory (nor a Hub dataset id)")
+
+
+def _split_of(file: Path, root: Path) -> str:
+    """A Hub parquet file's split: its name's prefix before '-' (validation-00000-of-00002.parquet), or its folder's
+    name when the file is named by number only."""
+    stem = file.name.split("-")[0].removesuffix(".parquet")
+    return stem if not stem.isdigit() else file.parent.name
+
+
+def _parquet_rows(files: list[Path]) -> tuple[Iterator[dict[str, Any]], int | None]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TaskDataError("reading parquet needs pyarrow: pip install 'llava-next[eval]'") from None
+    total = 0
+    for f in files:
+        try:
+            total += pq.ParquetFile(f).metadata.num_rows
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds on a file that is not parquet
+            raise TaskDataError(f"{f}: not a readable parquet file ({e})") from None
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for f in files:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=64):
+                yield from batch.to_pylist()
+
+    return rows(), total
+
+
+def _saved_dataset_rows(path: Path, task: Task) -> tuple[Iterator[dict[str, Any]], int | None]:
+    try:
+        import datasets
+    except ImportError:
+        raise TaskDataError("reading a `datasets` directory needs the datasets library: pip install datasets") from None
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if task.split not in loaded:
+            raise TaskDataError(f"{path}: no {task.split!r} split (found: {', '.join(loaded)})")
+        loaded = loaded[task.split]
+    return iter(loaded), len(loaded)
+
+
+def _hub_rows(dataset_id: str, task: Task) -> tuple[Iterator[dict[str, Any]], int | None]:
+    try:
+        import datasets
+    except ImportError:
+        raise TaskDataError("reading a Hub dataset needs the datasets library: pip install datasets") from None
+    loaded = datasets.load_dataset(dataset_id, task.hub_config, split=task.split)
+    return iter(loaded), len(loaded)
+
+
+# -- running ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metrics: dict[str, float]
+    samples: int  # questions in the data (after --limit)
+    answered: int
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"index", "id", "reason"}
+    resumed: int = 0  # answers read back from an earlier run's predictions
+    seconds: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> str:
+        lines = [f"| {self.task} | value |", "| --- | ---: |"]
+        lines += [f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
+                  for name, value in self.metrics.items()]
+        lines.append(f"\n{self.answered} answered, {len(self.skipped)} skipped, {self.samples} in the data"
+                     + (f" ({self.resumed} from the earlier run's predictions)" if self.resumed else "")
+                     + f"; {self.seconds:.1f} s")
+        for s in self.skipped[:20]:
+            lines.append(f"- skipped #{s['index']} ({s['id']}): {s['reason']}")
+        if len(self.skipped) > 20:
+            lines.append(f"- ... and {len(self.skipped) - 20} more (results.json lists them all)")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "metrics": self.metrics, "samples": self.samples, "answered": self.answered,
+                "skipped": len(self.skipped), "skipped_samples": self.skipped, "resumed": self.resumed,
+                "seconds": round(self.seconds, 3), "settings": self.settings}
+
+
+def messages_of(sample: Sample) -> list[dict[str, Any]]:
+    """The LLaVA convention, as lmms-eval's LLaVA models prompt: the images first, then the text."""
+    return [{"role": "user", "content": [{"type": "image"}] * len(sample.images) + [{"type": "text", "text": sample.prompt}]}]
+
+
+def read_predictions(path: Path) -> dict[int, dict[str, Any]]:
+    """An earlier run's predictions by dataset index. A line cut short by an interruption is dropped (it will be
+    asked again); any other damage is an error, since silently redoing or dropping answers would lose them."""
+    done: dict[int, dict[str, Any]] = {}
+    if not path.exists():
+        return done
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) or (number == len(lines) - 1 and not lines[-1]):
+                continue  # the last line, cut short
+            raise TaskDataError(f"{path}:{number}: not JSON; the predictions file is damaged (move it away to "
+                                "start over)") from None
+        done[int(record["index"])] = record
+    return done
+
+
+def shard() -> tuple[int, int]:
+    """(rank, world size) under torchrun or any launcher that sets RANK and WORLD_SIZE; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run_task(pipe, task_name: str, data: str | Path, output: str | Path | None = None, limit: int | None = None,
+             batch_size: int = 16, progress: bool = False, model_name: str = "") -> TaskResult:
+    task = get_task(task_name)
+    rank, world = shard()
+    began = time.perf_counter()
+    out = Path(output) if output is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    predictions = out / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl") if out else None
+    done = read_predictions(predictions) if predictions else {}
+    if world > 1 and out is not None:
+        (out / f"shard{rank}.done.json").unlink(missing_ok=True)  # from an earlier run: this one is not done yet
+    resumed = len(done)
+    rows, total = read_rows(data, task)
+    if total is not None and limit is not None:
+        total = min(total, limit)
+    if total == 0:
+        raise TaskDataError(f"{data}: the {task.split!r} split has no rows")
+    settings = {"max_new_tokens": task.max_new_tokens, "temperature": 0, "batch_size": batch_size, "limit": limit,
+                "data": str(data), "split": task.split, "model": model_name, "world_size": world}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=task.name, unit="q", leave=False)  # its rate and remaining time are the ETA
+    skipped: list[dict[str, str]] = []
+    pending: list[tuple[int, Sample]] = []
+    seen = 0
+    with open(predictions, "a", encoding="utf-8") if predictions else _NoFile() as sink:
+        def flush() -> None:
+            answers = pipe.generate([messages_of(s) for _, s in pending], [s.images for _, s in pending],
+                                    max_new_tokens=task.max_new_tokens, temperature=0)
+            for (index, sample), answer in zip(pending, answers):
+                record = {"index": index, "id": sample.id, "prompt": sample.prompt, "prediction": answer.text,
+                          "references": sample.references, "score": task.score(sample, answer.text)}
+                done[index] = record
+                sink.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+            sink.flush()
+            if bar is not None:
+                bar.update(len(pending))
+            pending.clear()
+
+        for index, item in enumerate(task.samples(rows)):
+            if limit is not None and index >= limit:
+                break
+            seen += 1
+            if index % world != rank:
+                continue
+            if isinstance(item, Skip):
+                skipped.append({"index": index, "id": item.id, "reason": item.reason})
+                if bar is not None:
+                    bar.update(1)
+                continue
+            if index in done:
+                if str(done[index]["id"]) != str(item.id):
+                    raise TaskDataError(f"{predictions}: question #{index} is {done[index]['id']!r} there but "
+                                        f"{item.id!r} in {data}; these predictions are from other data (use "
+                                        "another --output)")
+                if bar is not None:
+                    bar.update(1)
+                continue
+            pending.append((index, item))
+            if len(pending) >= batch_size:
+                flush()
+        if pending:
+            flush()
+    if bar is not None:
+        bar.close()
+    mine = {i: r for i, r in done.items() if (limit is None or i < limit) and i % world == rank}
+    if world > 1:
+        return _merge_shards(task, out, rank, world, mine, skipped, seen, resumed, began, settings)
+    scores = [mine[i]["score"] for i in sorted(mine)]
+    result = TaskResult(task.name, task.aggregate(scores) if scores else {}, seen, len(scores), skipped, resumed,
+                        time.perf_counter() - began, settings)
+    if out is not None:
+        (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    return result
+
+
+def _merge_shards(task: Task, out: Path | None, rank: int, world: int, mine: dict, skipped: list, seen: int,
+                  resumed: int, began: float, settings: dict) -> TaskResult:
+    """Each process records that it finished; the last to finish reads every shard and writes the merged results."""
+    if out is None:
+        raise TaskDataError("several processes need --output: they merge their predictions through it")
+    (out / f"shard{rank}.done.json").write_text(json.dumps({"skipped": skipped, "seen": seen, "resumed": resumed}))
+    if not all((out / f"shard{r}.done.json").exists() for r in range(world)):  # another will merge when it is done
+        return TaskResult(task.name, {}, seen, len(mine), skipped, resumed, time.perf_counter() - began, settings)
+    records: dict[int, dict[str, Any]] = {}
+    all_skipped: list[dict[str, str]] = []
+    total_resumed = 0
+    for r in range(world):
+        records.update(read_predictions(out / f"predictions.rank{r}.jsonl"))
+        info = json.loads((out / f"shard{r}.done.json").read_text())
+        all_skipped += info["skipped"]
+        total_resumed += info["resumed"]
+    limit = settings["limit"]
+    ordered = [records[i] for i in sorted(records) if limit is None or i < limit]
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
+                                                   for r in ordered), encoding="utf-8")
+    all_skipped.sort(key=lambda s: s["index"])
+    scores = [r["score"] for r in ordered]
+    result = TaskResult(task.name, task.aggregate(scores) if scores else {}, seen, len(scores), all_skipped,
+                        total_resumed, time.perf_counter() - began, settings)
+    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    return result
+
+
+class _NoFile:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
