@@ -161,6 +161,15 @@ def read_predictions(path: Path) -> dict[int, dict[str, Any]]:
     return done
 
 
+def drop_partial_line(path: Path) -> None:
+    """Cuts a last line an interruption left without its newline, so that appended answers start on a line of
+    their own."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def shard() -> tuple[int, int]:
     """(rank, world size) under torchrun or any launcher that sets RANK and WORLD_SIZE; (0, 1) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -176,6 +185,8 @@ def run_task(pipe, task_name: str, data: str | Path, output: str | Path | None =
         out.mkdir(parents=True, exist_ok=True)
     predictions = out / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl") if out else None
     done = read_predictions(predictions) if predictions else {}
+    if predictions is not None and predictions.exists():
+        drop_partial_line(predictions)
     if world > 1 and out is not None:
         (out / f"shard{rank}.done.json").unlink(missing_ok=True)  # from an earlier run: this one is not done yet
     resumed = len(done)

@@ -12,7 +12,7 @@ import io
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ...errors import LlavaError
 
@@ -66,6 +66,8 @@ def image_of(value: Any, where: str) -> Image.Image:
             image = Image.open(io.BytesIO(value))
             image.load()
             return image
+        except UnidentifiedImageError:
+            raise TaskDataError(f"{where}: the image does not decode (not a format Pillow reads)") from None
         except Exception as e:  # noqa: BLE001 - Pillow raises many kinds on bad data
             raise TaskDataError(f"{where}: the image does not decode ({type(e).__name__}: {e})") from None
     raise TaskDataError(f"{where}: expected an image, got {type(value).__name__}")
