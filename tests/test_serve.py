@@ -321,3 +321,30 @@ def test_the_command_serves_and_shuts_down_cleanly_on_sigterm():
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_fault_is_a_logged_500_with_a_request_id_and_the_server_goes_on(tiny, monkeypatch, caplog):
+    from llava_next.engine import Scheduler
+
+    pipe = llava_next.load(tiny("vicuna"), dtype="float32", progress=False)
+    real = Scheduler._prefill
+
+    def faulty(self, seq, changed, budget):
+        if seq.prompt_tokens > 40:  # only the long prompt's prefill breaks
+            raise RuntimeError("simulated fault")
+        return real(self, seq, changed, budget)
+
+    monkeypatch.setattr(Scheduler, "_prefill", faulty)
+    with running_server(pipe, served_name="tiny") as base, caplog.at_level("ERROR", logger="llava_next.serve"):
+        long = {"model": "tiny", "messages": ask("word " * 60), "max_tokens": 3}
+        response = httpx.post(f"{base}/v1/chat/completions", json=long, timeout=60)
+        assert response.status_code == 500
+        message = error_of(response)
+        request_id = message.split("request id ")[1].split(")")[0]
+        assert request_id.startswith("chatcmpl-") and "simulated fault" not in message  # no internals to clients
+        assert any(request_id in r.getMessage() for r in caplog.records)
+        assert any("simulated fault" in str(r.exc_info) for r in caplog.records if r.exc_info)
+        streamed = httpx.post(f"{base}/v1/chat/completions", json={**long, "stream": True}, timeout=60).text
+        assert '"type": "server_error"' in streamed and streamed.rstrip().endswith("data: [DONE]")
+        ok = httpx.post(f"{base}/v1/chat/completions", json={**long, "messages": ask("Hi")}, timeout=60)
+        assert ok.status_code == 200
