@@ -172,3 +172,26 @@ def test_the_command_line_prints_the_table_and_writes_results(task, tmp_path, ca
     out = capsys.readouterr().out
     assert "| accuracy |" in out and "4 answered, 0 skipped, 4 in the data" in out
     assert json.loads((tmp_path / "out" / "results.json").read_text())["answered"] == 4
+
+
+def test_pope_end_to_end_through_the_command(pipe, tmp_path, capsys):
+    from llava_next import cli
+    from llava_next.eval.tasks import get_task
+
+    png = (ROOT / "examples" / "shapes.png").read_bytes()
+    questions = [("Is there a circle in the image?", "yes"), ("Is there a dog in the image?", "no"),
+                 ("Is there a square in the image?", "yes"), ("Is there a car in the image?", "no")]
+    data = write_parquet(tmp_path / "pope" / "data" / "test-00000-of-00001.parquet", [
+        {"question_id": str(i), "question": q, "answer": a, "category": "random", "image_source": "shapes",
+         "image": {"bytes": png, "path": None}} for i, (q, a) in enumerate(questions)])
+    assert cli.main(["eval", "--model", "demo", "--task", "pope", "--data", str(data.parents[1]), "--output",
+                     str(tmp_path / "out"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    task = get_task("pope")
+    assert [x["prediction"] for x in lines] == [a.text for a in pipe.generate(
+        [runner.messages_of(s) for s in task.samples(iter(pq.read_table(data).to_pylist()))],
+        [[im] for im in [s.images[0] for s in task.samples(iter(pq.read_table(data).to_pylist()))]],
+        max_new_tokens=task.max_new_tokens, temperature=0)]
+    assert result["answered"] == 4 and set(result["metrics"]) >= {"pope_f1_score", "pope_accuracy"}
+    assert result["metrics"] == task.aggregate([x["score"] for x in lines])
