@@ -200,7 +200,7 @@ def test_prompts_and_images_are_lmms_evals(name):
         (image,) = got.images
         assert (image.mode, image.size, image.tobytes()) == (expected.mode, expected.size, expected.tobytes())
     if name == "textvqa_val":  # str.capitalize lowers the rest: the prompt asks about the "bottle", not "BOTTLE"
-        assert out[0].prompt == "What is the brand name on the bottle?\nAnswer the question using a single word or phrase."
+        assert out[0].prompt.startswith("What is the brand name on the bottle?\n")
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -254,8 +254,9 @@ def test_bad_rows_are_skipped_with_a_reason(name):
     assert "does not decode" in reasons[0] and "expected an image" in reasons[1] and "does not decode" in reasons[2]
     assert "'question'" in reasons[3]
     assert all(f"'{ANSWER_FIELD[name]}'" in r for r in reasons[4:]), reasons[4:]
-    if name != "chartqa":
-        assert [o.id for o in out[1:3]] == [get_task(name).samples([r]).__next__().id for r in bad[:2]]
+    # a skip carries the row's id (ChartQA's rows have none: their position)
+    ids = [str(i) for i in range(len(rows))] if name == "chartqa" else [str(r[ID_FIELD[name]]) for r in rows]
+    assert [o.id for o in out] == ids
 
 
 # -- scores ---------------------------------------------------------------------------------------------------------
@@ -272,10 +273,11 @@ OUTPUTS = [
     "5%", "50%", "0.5", ".5", "5.", "a.b.c", "1.2.3", "3.", "... ", "what?", "what's up?", "It is 2.", "Answer: 2",
     "2\n\nExplanation: there are two.", "Café", "café", "CAFÉ", "ß", "SS", "straße", "İstanbul", "istanbul", "naïve",
     "日本", "日本。", "hello world!", "hello  world", "left\tright", "left\nright", "the the", "one two three",
-    "1 2 3", "x" + "." * 40 + "y", ". " * 35 + "end", "a;b", "a ;b", "[1]", "{x}", "x=y", "x + y", "c\\d", "snake_case",
-    "a>b", "<b>", "@home", "`tick`", "what's", "whats", "john's car", "johns car", "Dr. Smith", "dr smith", "7-11",
-    "7 - 11", "12:30", "12.30", "1/2", "½", "٣", "-3", "+3", "1e3", "1_000", "nan", "inf", "-inf", "45%", "0.45",
-    "100", "105", "95", "94.9", "105.1", "0.0", "-0.0", "1,234", "North America", "north america", "NORTH AMERICA.",
+    "1 2 3", "x" + "." * 40 + "y", ". " * 35 + "end", "a;b", "a ;b", "[1]", "{x}", "x=y", "x + y", "c\\d",
+    "snake_case", "a>b", "<b>", "@home", "`tick`", "what's", "whats", "john's car", "johns car", "Dr. Smith",
+    "dr smith", "7-11", "7 - 11", "12:30", "12.30", "1/2", "½", "٣", "-3", "+3", "1e3", "1_000", "nan", "inf", "-inf",
+    "45%", "0.45", "100", "105", "95", "94.9", "105.1", "0.0", "-0.0", "1,234", "North America", "north america",
+    "NORTH AMERICA.",
 ]
 POOL = sorted(set(OUTPUTS) | {"2", "two", "dog", "yes", "no", "red", "blue", "1000", "it's", "cafe", "north america"})
 
