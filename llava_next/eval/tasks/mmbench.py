@@ -32,7 +32,7 @@ NULLABLE_TEXT = (str, float, type(None))  # a string column: None from parquet, 
 
 
 def samples(rows: Iterable[dict[str, Any]]) -> Iterator[Sample | Skip]:
-    return skip_bad_rows(rows, _sample, "index")
+    return skip_bad_rows("mmbench_en_dev", rows, _sample, "index")
 
 
 def _sample(row: dict[str, Any], position: int, where: str) -> Sample:
@@ -126,7 +126,7 @@ TASK = Task(
     hub_dataset="lmms-lab-encoder/MMBench",
     hub_config="en",
     split="dev",
-    metrics=("gpt_eval_score",),  # lmms-eval's name for it, in the static variant too; plus category/..., l2_category/...
+    metrics=("gpt_eval_score",),  # lmms-eval's name, in the static variant too; aggregate adds category/<name>, ...
     samples=samples,
     score=score,
     aggregate=aggregate,
