@@ -47,7 +47,7 @@ FIELDS = {
 
 
 def samples(rows: Iterable[dict[str, Any]]) -> Iterator[Sample | Skip]:
-    return skip_bad_rows(rows, _sample, "id")
+    return skip_bad_rows("mmmu_val", rows, _sample, "id")
 
 
 def _sample(row: dict[str, Any], position: int, where: str) -> Sample:
