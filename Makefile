@@ -16,8 +16,14 @@ $(VENV)/.runtime: pyproject.toml
 	$(VENV)/bin/pip install $(PIP_QUIET) -e .
 	touch $@
 
-$(VENV)/.test: $(VENV)/.runtime
+# lmms-eval is the scoring reference of the eval tests (its task code is imported and compared with ours). Its own
+# requirements pull torchvision (which breaks the CPU torch build) and much more that its task code does not need,
+# so it is installed without them; the test extra has the few its task code imports.
+LMMS_EVAL ?= lmms-eval==0.7.3
+
+$(VENV)/.test: $(VENV)/.runtime pyproject.toml
 	$(VENV)/bin/pip install $(PIP_QUIET) -e '.[test]'
+	$(VENV)/bin/pip install $(PIP_QUIET) --no-deps "$(LMMS_EVAL)"
 	touch $@
 
 # transformers 4.x, only to write test checkpoints in the 4.x on-disk layout (the llava-hf Hub repos' layout)

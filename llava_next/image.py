@@ -167,7 +167,8 @@ def _refuse_truncated_loading(label: str) -> None:
 
 
 def _load_pixels(image: Image.Image, label: str) -> Image.Image:
-    _refuse_truncated_loading(label)
+    if getattr(image, "tile", None):  # still to be decoded from its file (decoded images have nothing left to cut short)
+        _refuse_truncated_loading(label)
     try:
         image.load()
     except Image.DecompressionBombError as e:

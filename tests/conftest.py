@@ -159,3 +159,13 @@ def load_pipeline():
         return cache[key]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def no_truncated_image_loading():
+    """lmms-eval (imported by the eval tests as the scoring reference) turns Pillow's LOAD_TRUNCATED_IMAGES on for
+    the whole process when imported; the package refuses to decode files then. Each test starts with it off."""
+    from PIL import ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    yield

@@ -195,3 +195,12 @@ def test_pope_end_to_end_through_the_command(pipe, tmp_path, capsys):
         max_new_tokens=task.max_new_tokens, temperature=0)]
     assert result["answered"] == 4 and set(result["metrics"]) >= {"pope_f1_score", "pope_accuracy"}
     assert result["metrics"] == task.aggregate([x["score"] for x in lines])
+
+
+@pytest.mark.parametrize("text", ["<think>hmm</think> yes", "  no  ", "a<think>x</think>b<think>y</think>c",
+                                  "reasoning</think>B", "<think>unclosed yes", "<analysis>a</analysis><think>b</think>C",
+                                  "<THINK>x</THINK>", "</think>x</think>y", ""])
+def test_reasoning_blocks_are_removed_as_lmms_eval_removes_them(text):
+    reasoning = pytest.importorskip("lmms_eval.api.reasoning")
+    tags = [list(pair) for pair in runner.REASONING_TAGS]
+    assert runner.without_reasoning(text) == reasoning.strip_reasoning_tags(text, tags)

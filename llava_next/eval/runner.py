@@ -161,6 +161,27 @@ def read_predictions(path: Path) -> dict[int, dict[str, Any]]:
     return done
 
 
+# lmms-eval's command line removes these blocks from every answer before scoring (its --reasoning_tags default)
+REASONING_TAGS = (("<think>", "</think>"), ("<analysis>", "</analysis>"))
+
+
+def without_reasoning(text: str) -> str:
+    """The answer with <think>...</think> and <analysis>...</analysis> blocks removed, and, where only a closing tag
+    is left (a template that opened the block itself), what follows the last one; stripped, as lmms-eval does.
+    (lmms-eval removes them after a task's answer filter, we before its scoring; they differ only on answers that
+    contain such blocks.)"""
+    for start_tag, end_tag in REASONING_TAGS:
+        while True:
+            start = text.find(start_tag)
+            end = text.find(end_tag, start) if start >= 0 else -1
+            if start < 0 or end < 0:
+                break
+            text = text[:start] + text[end + len(end_tag):]
+        if end_tag in text and start_tag not in text:
+            text = text.rsplit(end_tag, 1)[-1]
+    return text.strip()
+
+
 def drop_partial_line(path: Path) -> None:
     """Cuts a last line an interruption left without its newline, so that appended answers start on a line of
     their own."""
@@ -211,7 +232,8 @@ def run_task(pipe, task_name: str, data: str | Path, output: str | Path | None =
                                     max_new_tokens=task.max_new_tokens, temperature=0)
             for (index, sample), answer in zip(pending, answers):
                 record = {"index": index, "id": sample.id, "prompt": sample.prompt, "prediction": answer.text,
-                          "references": sample.references, "score": task.score(sample, answer.text)}
+                          "references": sample.references,
+                          "score": task.score(sample, without_reasoning(answer.text))}
                 done[index] = record
                 sink.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
             sink.flush()

@@ -8,13 +8,13 @@ with the task's settings, and calls `score` and `aggregate`.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ...errors import LlavaError
+from ...image import ImageError, decode_image
 
 
 class TaskDataError(LlavaError, ValueError):
@@ -62,14 +62,10 @@ def image_of(value: Any, where: str) -> Image.Image:
     if isinstance(value, dict) and value.get("bytes") is not None:
         value = value["bytes"]
     if isinstance(value, (bytes, bytearray)):
-        try:
-            image = Image.open(io.BytesIO(value))
-            image.load()
-            return image
-        except UnidentifiedImageError:
-            raise TaskDataError(f"{where}: the image does not decode (not a format Pillow reads)") from None
-        except Exception as e:  # noqa: BLE001 - Pillow raises many kinds on bad data
-            raise TaskDataError(f"{where}: the image does not decode ({type(e).__name__}: {e})") from None
+        try:  # the package's decoding: size limits, truncated data refused, EXIF orientation applied
+            return decode_image(bytes(value), name=where)
+        except ImageError as e:
+            raise TaskDataError(f"the image does not decode: {e}") from None
     raise TaskDataError(f"{where}: expected an image, got {type(value).__name__}")
 
 
