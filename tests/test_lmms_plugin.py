@@ -131,6 +131,15 @@ def test_lmms_eval_command_line_runs_our_engine_on_pope(tmp_path):
             "pope_recall": recall, "pope_f1_score": 2 * precision * recall / (precision + recall) if precision + recall else 0,
             "pope_yes_ratio": truth.count("yes") / len(truth)}
     assert {name: results["pope_local"][f"{name},none"] for name in want} == pytest.approx(want)
+    # and `llava-next eval --task pope` on the same parquet: the same predictions, the same scores
+    from llava_next.eval.runner import run_task
+
+    ours = run_task(pipe, "pope", parquet, tmp_path / "ours", batch_size=4)
+    predicted = [json.loads(line) for line in (tmp_path / "ours" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["prompt"] for p in predicted] == [s["input"] for s in logged]
+    assert [p["prediction"] for p in predicted] == [s["filtered_resps"] for s in logged]
+    assert ours.metrics == pytest.approx({name: results["pope_local"][f"{name},none"] for name in ours.metrics})
+    assert set(ours.metrics) == set(want)
 
     # pope_choice: each choice's loss (mean negative log-likelihood, lmms-eval's convention) is ours, and lmms-eval's
     # accuracy picks the choice of least loss
