@@ -610,6 +610,24 @@ class TextStream:
         self.generation = self._seq.generation()
 
 
+def release_free_memory() -> None:
+    """glibc's malloc_trim: memory freed by requests of many sizes on many threads stays in the allocator's pools
+    (300 MB after a 32-client burst on the tiny test model) unless handed back. Elsewhere a no-op."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 class EngineBusy(GenerationError):
     """The waiting queue is full, or the engine is shutting down: try again later."""
 
@@ -662,6 +680,8 @@ class BackgroundEngine:
         scheduler = self.scheduler
         while True:
             with self._wake:
+                if not self._inbox and scheduler.idle and not self._stopping:
+                    release_free_memory()  # the work is done: give what the allocator holds free back to the system
                 while not self._inbox and scheduler.idle and not self._stopping:
                     self._wake.wait()
                 if self._stopping and not self._inbox and scheduler.idle:

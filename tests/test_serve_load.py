@@ -6,21 +6,26 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
 import llava_next
 from conftest import smooth_image
-from serve_helpers import running_server
+from serve_helpers import free_port
 
 CLIENTS, REQUESTS_EACH = 32, 5
 QUESTIONS = ["What is in the picture?", "Describe it in one sentence.", "Is there a circle?", "Why is the sky blue?",
              "Count to five.", "Name a colour."]
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
+def rss_bytes(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
@@ -31,6 +36,31 @@ def png_url(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@contextmanager
+def serve_process(model: Path):
+    """`llava-next serve` in a process of its own (so that its memory is its own), float32, 8 sequences at once."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "llava_next.cli", "serve", "--model", str(model), "--dtype",
+                                "float32", "--served-model-name", "tiny", "--port", str(port), "--max-concurrent", "8",
+                                "--max-queue", "64"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, "the server exited"
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        yield base, process.pid
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 def test_32_concurrent_clients_each_get_their_own_answer(tiny):
@@ -45,7 +75,7 @@ def test_32_concurrent_clients_each_get_their_own_answer(tiny):
         prompts.append((api, local, [image] if image else [], 4 + i))
     solo = [pipe.generate(local, imgs, max_new_tokens=n, temperature=0).text for _, local, imgs, n in prompts]
 
-    with running_server(pipe, served_name="tiny", max_concurrent=8, max_queue=64) as base:
+    with serve_process(tiny("vicuna")) as (base, pid):
         def request(client: httpx.Client, k: int) -> tuple[int, str, int, str]:
             api, _, _, n = prompts[k % len(prompts)]
             r = client.post(f"{base}/v1/chat/completions", timeout=300,
@@ -57,14 +87,16 @@ def test_32_concurrent_clients_each_get_their_own_answer(tiny):
             with httpx.Client() as client:
                 return [request(client, c * REQUESTS_EACH + j) for j in range(REQUESTS_EACH)]
 
-        # the baseline: after a first round at full concurrency, which leaves the server's thread pool, the
-        # allocator's per-thread arenas and the caches at their working size
+        # the baseline: after a first round of the same load, which leaves the server's thread pools, the
+        # allocator's per-thread arenas and its native caches (oneDNN's primitives, ...) at their working size
         with ThreadPoolExecutor(CLIENTS) as pool:
-            list(pool.map(lambda k: request(httpx.Client(), k), range(CLIENTS)))
-        baseline = rss_bytes()
+            list(pool.map(client_job, range(CLIENTS)))
+        time.sleep(0.5)  # idle: the engine hands freed memory back
+        baseline = rss_bytes(pid)
         with ThreadPoolExecutor(CLIENTS) as pool:
             results = [r for batch in pool.map(client_job, range(CLIENTS)) for r in batch]
-        after = rss_bytes()
+        time.sleep(0.5)
+        after = rss_bytes(pid)
         assert httpx.get(f"{base}/health").status_code == 200
         metrics = httpx.get(f"{base}/metrics").text
 
@@ -74,7 +106,9 @@ def test_32_concurrent_clients_each_get_their_own_answer(tiny):
     mixed = [(k, answer) for k, answer, _, _ in results if answer != solo[k % len(prompts)]]
     assert not mixed, mixed[:3]
     assert "llava_next_requests_running 0.0" in metrics and "llava_next_requests_waiting 0.0" in metrics
-    # the KV space is allocated (and touched) at start: the load leaves no growth beyond allocator noise (+-70 MB
-    # between rounds here, with the 32 client threads in this same process)
-    # (a thread pool per request grew it by 600 MB; in the whole suite's process the noise is larger)
-    assert after - baseline < max(128 * 2**20, baseline // 10), (baseline, after)
+    # The KV space is allocated (and touched) at start and freed memory is handed back when the engine is idle, so
+    # the load leaves the server's memory near where the first round left it. Not exactly: native caches that
+    # Python does not see (oneDNN's primitive cache holds one entry per matrix shape, up to 1024) still grow by
+    # 50-150 MB over a round of 160 requests here. A leak of the kind this catches (a pixel tensor kept per
+    # request, a thread pool per request) grew it by 600 MB.
+    assert after - baseline < 192 * 2**20, (baseline, after)
