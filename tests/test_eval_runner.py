@@ -174,16 +174,43 @@ def test_the_command_line_prints_the_table_and_writes_results(task, tmp_path, ca
     assert json.loads((tmp_path / "out" / "results.json").read_text())["answered"] == 4
 
 
+POPE_QUESTIONS = [("Is there a circle in the image?", "yes"), ("Is there a dog in the image?", "no"),
+                  ("Is there a square in the image?", "yes"), ("Is there a car in the image?", "no"),
+                  ("Is there a triangle in the image?", "yes")]
+
+
+def pope_parquet(path: Path) -> Path:
+    png = (ROOT / "examples" / "shapes.png").read_bytes()
+    return write_parquet(path, [{"question_id": str(i), "question": q, "answer": a, "category": "random",
+                                 "image_source": "shapes", "image": {"bytes": png, "path": None}}
+                                for i, (q, a) in enumerate(POPE_QUESTIONS)])
+
+
+def test_torchrun_processes_merge_to_the_single_process_result(tmp_path):
+    import subprocess
+    import sys
+
+    data = pope_parquet(tmp_path / "pope.parquet")
+    common = ["--model", "demo", "--task", "pope", "--data", str(data), "--batch-size", "2"]
+    subprocess.run([sys.executable, "-m", "llava_next.cli", "eval", *common, "--output", str(tmp_path / "one")],
+                   check=True, capture_output=True, cwd=ROOT)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                          "llava_next.cli", "eval", *common, "--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["metrics"] == one["metrics"] and two["answered"] == one["answered"] == len(POPE_QUESTIONS)
+    assert (tmp_path / "two" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
+    assert sorted(p.name for p in (tmp_path / "two").glob("predictions.rank*.jsonl")) == \
+        ["predictions.rank0.jsonl", "predictions.rank1.jsonl"]
+
+
 def test_pope_end_to_end_through_the_command(pipe, tmp_path, capsys):
     from llava_next import cli
     from llava_next.eval.tasks import get_task
 
-    png = (ROOT / "examples" / "shapes.png").read_bytes()
-    questions = [("Is there a circle in the image?", "yes"), ("Is there a dog in the image?", "no"),
-                 ("Is there a square in the image?", "yes"), ("Is there a car in the image?", "no")]
-    data = write_parquet(tmp_path / "pope" / "data" / "test-00000-of-00001.parquet", [
-        {"question_id": str(i), "question": q, "answer": a, "category": "random", "image_source": "shapes",
-         "image": {"bytes": png, "path": None}} for i, (q, a) in enumerate(questions)])
+    data = pope_parquet(tmp_path / "pope" / "data" / "test-00000-of-00001.parquet")
     assert cli.main(["eval", "--model", "demo", "--task", "pope", "--data", str(data.parents[1]), "--output",
                      str(tmp_path / "out"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -193,7 +220,7 @@ def test_pope_end_to_end_through_the_command(pipe, tmp_path, capsys):
         [runner.messages_of(s) for s in task.samples(iter(pq.read_table(data).to_pylist()))],
         [[im] for im in [s.images[0] for s in task.samples(iter(pq.read_table(data).to_pylist()))]],
         max_new_tokens=task.max_new_tokens, temperature=0)]
-    assert result["answered"] == 4 and set(result["metrics"]) >= {"pope_f1_score", "pope_accuracy"}
+    assert result["answered"] == len(POPE_QUESTIONS) and set(result["metrics"]) >= {"pope_f1_score", "pope_accuracy"}
     assert result["metrics"] == task.aggregate([x["score"] for x in lines])
 
 
