@@ -231,3 +231,19 @@ def test_reasoning_blocks_are_removed_as_lmms_eval_removes_them(text):
     reasoning = pytest.importorskip("lmms_eval.api.reasoning")
     tags = [list(pair) for pair in runner.REASONING_TAGS]
     assert runner.without_reasoning(text) == reasoning.strip_reasoning_tags(text, tags)
+
+
+def test_gqa_questions_are_joined_with_the_images_configuration_of_a_hub_layout(pipe, tmp_path):
+    png = (ROOT / "examples" / "shapes.png").read_bytes()
+    root = tmp_path / "GQA"
+    questions = [{"id": f"q{i}", "imageId": "n1" if i != 2 else "missing", "question": q, "answer": a}
+                 for i, (q, a) in enumerate(QUESTIONS[:3])]
+    write_parquet(root / "testdev_balanced_instructions" / "testdev-00000-of-00001.parquet", questions)
+    with pytest.raises(TaskDataError, match="testdev_balanced_images"):
+        runner.run_task(pipe, "gqa", root, None)  # the questions alone: the images' configuration is named
+    write_parquet(root / "testdev_balanced_images" / "testdev-00000-of-00001.parquet",
+                  [{"id": "n1", "image": {"bytes": png, "path": None}}, {"id": "n2", "image": {"bytes": png, "path": None}}])
+    result = runner.run_task(pipe, "gqa", root, tmp_path / "out")
+    assert result.answered == 2 and [s["id"] for s in result.skipped] == ["q2"]
+    assert "no image for imageId 'missing'" in result.skipped[0]["reason"]
+    assert set(result.metrics) == {"exact_match"}

@@ -38,19 +38,34 @@ def read_rows(data: str | Path, task: Task) -> tuple[Iterator[dict[str, Any]], i
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists() or \
                 (path / task.split / "state.json").exists():
             return _saved_dataset_rows(path, task)
-        files = sorted(path.rglob("*.parquet"))
-        if not files:
-            raise TaskDataError(f"{path}: no parquet files and no `datasets` save_to_disk layout; give the "
-                                f"{task.hub_dataset} dataset's files for the {task.split!r} split")
-        chosen = [f for f in files if _split_of(f, path) == task.split]
-        if not chosen:
-            found = sorted({_split_of(f, path) for f in files})
-            raise TaskDataError(f"{path}: no parquet files of the {task.split!r} split (found: {', '.join(found)}); "
-                                f"{task.name} evaluates {task.hub_dataset}'s {task.split!r} split")
-        return _parquet_rows(chosen)
+        rows, total = _parquet_rows(_split_files(path, task, task.hub_config))
+        if task.companion is not None:  # e.g. GQA's images, a configuration of their own beside the questions
+            config, join = task.companion
+            companion, _ = _parquet_rows(_split_files(path, task, config, required=True))
+            rows = iter(join(rows, companion))
+        return rows, total
     if str(data).count("/") == 1 and not str(data).startswith((".", "/")):
         return _hub_rows(str(data), task)
     raise TaskDataError(f"{data}: no such file or directory (nor a Hub dataset id)")
+
+
+def _split_files(path: Path, task: Task, config: str | None, required: bool = False) -> list[Path]:
+    """The parquet files of the task's split under `path`; where the directory holds several configurations (a
+    folder each, as the Hub stores them), those of `config`."""
+    files = sorted(path.rglob("*.parquet"))
+    in_config = [f for f in files if config and config in f.relative_to(path).parts[:-1]]
+    if in_config or required:
+        files = in_config
+    if not files:
+        raise TaskDataError(f"{path}: no parquet files" + (f" of the configuration {config!r} (a folder of that "
+                            "name)" if required else " and no `datasets` save_to_disk layout") +
+                            f"; give the {task.hub_dataset} dataset's files for the {task.split!r} split")
+    chosen = [f for f in files if _split_of(f, path) == task.split]
+    if not chosen:
+        found = sorted({_split_of(f, path) for f in files})
+        raise TaskDataError(f"{path}: no parquet files of the {task.split!r} split (found: {', '.join(found)}); "
+                            f"{task.name} evaluates {task.hub_dataset}'s {task.split!r} split")
+    return chosen
 
 
 def _split_of(file: Path, root: Path) -> str:

@@ -44,6 +44,9 @@ class Task:
     aggregate: Callable[[list[dict[str, Any]]], dict[str, float]]  # all per-sample values -> metric values
     max_new_tokens: int = 16  # lmms-eval's generation_kwargs for the task (greedy: temperature 0)
     description: str = ""  # one line for the README table and --help
+    # A dataset configuration whose rows the questions need (GQA keeps its images apart), and how to join them:
+    # (config name, join(question rows, companion rows) -> rows). The runner reads it from the same place.
+    companion: tuple[str, Callable[[Iterable[dict[str, Any]], Iterable[dict[str, Any]]], Iterable[dict[str, Any]]]] | None = None
 
 
 @dataclass

@@ -66,4 +66,5 @@ TASK = Task(
     max_new_tokens=16,
     description="GQA testdev-balanced: compositional questions on real images, exact match (case, punctuation "
                 "ignored)",
+    companion=(IMAGES_CONFIG, attach_images),
 )
