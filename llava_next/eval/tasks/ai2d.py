@@ -12,8 +12,8 @@ import re
 import string
 from typing import Any, Iterable, Iterator
 
-from .base import Sample, Skip, Task
-from .choices import BadRow, lettered_options, option_letters, read_fields, rgb_image, skip_bad_rows
+from .base import RowError, Sample, Skip, Task, rgb_image
+from .choices import lettered_options, option_letters, read_fields, skip_bad_rows
 
 POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
 OPENING_LETTER = re.compile(r"^\s*([A-Z])\.")  # the filter: a capital letter and a period opening the answer
@@ -28,11 +28,11 @@ def _sample(row: dict[str, Any], position: int, where: str) -> Sample:
     f = read_fields(row, where, {"question": str, "options": (list, tuple), "answer": str, "image": object})
     options = list(f["options"])
     if not all(isinstance(o, str) for o in options):
-        raise BadRow("the field 'options' should be a list of strings")
+        raise RowError("the field 'options' should be a list of strings")
     try:  # the answer is the option's number as text; Python indexing, as lmms-eval's doc_to_target does
         letter = option_letters(len(options))[int(f["answer"])]
     except (ValueError, IndexError):
-        raise BadRow(f"the answer {f['answer']!r} is not the number of one of the {len(options)} options") from None
+        raise RowError(f"the answer {f['answer']!r} is not the number of one of the {len(options)} options") from None
     return Sample(id=str(position), images=[rgb_image(row["image"], "image")],
                   prompt=f"{f['question']}\n{lettered_options(options)}{POST_PROMPT}", references=letter)
 

@@ -72,6 +72,30 @@ def image_of(value: Any, where: str) -> Image.Image:
     raise TaskDataError(f"{where}: expected an image, got {type(value).__name__}")
 
 
+class RowError(Exception):
+    """This one row cannot be a question (a field of the wrong type, no image, an image that does not decode): the
+    task makes it a Skip with this reason. (A field missing from the data entirely is a TaskDataError instead.)"""
+
+
+def rgb_image(value: Any, where: str) -> Image.Image:
+    """A dataset image cell as lmms-eval's doc_to_visual gives it, `.convert("RGB")` (an alpha channel dropped, not
+    composited), or a RowError saying why it is not one."""
+    if value is None:
+        raise RowError(f"{where}: expected an image, got None (the cell holds no image)")
+    try:
+        return image_of(value, where).convert("RGB")
+    except TaskDataError as e:
+        raise RowError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - a truncated file can fail late, inside convert
+        raise RowError(f"{where}: the image does not decode ({type(e).__name__}: {e})") from None
+
+
+def generated(prediction: str | None) -> str:
+    """The model's text as lmms-eval scores it: every generated answer is stripped of surrounding white space (None
+    becoming "") before a task's process_results sees it."""
+    return "" if prediction is None else prediction.strip()
+
+
 def field_of(row: dict[str, Any], name: str, where: str, kinds: type | tuple[type, ...] = object) -> Any:
     """row[name], or a TaskDataError that names the missing or mistyped field."""
     if name not in row:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from .base import Sample, Task, field_of
-from .vqa_accuracy import generated, mean_over_samples, question_samples
+from .base import Sample, Task, field_of, generated
+from .vqa_accuracy import mean_over_samples, question_samples
 
 METRICS = ("relaxed_overall", "relaxed_human_split", "relaxed_augmented_split")  # the headline first
 PRE_PROMPT = ""

@@ -10,16 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from .base import Skip, TaskDataError, image_of
-
-
-class BadRow(Exception):
-    """This row cannot be a question (a field of the wrong type, an image that does not decode): skip it, say why."""
+from .base import RowError, Skip, TaskDataError
 
 
 def read_fields(row: dict[str, Any], where: str, kinds: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
     """The named fields of a row. A field missing from the row is a TaskDataError (the data has the wrong schema:
-    every row would fail); a field of the wrong type is a BadRow (this row alone is bad)."""
+    every row would fail); a field of the wrong type is a RowError (this row alone is bad)."""
     values = {}
     for name, kind in kinds.items():
         if name not in row:
@@ -28,29 +24,18 @@ def read_fields(row: dict[str, Any], where: str, kinds: dict[str, type | tuple[t
         value = row[name]
         # bool is an int to Python, never to a dataset's integer column
         if not isinstance(value, kind) or (isinstance(value, bool) and int in _as_tuple(kind)):
-            raise BadRow(f"the field {name!r} should be {_kind_name(kind)}, got {type(value).__name__}")
+            raise RowError(f"the field {name!r} should be {_kind_name(kind)}, got {type(value).__name__}")
         values[name] = value
     return values
 
 
-def rgb_image(value: Any, name: str) -> Any:
-    """A dataset image cell as the RGB image lmms-eval's doc_to_visual gives (`.convert("RGB")`: an alpha channel is
-    dropped, not composited), or a BadRow saying why it is not one."""
-    try:
-        return image_of(value, name).convert("RGB")
-    except TaskDataError as e:
-        raise BadRow(str(e)) from None
-    except Exception as e:  # noqa: BLE001 - a truncated file can fail late, inside convert
-        raise BadRow(f"{name}: the image does not decode ({type(e).__name__}: {e})") from None
-
-
 def skip_bad_rows(task: str, rows: Iterable[dict[str, Any]], make, id_field: str | None):
-    """Each row through make(row, index, where) -> Sample; a row that raises BadRow becomes a Skip with the reason,
+    """Each row through make(row, index, where) -> Sample; a row that raises RowError becomes a Skip with the reason,
     named by its id field when it has a usable one, else by its position."""
     for index, row in enumerate(rows):
         try:
             yield make(row, index, f"{task}, row {index}")
-        except BadRow as e:
+        except RowError as e:
             ident = row.get(id_field) if id_field else None
             yield Skip(str(ident) if isinstance(ident, (str, int)) else str(index), str(e))
 

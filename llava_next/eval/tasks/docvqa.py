@@ -10,8 +10,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from .base import Sample, Task
-from .vqa_accuracy import answer_list, generated, mean_over_samples, question_samples
+from .base import Sample, Task, generated
+from .vqa_accuracy import answer_list, mean_over_samples, question_samples
 
 METRICS = ("anls",)  # the headline first
 PRE_PROMPT = ""

@@ -11,8 +11,8 @@ from __future__ import annotations
 import string
 from typing import Any, Iterable, Iterator
 
-from .base import Sample, Skip, Task, TaskDataError
-from .yesno_common import SHORT_ANSWER, RowError, build_samples, generation, mean_aggregate, rgb_image, value_of
+from .base import RowError, Sample, Skip, Task, TaskDataError, generated
+from .yesno_common import SHORT_ANSWER, build_samples, mean_aggregate, row_image, value_of
 
 IMAGES_CONFIG = "testdev_balanced_images"  # the config whose rows {"id", "image"} hold the pictures
 
@@ -36,7 +36,7 @@ def _samples(rows: Iterable[dict[str, Any]]) -> Iterator[Sample | Skip]:
         answer = value_of(row, "answer", str, where)
         if row["image"] is None:
             raise RowError(f"no image for imageId {row.get('imageId')!r} in {IMAGES_CONFIG}")
-        return Sample(id=sample_id, images=[rgb_image(row, "image", where)], prompt=f"{question}{SHORT_ANSWER}",
+        return Sample(id=sample_id, images=[row_image(row, "image", where)], prompt=f"{question}{SHORT_ANSWER}",
                       references=answer)
 
     return build_samples(rows, "gqa", "id", build)
@@ -50,7 +50,7 @@ def _exact_match_form(text: str) -> str:
 
 
 def _score(sample: Sample, prediction: str) -> dict[str, Any]:
-    hit = _exact_match_form(generation(prediction)) == _exact_match_form(sample.references)
+    hit = _exact_match_form(generated(prediction)) == _exact_match_form(sample.references)
     return {"exact_match": 1.0 if hit else 0.0}
 
 

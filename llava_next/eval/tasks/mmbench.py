@@ -18,8 +18,8 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
-from .base import Sample, Skip, Task
-from .choices import BadRow, extract_letter, is_missing, read_fields, rgb_image, skip_bad_rows
+from .base import RowError, Sample, Skip, Task, rgb_image
+from .choices import extract_letter, is_missing, read_fields, skip_bad_rows
 
 POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
 OPTIONS_HEADER = "There are several options:"  # mmbench.yaml's metadata.sys_prompt
@@ -41,7 +41,7 @@ def _sample(row: dict[str, Any], position: int, where: str) -> Sample:
     index = f["index"]
     if isinstance(index, str):  # an index written as text: the number it spells, or the row is bad
         if not index.strip().isdecimal():
-            raise BadRow(f"the field 'index' should be an integer, got {index!r}")
+            raise RowError(f"the field 'index' should be an integer, got {index!r}")
         index = int(index)
     options = {}
     for letter in PROMPT_LETTERS:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator
 
-from .base import Sample, Skip, Task, TaskDataError
-from .yesno_common import SHORT_ANSWER, RowError, build_samples, generation, rgb_image, value_of
+from .base import RowError, Sample, Skip, Task, TaskDataError, generated
+from .yesno_common import SHORT_ANSWER, build_samples, row_image, value_of
 
 PERCEPTION = frozenset({"existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
                         "artwork", "OCR"})
@@ -31,7 +31,7 @@ def _samples(rows: Iterable[dict[str, Any]]) -> Iterator[Sample | Skip]:
         if answer not in ("yes", "no"):  # lmms-eval asserts this and stops the whole run
             raise RowError(f"the answer is {row['answer']!r}, not yes or no")
         prompt = question.strip().replace(_ASK_YES_NO, "") + SHORT_ANSWER
-        return Sample(id=sample_id, images=[rgb_image(row, "image", where)], prompt=prompt, references=answer,
+        return Sample(id=sample_id, images=[row_image(row, "image", where)], prompt=prompt, references=answer,
                       extra={"question_id": question_id, "category": category})
 
     return build_samples(rows, "mme", "question_id", build)
@@ -57,7 +57,7 @@ def _score(sample: Sample, prediction: str) -> dict[str, Any]:
     category = sample.extra["category"]
     return {"metric": METRICS[0] if category in PERCEPTION else METRICS[1],
             "question_id": sample.extra["question_id"], "category": category,
-            "score": 1.0 if read_yes_no(generation(prediction)) == sample.references else 0.0}
+            "score": 1.0 if read_yes_no(generated(prediction)) == sample.references else 0.0}
 
 
 def _total(scores: list[dict[str, Any]]) -> float:

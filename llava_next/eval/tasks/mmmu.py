@@ -24,8 +24,8 @@ import re
 from collections import defaultdict
 from typing import Any, Iterable, Iterator
 
-from .base import Sample, Skip, Task
-from .choices import BadRow, lettered_options, option_letters, read_fields, rgb_image, skip_bad_rows, strip_each
+from .base import RowError, Sample, Skip, Task, rgb_image
+from .choices import lettered_options, option_letters, read_fields, skip_bad_rows, strip_each
 
 MULTIPLE_CHOICE = "multiple-choice"  # any other question_type is scored as open
 CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
@@ -63,7 +63,7 @@ def _sample(row: dict[str, Any], position: int, where: str) -> Sample:
         if name not in row:
             if name in IMAGE_COLUMNS:
                 read_fields(row, where, {name: object})  # the column itself is missing: the data's schema is wrong
-            raise BadRow(f"the question references <{name.replace('_', ' ')}>, which the data does not have")
+            raise RowError(f"the question references <{name.replace('_', ' ')}>, which the data does not have")
         images.append(rgb_image(row[name], name))
     prompt = _text(f, options, CHOICE_PROMPT if multiple_choice else OPEN_PROMPT)
     return Sample(id=f["id"], images=images, prompt=prompt, references=f["answer"],
@@ -75,9 +75,9 @@ def _options(text: str) -> list[str]:
     try:
         options = ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
-        raise BadRow(f"the field 'options' is not a Python list: {text[:80]!r}") from None
+        raise RowError(f"the field 'options' is not a Python list: {text[:80]!r}") from None
     if not isinstance(options, (list, tuple)) or not options or not all(isinstance(o, str) for o in options):
-        raise BadRow(f"the field 'options' should be a non-empty list of strings, got {text[:80]!r}")
+        raise RowError(f"the field 'options' should be a non-empty list of strings, got {text[:80]!r}")
     return list(options)
 
 
@@ -92,7 +92,7 @@ def subject_of(question_id: str) -> str:
     split = question_id.split("_")[0]
     match = re.match(rf"{re.escape(split)}_(.+?)_\d+$", question_id)
     if not match:
-        raise BadRow(f"the id {question_id!r} is not <split>_<Subject>_<number>, so it names no subject")
+        raise RowError(f"the id {question_id!r} is not <split>_<Subject>_<number>, so it names no subject")
     return match.group(1)
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator
 
-from .base import Sample, Skip, Task
-from .yesno_common import SHORT_ANSWER, RowError, build_samples, generation, rgb_image, value_of
+from .base import RowError, Sample, Skip, Task, generated
+from .yesno_common import SHORT_ANSWER, build_samples, row_image, value_of
 
 
 def _samples(rows: Iterable[dict[str, Any]]) -> Iterator[Sample | Skip]:
@@ -22,7 +22,7 @@ def _samples(rows: Iterable[dict[str, Any]]) -> Iterator[Sample | Skip]:
         category = value_of(row, "category", str, where)
         if answer not in ("yes", "no"):  # lmms-eval asserts this and stops the whole run
             raise RowError(f"the answer is {row['answer']!r}, not yes or no")
-        return Sample(id=sample_id, images=[rgb_image(row, "image", where)],
+        return Sample(id=sample_id, images=[row_image(row, "image", where)],
                       prompt=f"{question.strip()}{SHORT_ANSWER}", references=answer,
                       extra={"question_id": question_id, "category": category})
 
@@ -30,7 +30,7 @@ def _samples(rows: Iterable[dict[str, Any]]) -> Iterator[Sample | Skip]:
 
 
 def _score(sample: Sample, prediction: str) -> dict[str, Any]:
-    answer = generation(prediction).lower()  # stripped already: lower-casing adds no white space
+    answer = generated(prediction).lower()  # stripped already: lower-casing adds no white space
     return {"question_id": sample.extra["question_id"], "category": sample.extra["category"],
             "score": 1.0 if answer == sample.references else 0.0, "prediction": answer,
             "ground_truth": sample.references}

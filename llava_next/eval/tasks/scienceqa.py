@@ -11,8 +11,8 @@ from __future__ import annotations
 from numbers import Integral
 from typing import Any, Iterable, Iterator
 
-from .base import Sample, Skip, Task
-from .yesno_common import RowError, build_samples, generation, mean_aggregate, rgb_image, value_of
+from .base import RowError, Sample, Skip, Task, generated
+from .yesno_common import build_samples, mean_aggregate, row_image, value_of
 
 POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
 
@@ -34,7 +34,7 @@ def _samples(rows: Iterable[dict[str, Any]]) -> Iterator[Sample | Skip]:
         context = f"Context: {hint}\n" if hint else ""
         options = "\n".join(f"{_letter(i)}. {choice}" for i, choice in enumerate(choices))
         # a row without a picture is asked as text alone, as lmms-eval does (ScienceQA-IMG rows all have one)
-        images = [] if value_of(row, "image", object, where) is None else [rgb_image(row, "image", where)]
+        images = [] if value_of(row, "image", object, where) is None else [row_image(row, "image", where)]
         return Sample(id=sample_id, images=images, prompt=f"{context}{question}\n{options}{POST_PROMPT}",
                       references=_letter(int(answer)))
 
@@ -43,7 +43,7 @@ def _samples(rows: Iterable[dict[str, Any]]) -> Iterator[Sample | Skip]:
 
 
 def _score(sample: Sample, prediction: str) -> dict[str, Any]:
-    answer = generation(prediction)
+    answer = generated(prediction)
     target = sample.references.lower()
     if answer.lower() == target:
         hit = True

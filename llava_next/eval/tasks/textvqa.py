@@ -10,8 +10,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from .base import Sample, Task
-from .vqa_accuracy import answer_list, evalai_answer, generated, mean_over_samples, question_samples, vqa_accuracy
+from .base import Sample, Task, generated
+from .vqa_accuracy import answer_list, evalai_answer, mean_over_samples, question_samples, vqa_accuracy
 
 METRICS = ("exact_match",)  # the headline first
 PRE_PROMPT = ""

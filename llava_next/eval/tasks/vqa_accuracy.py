@@ -14,7 +14,7 @@ import re
 import statistics
 from typing import Any, Callable, Iterable, Iterator
 
-from .base import Sample, Skip, TaskDataError, field_of, image_of
+from .base import RowError, Sample, Skip, TaskDataError, field_of, rgb_image
 
 # -- normalisation ------------------------------------------------------------------------------------------------
 
@@ -88,11 +88,6 @@ def vqa_accuracy(prediction: str, answers: list[Any], annotators: list[Any] | No
 # -- what lmms-eval does around every task ------------------------------------------------------------------------
 
 
-def generated(prediction: str | None) -> str:
-    """lmms-eval strips every generated answer (None counts as "") before a task scores it."""
-    return prediction.strip() if prediction is not None else ""
-
-
 def mean_over_samples(scores: list[dict[str, Any]], metrics: Iterable[str]) -> dict[str, float]:
     """lmms-eval's "mean" aggregation, metric by metric over the samples that report it (ChartQA reports each split's
     metric on that split's samples only); a metric no sample reports is left out, as lmms-eval leaves it out."""
@@ -126,8 +121,8 @@ def question_samples(rows: Iterable[dict[str, Any]], task: str, *, id_field: str
         try:
             question = field_of(row, "question", where, str)
             answers = references(row, where)
-            image = image_of(row["image"], where).convert("RGB")
-        except (TaskDataError, OSError) as e:  # OSError: a lazily decoded image that fails on convert
+            image = rgb_image(row["image"], where)
+        except (TaskDataError, RowError) as e:
             yield Skip(sample_id, str(e))
             continue
         yield Sample(id=sample_id, images=[image], prompt=prompt(question), references=answers, extra=extra(row))

@@ -10,8 +10,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from .base import Sample, Task, TaskDataError, field_of
-from .vqa_accuracy import generated, mean_over_samples, question_samples, vqa_accuracy, vqa_answer
+from .base import Sample, Task, TaskDataError, field_of, generated
+from .vqa_accuracy import mean_over_samples, question_samples, vqa_accuracy, vqa_answer
 
 METRICS = ("exact_match",)  # the headline first
 PRE_PROMPT = ""

@@ -9,14 +9,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
 
-from .base import Sample, Skip, TaskDataError, field_of, image_of
+from .base import RowError, Sample, Skip, field_of, rgb_image
 
 # lmms-eval's default post-prompt (lmms_eval_specific_kwargs.default) of gqa, pope and mme.
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
-
-
-class RowError(Exception):
-    """This one row cannot be a question (a wrong field type, no image, an image that does not decode)."""
 
 
 def value_of(row: dict[str, Any], name: str, kinds: type | tuple[type, ...], where: str) -> Any:
@@ -28,18 +24,9 @@ def value_of(row: dict[str, Any], name: str, kinds: type | tuple[type, ...], whe
     return value
 
 
-def rgb_image(row: dict[str, Any], name: str, where: str) -> Image.Image:
-    """The row's image as lmms-eval's doc_to_visual gives it: converted to RGB."""
-    value = field_of(row, name, where)
-    if value is None:
-        raise RowError(f"the field {name!r} holds no image")
-    try:
-        # PIL decodes lazily: a truncated file can load its header and fail only here, in convert
-        return image_of(value, f"{where}: field {name!r}").convert("RGB")
-    except TaskDataError as e:
-        raise RowError(str(e)) from None
-    except Exception as e:  # noqa: BLE001 - Pillow raises many kinds on bad data
-        raise RowError(f"{where}: field {name!r}: the image does not decode ({type(e).__name__}: {e})") from None
+def row_image(row: dict[str, Any], name: str, where: str) -> Image.Image:
+    """The row's image field (absent: TaskDataError) as lmms-eval's doc_to_visual gives it."""
+    return rgb_image(field_of(row, name, where), f"{where}: field {name!r}")
 
 
 def build_samples(rows: Iterable[dict[str, Any]], task: str, id_field: str | None,
@@ -60,12 +47,6 @@ def build_samples(rows: Iterable[dict[str, Any]], task: str, id_field: str | Non
             yield build(row, sample_id, where)
         except RowError as e:
             yield Skip(sample_id, str(e))
-
-
-def generation(prediction: str | None) -> str:
-    """The model's text as lmms-eval scores it: every generate_until result is stripped of surrounding white space
-    (None becoming "") before process_results or a metric sees it (api/task.py, process_results)."""
-    return "" if prediction is None else prediction.strip()
 
 
 def mean_aggregate(key: str) -> Callable[[list[dict[str, Any]]], dict[str, float]]:
