@@ -153,6 +153,8 @@ class Sequence:
         self.features = features  # one (k, C) tensor per image, or None until `images` went through the tower
         self.image_keys = list(image_keys)
         self.images = images  # (pixel_values, image_sizes) of this prompt's images, not yet through the tower
+        self.feature_rows: torch.Tensor | None = None  # the features of all images, one row per placeholder, in order
+        self.rows_used = 0  # of feature_rows, those already through the model (prefill chunks, a reused prefix)
         self.seed = params.seed if seed is None else seed
         self.listener = listener  # called on the scheduler's thread after every step that changed this sequence
         self.token_ids: list[int] = []
@@ -358,6 +360,7 @@ class Scheduler:
             raise ImageTokenMismatch(f"the input has {placeholders} image placeholder tokens but the images give "
                                      f"{features} features; build inputs with the processor, which expands each "
                                      "<image> to its image's exact token count")
+        seq.feature_rows = torch.cat(seq.features) if seq.features else None  # once, not per prefill chunk
         if seq.seed is not None:
             seq.rng = torch.Generator(device=engine.device).manual_seed(seq.seed)
         if seq.params.repetition_penalty != 1.0:
@@ -371,6 +374,7 @@ class Scheduler:
                 seq.length = len(reused.tokens)
                 self.cache.keys[:, seq.slot, :, : seq.length] = reused.cache.keys[:, 0, :, : seq.length]
                 self.cache.values[:, seq.slot, :, : seq.length] = reused.cache.values[:, 0, :, : seq.length]
+                seq.rows_used = seq.prompt_ids[: seq.length].count(model.cfg.image_token_id)
 
     def _leave(self, seq: Sequence, reason: str | None, changed: list[Sequence]) -> None:
         if seq in self.waiting:
@@ -410,10 +414,10 @@ class Scheduler:
         end = total if budget is None or not self.running else min(total, begin + budget)
         ids = seq.prompt_ids[begin:end]
         features = None
-        image_id = model.cfg.image_token_id
-        if seq.features and image_id in ids:  # the feature rows of this chunk's placeholders
-            skip = seq.prompt_ids[:begin].count(image_id)
-            features = [torch.cat(seq.features)[skip : skip + ids.count(image_id)]]
+        placeholders = ids.count(model.cfg.image_token_id) if seq.feature_rows is not None else 0
+        if placeholders:  # the feature rows of this chunk's placeholders
+            features = [seq.feature_rows[seq.rows_used : seq.rows_used + placeholders]]
+            seq.rows_used += placeholders
         rows = slice(seq.slot, seq.slot + 1)
         logits = model(torch.tensor([ids], device=device), image_features=features,
                        cache=KVCache(self.cache.keys[:, rows], self.cache.values[:, rows]), start=begin,
@@ -423,7 +427,7 @@ class Scheduler:
             return
         self.prefilling.remove(seq)
         self.running.append(seq)
-        seq.features = None  # in the cache now
+        seq.features = seq.feature_rows = None  # in the cache now
         self._accept([seq], logits[:, -1], changed)
 
     def _decode(self, changed: list[Sequence]) -> None:
