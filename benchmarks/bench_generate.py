@@ -16,7 +16,8 @@ figure is the median over the rounds. Per run, after a warm-up answer:
   peak_rss_mib     the process's peak resident memory, loading included
   model_mib        bytes of the model's parameters and buffers
 
-Modes: ours in float32, bfloat16, int8, int4, w8a8 (weight-only int8/int4, int8 weights and activations);
+Modes: ours in float32, bfloat16, int8, int4, w8a8 (weight-only int8/int4, int8 weights and activations), each
+optionally with `+compile` (the decoding step through torch.compile; CUDA graphs on a GPU);
 transformers in float32 and bfloat16 (sdpa attention). `--followup` adds the multi-turn figure: the first token of
 a second question about the same image, cold (the whole conversation again, as `generate` with the full history
 does) and through a conversation that reuses the image features and the shared prefix's KV cache.
@@ -68,15 +69,17 @@ def messages(*turns: str, answers: tuple[str, ...] = ()) -> list[dict]:
     return out
 
 
-def memory_bandwidth_gb_s(repeats: int = 5) -> float:
-    """Read bandwidth of this machine's memory as torch sees it: the best of a few sums over 1 GiB."""
+def memory_bandwidth_gb_s(device: str = "cpu", repeats: int = 5) -> float:
+    """Read bandwidth of the device's memory as torch sees it: the best of a few sums over 1 GiB."""
     import torch
 
-    x = torch.ones(2**28, dtype=torch.float32)
+    x = torch.ones(2**28, dtype=torch.float32, device=device)
     best = float("inf")
     for _ in range(repeats):
+        if x.is_cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        x.sum()
+        x.sum().item()
         best = min(best, time.perf_counter() - start)
     return x.numel() * 4 / best / 1e9
 
@@ -123,11 +126,13 @@ def run_ours(directory: Path, mode: str, args) -> dict:
 
     import llava_next
 
-    quantize = mode if mode in ("int8", "int4", "w8a8") else None
-    dtype = mode if mode in ("float32", "bfloat16") else "bfloat16"
+    base, _, compiled = mode.partition("+")
+    quantize = base if base in ("int8", "int4", "w8a8") else None
+    dtype = base if base in ("float32", "bfloat16") else "bfloat16"
     before = rss_mib()
     start = time.perf_counter()
-    pipe = llava_next.load(directory, dtype=dtype, device=args.device, progress=False, quantize=quantize)
+    pipe = llava_next.load(directory, dtype=dtype, device=args.device, progress=False, quantize=quantize,
+                           compile=compiled == "compile")
     load_s = time.perf_counter() - start
     load_peak_mib = peak_rss_mib() - before
     pipe.engine.eos_token_ids = []  # decode exactly the tokens asked for
@@ -195,6 +200,8 @@ def run_transformers(directory: Path, mode: str, args) -> dict:
             self.times = []
 
         def __call__(self, input_ids, scores):
+            if scores.is_cuda:
+                torch.cuda.synchronize()
             self.times.append(time.perf_counter())
             return scores
 
@@ -276,6 +283,10 @@ def main() -> None:
         impl, mode = args.run.split(":")
         result = (run_ours if impl == "ours" else run_transformers)(directory, mode, args)
         result["peak_rss_mib"] = peak_rss_mib()
+        if args.device.startswith("cuda"):
+            import torch
+
+            result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         print(json.dumps(result))
         return
     build_checkpoint(Path(args.cache), args.preset)
@@ -292,10 +303,12 @@ def main() -> None:
     import torch
     import transformers
 
-    bandwidth = memory_bandwidth_gb_s()
+    bandwidth = memory_bandwidth_gb_s(args.device)
     print(f"\n{args.preset}, {args.device}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved "
           f"rounds; memory read bandwidth {bandwidth:.1f} GB/s")
     cols = ["preprocess_s", "first_token_s", "decode_tok_s", "decode_gb_s", "load_s", "peak_rss_mib", "model_mib"]
+    if args.device.startswith("cuda"):
+        cols.append("gpu_peak_mib")
     print(f"{'':24}" + "".join(f"{c:>15}" for c in cols))
     for key, r in results.items():
         if "error" in r:
@@ -305,7 +318,8 @@ def main() -> None:
     ratios = {}
     for key, r in results.items():
         impl, mode = key.split(":")
-        ref = results.get(f"transformers:{mode if mode in REFERENCE_MODES else 'bfloat16'}")
+        against = mode.partition("+")[0] if mode.partition("+")[0] in REFERENCE_MODES else "bfloat16"
+        ref = results.get(f"transformers:{against}")
         if impl != "ours" or not ref or "error" in r or "error" in ref:
             continue
         ratios[key] = {"first_token": ref["first_token_s"] / r["first_token_s"],
@@ -313,7 +327,9 @@ def main() -> None:
                        "preprocess": ref["preprocess_s"] / r["preprocess_s"],
                        "load": ref["load_s"] / r["load_s"],
                        "peak_memory": ref["peak_rss_mib"] / r["peak_rss_mib"],
-                       "against": f"transformers:{mode if mode in REFERENCE_MODES else 'bfloat16'}"}
+                       "against": f"transformers:{against}"}
+        if "gpu_peak_mib" in r and "gpu_peak_mib" in ref:
+            ratios[key]["gpu_memory"] = ref["gpu_peak_mib"] / r["gpu_peak_mib"]
         if r.get("followup_cached_s"):
             ratios[key]["followup_cached_vs_cold"] = r["followup_cold_s"] / r["followup_cached_s"]
     print("\nratios (transformers' time / ours; our tokens/s / theirs):")

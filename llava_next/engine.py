@@ -35,6 +35,7 @@ class GenerationError(LlavaError, ValueError):
 # Temperatures this small are greedy: dividing float32 logits by them would overflow to infinity.
 GREEDY_BELOW = 1e-5
 MAX_LOGPROBS = 20
+KV_BUCKET = 256  # static decoding rounds the KV space up to this many tokens, so requests share one shape
 
 
 @dataclass
@@ -256,12 +257,10 @@ class Scheduler:
         self.slots, self.capacity, self.prefill_chunk = slots, capacity, prefill_chunk
         # isolate_errors: a failure while prefilling fails that sequence only (a server); otherwise it is raised
         self.isolate_errors = isolate_errors
-        shape = (model.cfg.text.num_layers, slots, model.cfg.text.num_kv_heads, capacity, model.cfg.text.head_dim)
         # Zeros, not empty: rows of different lengths decode together, and a shorter row's attention weights are 0
         # on the longer rows' slots, which must hold numbers (0 x NaN from uninitialised memory is NaN). It also
         # takes the memory now rather than under load.
-        self.cache = KVCache(torch.zeros(shape, dtype=model.dtype, device=engine.device),
-                             torch.zeros(shape, dtype=model.dtype, device=engine.device))
+        self.cache = engine.kv_space(slots, capacity)
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -436,13 +435,17 @@ class Scheduler:
         tokens = torch.tensor([[s.token_ids[-1]] for s in running], device=device)
         lengths = [s.length for s in running]
         positions = torch.tensor(lengths, device=device)[:, None]  # no padding: a token's position is its slot
-        if len(set(lengths)) == 1:  # all at one slot: the plain path, no mask
+        cache = KVCache(self.cache.keys[:, :n], self.cache.values[:, :n])
+        if self.engine.static_decode:  # the same shapes at every step: the whole KV space, masked
+            start, cache = positions[:, 0], self.cache
+            key_mask = torch.arange(self.cache.capacity, device=device)[None] <= positions  # (n, capacity)
+        elif len(set(lengths)) == 1:  # all at one slot: the plain path, no mask
             start, key_mask = lengths[0], None
         else:
             start = positions[:, 0]
             key_mask = torch.arange(max(lengths) + 1, device=device)[None] <= positions  # (n, S)
-        logits = self.engine.decode(tokens, cache=KVCache(self.cache.keys[:, :n], self.cache.values[:, :n]),
-                                    start=start, positions=positions, key_mask=key_mask, logits_to_keep=1)
+        logits = self.engine.decode(tokens, cache=cache, start=start, positions=positions, key_mask=key_mask,
+                                    logits_to_keep=1)
         for seq in running:
             seq.length += 1
         self._accept(list(running), logits[:, -1], changed)
@@ -485,9 +488,13 @@ class Engine:
         self.image_cache = ImageFeatureCache(image_cache_bytes)
         self.prefix_cache = PrefixCache(enabled=prefix_cache)
         self.decode_step = model
+        # Static decoding: every step has the same shapes (the whole KV space, a mask over all of it) and the KV
+        # space keeps its address from one request to the next, which a CUDA graph needs to be replayed.
+        self.static_decode = compile and self.device.type == "cuda"
+        self._kv_space: KVCache | None = None
         if compile:
             # One decoding step through torch.compile: CUDA graphs on a GPU ("reduce-overhead"), inductor's C++
-            # kernels on a CPU. The cache length is dynamic, so it compiles once, not once per position.
+            # kernels on a CPU. Sizes are dynamic, so it compiles once, not once per position or batch size.
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.decode_step = torch.compile(model, dynamic=True, mode=mode)
 
@@ -505,6 +512,27 @@ class Engine:
                           "decoding eagerly instead")
             self.decode_step = self.model
             return self.model(*args, **kwargs)
+
+    def kv_space(self, slots: int, capacity: int) -> KVCache:
+        """Zeroed keys and values for `slots` rows of `capacity` tokens. With static decoding the space is kept
+        and reused while it is large enough (capacity rounded up to KV_BUCKET tokens), so its address is stable."""
+        text = self.model.cfg.text
+        if self.static_decode:
+            capacity = -(-capacity // KV_BUCKET) * KV_BUCKET
+            space = self._kv_space
+            if space is not None and space.keys.shape[1] == slots and space.keys.shape[3] == capacity:
+                space.keys.zero_()
+                space.values.zero_()
+                return space
+            self._kv_space = None  # the old space goes before the new one is taken
+        shape = (text.num_layers, slots, text.num_kv_heads, capacity, text.head_dim)
+        space = KVCache(torch.zeros(shape, dtype=self.model.dtype, device=self.device),
+                        torch.zeros(shape, dtype=self.model.dtype, device=self.device))
+        if self.static_decode:
+            for t in (space.keys, space.values):  # written in place by the graph, never copied into it
+                torch._dynamo.mark_static_address(t, guard=False)
+            self._kv_space = space
+        return space
 
     def clear_caches(self) -> None:
         self.image_cache.clear()

@@ -6,8 +6,9 @@ As gpt-fast's `convert_for_runtime`: `convert_linears(model, mode)` replaces nn.
             bandwidth; oneDNN reaches it (and is ~1.2x faster on prompt-sized matmuls). Same weights, same results
             up to float rounding.
   int8      weight-only int8, one symmetric scale per output channel. A decoding step (few rows) runs
-            `torch._weight_int8pack_mm` on the int8 weights; a prompt (many rows, where that kernel is slow) runs a
-            float matmul on the weights dequantized one layer at a time.
+            `torch._weight_int8pack_mm` on the int8 weights on the CPU, and on CUDA a matmul on the weights
+            converted in the same expression (fused into one kernel under `compile=True`); a prompt (many rows,
+            where those are slow) runs a float matmul on the weights dequantized one layer at a time.
   int4      weight-only int4, asymmetric, one scale and zero point per `group_size` inputs, through the int4
             kernels (`_weight_int4pack_mm_for_cpu` on the CPU, tinygemm's `_weight_int4pack_mm` on CUDA).
   w8a8      int8 weights (per output channel) and int8 activations (per token, computed on the fly), multiplied
@@ -127,6 +128,10 @@ class Int8Linear(nn.Module):
         rows = _rows(x)
         if rows.shape[0] > DECODE_ROWS:
             out = F.linear(rows, self.dequantized(x.dtype))
+        elif x.device.type == "cuda":
+            # PyTorch's CUDA int8pack kernel is a naive one (a thread per output, uncoalesced): this form instead,
+            # which torch.compile fuses into one kernel that reads the int8 weights once (gpt-fast's int8 path)
+            out = F.linear(rows, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         else:
             out = torch._weight_int8pack_mm(rows, self.weight, self.scales.to(x.dtype))
         if self.bias is not None:
@@ -188,7 +193,7 @@ class W8A8Linear(Int8Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
-        if rows.shape[0] <= DECODE_ROWS:
+        if rows.shape[0] <= (16 if x.device.type == "cuda" else DECODE_ROWS):  # CUDA's _int_mm needs > 16 rows
             return super().forward(x)
         x_scales = rows.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-8) / 127
         xq = (rows / x_scales).round_().clamp_(-127, 127).to(torch.int8)

@@ -135,3 +135,21 @@ def test_compiled_decoding_gives_the_eager_tokens(tiny):
     assert got.token_ids == eager.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=6).token_ids
     if shutil.which("g++") or shutil.which("c++"):  # with a compiler it really ran compiled, no fallback
         assert compiled.engine.decode_step is not compiled.model
+
+
+@pytest.mark.parametrize("family", ["vicuna", "mistral"])
+def test_static_decoding_gives_the_same_tokens_and_reuses_its_kv_space(tiny, family):
+    # The decoding form CUDA graphs need (compile on a GPU): whole KV space, masked, kept between requests. Run
+    # here eagerly: rows of different lengths, and a second request in the space the first one left dirty.
+    plain = llava_next.load(tiny(family), dtype="float32", progress=False, prefix_cache=False)
+    static = llava_next.load(tiny(family), dtype="float32", progress=False, prefix_cache=False)
+    static.engine.static_decode = True
+    prompts = [chat("Describe it."), chat("What colour is the large shape in the middle of this picture?")]
+    images = [smooth_image(300, 200), smooth_image(120, 260)]
+    for _ in range(2):
+        want = plain.generate(prompts, [[im] for im in images], max_new_tokens=7)
+        got = static.generate(prompts, [[im] for im in images], max_new_tokens=7)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        space = static.engine._kv_space
+        assert space is not None and space.capacity % 256 == 0
+    assert static.engine._kv_space is space  # the second request reused the first one's space

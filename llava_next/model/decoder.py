@@ -142,8 +142,8 @@ class Attention(nn.Module):
             rows = torch.arange(b, device=x.device)
             cache.keys[self.layer, rows, :, start] = k[:, :, 0]
             cache.values[self.layer, rows, :, start] = v[:, :, 0]
-            k = cache.keys[self.layer, :, :, : mask.shape[-1]]
-            v = cache.values[self.layer, :, :, : mask.shape[-1]]
+            k = cache.keys[self.layer, :b, :, : mask.shape[-1]]  # the cache may be the whole KV space (static shapes)
+            v = cache.values[self.layer, :b, :, : mask.shape[-1]]
         elif cache is not None:
             cache.keys[self.layer, :, :, start : start + t] = k
             cache.values[self.layer, :, :, start : start + t] = v

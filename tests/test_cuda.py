@@ -1,0 +1,75 @@
+"""The CUDA paths: run only where a GPU is (skipped elsewhere; CI has none). Their CPU twins are tested in
+test_quantize.py, test_speed.py (static decoding) and test_scheduler.py; these check the same things on the device.
+
+    python -m pytest tests/test_cuda.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import llava_next
+from conftest import smooth_image
+from llava_next.quantize import Int4Linear, Int8Linear, W8A8Linear, dequantize_int4
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+def chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def relative_error(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+PROMPTS = [chat("Describe it."), chat("What colour is the large shape in the middle of this picture?")]
+IMAGES = [[smooth_image(300, 200)], [smooth_image(120, 260)]]
+
+
+@pytest.mark.parametrize("family", ["vicuna", "mistral"])
+def test_float32_on_cuda_gives_the_cpu_tokens(tiny, family):
+    cpu = llava_next.load(tiny(family), dtype="float32", device="cpu", progress=False)
+    gpu = llava_next.load(tiny(family), dtype="float32", device="cuda", progress=False)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    want = [g.token_ids for g in cpu.generate(PROMPTS, IMAGES, max_new_tokens=8)]
+    assert [g.token_ids for g in gpu.generate(PROMPTS, IMAGES, max_new_tokens=8)] == want
+
+
+@pytest.mark.parametrize("rows", [1, 4, 12, 40])  # decoding kernels, CUDA's _int_mm limit (> 16), prompts
+def test_quantized_linears_on_cuda_equal_their_dequantized_weights(rows):
+    torch.manual_seed(0)
+    base = nn.Linear(512, 256).to(torch.bfloat16).cuda()
+    x = torch.randn(rows, 512, dtype=torch.bfloat16, device="cuda")
+    with torch.inference_mode():
+        int8 = Int8Linear.from_linear(base)
+        expected = F.linear(x.float(), int8.dequantized(torch.float32), base.bias.float())
+        assert relative_error(int8(x), expected) < 1e-2
+        for group_size in (32, 128):
+            int4 = Int4Linear.from_linear(base, group_size)
+            w = dequantize_int4(int4.weight, int4.scales_and_zeros, group_size, torch.float32)
+            assert relative_error(int4(x), F.linear(x.float(), w, base.bias.float())) < 2e-2
+        w8a8 = W8A8Linear.from_linear(base)
+        assert relative_error(w8a8(x), base(x)) < 0.05
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_compiled_cuda_graph_decoding_gives_the_eager_tokens(tiny, quantize):
+    # float32 so that eager and compiled agree to the token; twice, so the second request replays in the KV space
+    # the first left (reused, zeroed) and a batch of two rows at different lengths
+    dtype = "float32" if quantize is None else "bfloat16"
+    eager = llava_next.load(tiny("mistral"), dtype=dtype, device="cuda", progress=False, quantize=quantize)
+    compiled = llava_next.load(tiny("mistral"), dtype=dtype, device="cuda", progress=False, quantize=quantize,
+                               compile=True)
+    assert compiled.engine.static_decode
+    for _ in range(2):
+        want = [g.token_ids for g in eager.generate(PROMPTS, IMAGES, max_new_tokens=12)]
+        got = [g.token_ids for g in compiled.generate(PROMPTS, IMAGES, max_new_tokens=12)]
+        if quantize is None:
+            assert got == want
+        else:  # bfloat16 sums in another order: the first tokens agree
+            assert [g[:3] for g in got] == [w[:3] for w in want]
+    assert compiled.engine.decode_step is not compiled.model  # it ran compiled, no eager fallback
