@@ -4,8 +4,9 @@ Weight names in the wild, all mapped here and nowhere else:
   transformers 4.x on disk   vision_tower.vision_model.*, language_model.model.*, language_model.lm_head.weight
   transformers 5.x on disk   vision_tower.* (no vision_model), the rest as 4.x
   transformers in memory     model.vision_tower.*, model.language_model.*, model.multi_modal_projector.*, lm_head.weight
-Ours are the 5.x names with `language_model.` for the decoder and `lm_head.` at the top. Weights are only ever read
-from safetensors: pickle files can run code when loaded, so a checkpoint that has nothing else is refused.
+Ours are the 5.x names with `language_model.` for the decoder and `lm_head.` at the top. (The original LLaVA
+repositories' names are mapped in llava_next.original.) Weights are read from safetensors when a checkpoint has
+them, else from legacy `pytorch_model*.bin` files through torch.load(weights_only=True), which never runs code.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ CHECKPOINT_FILE_PATTERNS = [
     "*.json",
     "*.jinja",
     "*.safetensors",
-    "tokenizer.model",  # not read, but a user's local copy is more useful with it
+    "tokenizer.model",  # the only tokenizer of many original LLaVA checkpoints
 ]
 
 # Present in some checkpoints, derived from the config by us: never weights.
@@ -65,14 +66,23 @@ def _download(repo_id: str, revision: str | None) -> Path:
         f"On a machine with network access run `hf download {repo_id} --local-dir DIR` "
         "(or copy the repository's files), then pass that DIR as the model."
     )
+    def snapshot(local_files_only: bool) -> Path:
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_FILE_PATTERNS,
+                                      local_files_only=local_files_only))
+        if any(path.glob("*.safetensors")):
+            return path
+        # legacy weights only (many original LLaVA checkpoints): those, read as plain data (read_pickle_index)
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=local_files_only,
+                                      allow_patterns=[*CHECKPOINT_FILE_PATTERNS, "pytorch_model*.bin",
+                                                      "pytorch_model.bin.index.json"]))
+
     try:
         # Use a complete cached copy when there is one, so repeated loads need no network.
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_FILE_PATTERNS,
-                                      local_files_only=True))
+        return snapshot(local_files_only=True)
     except Exception:
         pass
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_FILE_PATTERNS))
+        return snapshot(local_files_only=False)
     except RepositoryNotFoundError:
         raise CheckpointError(f"the Hugging Face Hub has no repository {repo_id!r} (or it is private: log in with "
                               "`hf auth login`)") from None
@@ -117,13 +127,20 @@ def weight_files(directory: Path) -> list[Path]:
     others = sorted(p.name for p in directory.glob("*.safetensors"))
     if others:
         return [directory / name for name in others]
-    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    if pickles:
-        raise CheckpointError(
-            f"{directory} holds only pickle weights ({', '.join(pickles[:3])}); they can run code when loaded, so they "
-            "are not read. Convert them to safetensors (e.g. load and save_pretrained with transformers) first."
-        )
-    raise CheckpointError(f"{directory} has no model.safetensors (nor sharded *.safetensors with an index)")
+    index = directory / "pytorch_model.bin.index.json"
+    if index.exists():  # legacy PyTorch shards, as many original LLaVA checkpoints are: read as plain data only
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: has no weight_map naming the shard of each weight; copy it again")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{directory}: the shard index names files that are not there: {', '.join(missing)}")
+        return files
+    if (directory / "pytorch_model.bin").exists():
+        return [directory / "pytorch_model.bin"]
+    raise CheckpointError(f"{directory} has no model.safetensors (nor sharded *.safetensors with an index, nor "
+                          "pytorch_model.bin weights)")
 
 
 def map_weight_name(name: str) -> str | None:
@@ -271,14 +288,65 @@ def read_safetensors_index(path: Path) -> list[StoredTensor]:
     return tensors
 
 
+@dataclass(frozen=True)
+class PickledTensor:
+    """One tensor of a legacy PyTorch weight file (`pytorch_model*.bin`), memory-mapped: read from disk when
+    copied into its parameter, so a shard never exists twice in memory."""
+
+    path: Path
+    name: str
+    tensor: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensor.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def read_into(self, target: torch.Tensor) -> None:
+        target.copy_(self.tensor)
+
+    def read(self) -> torch.Tensor:
+        return self.tensor.clone()
+
+
+def read_pickle_index(path: Path) -> list[PickledTensor]:
+    """The tensors of a `pytorch_model*.bin` file, read with torch.load(weights_only=True): the unpickler builds
+    tensors and plain containers only, so a file that tries to run code (a pickled function call) is refused here
+    rather than executed. It does not vouch for the numbers: those are checked like any checkpoint's."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # the unpickler's refusal, a zip error, a truncated file: all mean "not plain weights"
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a PyTorch weight file that can be read as plain data ({first}). A "
+                              "file that needs code to load is never run; get the checkpoint's safetensors or "
+                              "re-save it") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{path}: expected a dictionary of named tensors (a state dict)")
+    return [PickledTensor(path, name, tensor) for name, tensor in state.items()]
+
+
+def stored_tensors(files: list[Path]) -> list[StoredTensor | PickledTensor]:
+    """Every tensor of a checkpoint's weight files, safetensors or legacy .bin."""
+    return [t for path in files
+            for t in (read_pickle_index(path) if path.suffix == ".bin" else read_safetensors_index(path))]
+
+
 def iter_checkpoint_tensors(files: list[Path]):
     """(checkpoint name, function reading the tensor) for every tensor of every file."""
-    for path in files:
-        for stored in read_safetensors_index(path):
-            yield stored.name, stored.read
+    for stored in stored_tensors(files):
+        yield stored.name, stored.read
 
 
-def load_weights(model: torch.nn.Module, files: list[Path], progress: bool = False) -> None:
+def load_weights(model: torch.nn.Module, files: list[Path], progress: bool = False, rename=map_weight_name,
+                 more: tuple[tuple[list[Path], object], ...] = ()) -> None:
     """Fill `model` (which may hold uninitialised memory) from the checkpoint's files, strictly and leanly.
 
     Every weight must be found and every tensor in the files must have a place (but for what the model leaves out
@@ -288,7 +356,12 @@ def load_weights(model: torch.nn.Module, files: list[Path], progress: bool = Fal
     """
     params = model.checkpoint_weights()
     skipped = model.skipped_checkpoint_prefixes()
-    stored = [t for path in files for t in read_safetensors_index(path)]
+    # (our name or None, stored tensor): `rename` maps the checkpoint's names; `more` adds (files, rename) pairs
+    # of other checkpoints that supply parts of the model (the separate CLIP tower of an original LLaVA checkpoint)
+    named = [(rename(t.name), t) for t in stored_tensors(files)]
+    for extra_files, extra_rename in more:
+        named += [(extra_rename(t.name), t) for t in stored_tensors(extra_files)]
+    stored = [t for _, t in named]
     bar = None
     if progress and sum(t.nbytes for t in stored) > 200 * 2**20:
         from tqdm import tqdm
@@ -299,8 +372,7 @@ def load_weights(model: torch.nn.Module, files: list[Path], progress: bool = Fal
     shape_errors: list[str] = []
     not_finite: list[str] = []
     tied_aliases = _tied_aliases(model)
-    for tensor in stored:
-        name = map_weight_name(tensor.name)
+    for name, tensor in named:
         if name is None or name in tied_aliases or name.startswith(skipped):
             continue  # not a weight, a tied weight stored twice (its first name is loaded), or left out on purpose
         if name not in params:

@@ -39,6 +39,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="run decoding steps through torch.compile (CUDA graphs on a GPU; slower on the CPUs measured)")
     p.add_argument("--group-size", type=int, default=default_of(load, "group_size"), choices=list(GROUP_SIZES),
                    help=f"inputs per int4 scale (default {default_of(load, 'group_size')})")
+    p.add_argument("--vision-tower", help="original-layout checkpoints: the CLIP tower's directory or Hub id, instead "
+                                          "of the one its config names (mm_vision_tower)")
+    p.add_argument("--conv-template", help="original-layout checkpoints: the conversation template by name (e.g. "
+                                           "llava_v1, mistral_instruct, chatml_direct), instead of the one the "
+                                           "original CLI picks from the model's name")
 
 
 def default_of(function, parameter: str) -> Any:
@@ -67,7 +72,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace):
     return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
                 max_image_pixels=args.max_image_pixels, progress=sys.stderr.isatty(), quantize=args.quantize,
-                group_size=args.group_size, compile=args.compile)
+                group_size=args.group_size, compile=args.compile, vision_tower=args.vision_tower,
+                conv_template=args.conv_template)
 
 
 def user_message(text: str, n_images: int) -> dict[str, Any]:
@@ -195,6 +201,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "eos_token_ids": pipe.engine.eos_token_ids,
         "quantization": {"mode": pipe.quantization["mode"], "group_size": pipe.quantization["group_size"],
                          "layers": describe(pipe.quantization["layers"])} if pipe.quantization else None,
+        "layout": "original" if pipe.original else "llava-hf",
+        "rules": pipe.original.rules() if pipe.original else {
+            "pinpoints": "(height, width), transformers' reading", "unpad": "int(round(x, 7)), transformers'"},
     }
     if args.image:
         costs = []
@@ -217,11 +226,27 @@ def cmd_info(args: argparse.Namespace) -> int:
     if cfg.image_grid_pinpoints:
         print(f"  anyres canvases (h x w): {', '.join(f'{h}x{w}' for h, w in cfg.image_grid_pinpoints)}")
     print(f"  chat template: {info['chat_template']}")
+    print(f"  layout: {info['layout']}" + (" (behaving as the original LLaVA code):" if pipe.original else ""))
+    if pipe.original:
+        for what, rule in info["rules"].items():
+            print(f"    {what}: {rule}")
     if info["quantization"]:
         print(f"  quantized: {info['quantization']['mode']} ({info['quantization']['layers']}; the vision tower, "
               "projector and embeddings stay float unless w8a8)")
     for c in info.get("images", []):
         print(f"  {c['image']}: {c['width']}x{c['height']} px costs {c['tokens']} tokens")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    directory, changes = convert(args.model, args.out, vision_tower=args.vision_tower, conv_template=args.conv_template)
+    print(f"wrote {directory} (llava-hf layout: transformers' LlavaForConditionalGeneration / "
+          "LlavaNextForConditionalGeneration and llava-next load it)")
+    print("what differs from the original code's behaviour in the converted checkpoint:")
+    for change in changes:
+        print(f"  - {change}")
     return 0
 
 
@@ -320,7 +345,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes, allow_remote_images=args.allow_remote_images,
         allowed_local_media_path=args.allowed_local_media_path, fetch_timeout=args.fetch_timeout,
         log_prompts=args.log_prompts, dtype=args.dtype, device=args.device, revision=args.revision,
-        quantize=args.quantize, group_size=args.group_size, compile=args.compile)
+        quantize=args.quantize, group_size=args.group_size, compile=args.compile, vision_tower=args.vision_tower,
+        conv_template=args.conv_template)
     if settings.allowed_local_media_path and not os.path.isdir(settings.allowed_local_media_path):
         raise LlavaError(f"--allowed-local-media-path {settings.allowed_local_media_path}: not a directory")
     serve(settings)
@@ -389,6 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--image", action="append", default=[], help="show how many tokens this image costs")
     i.add_argument("--json", action="store_true")
     i.set_defaults(run=cmd_info)
+
+    cv = sub.add_parser("convert", help="write a checkpoint of the original LLaVA code in the llava-hf layout")
+    cv.add_argument("--model", required=True, help="the original-layout checkpoint (directory or Hub id)")
+    cv.add_argument("--out", required=True, help="directory for the llava-hf checkpoint")
+    cv.add_argument("--vision-tower", help="the CLIP tower, instead of the one its config names (mm_vision_tower)")
+    cv.add_argument("--conv-template", help="the conversation template written as its chat template (default: the "
+                                            "one the original CLI picks from the model's name)")
+    cv.set_defaults(run=cmd_convert)
 
     q = sub.add_parser("quantize", help="write a quantized copy of a checkpoint that loads without quantizing again")
     _add_model_args(q)

@@ -80,6 +80,9 @@ class TextConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # The original LLaVA code (transformers 4.37) builds its rotary cos/sin tables while its loader forces float16,
+    # so they hold float16 values in every run of it, float32 ones included: "float16" rounds ours the same way.
+    rope_table_dtype: str | None = None
 
     def layer_window(self, layer: int) -> int | None:
         if self.sliding_window is None or layer < self.sliding_window_start_layer:
@@ -103,6 +106,10 @@ class LlavaConfig:
     image_seq_length: int = 576
     tie_word_embeddings: bool = False
     torch_dtype: str | None = None  # the dtype the weights were saved in, when the config says
+    # What the original LLaVA repositories can ask for beyond llava-hf's format (llava_next.original reads them):
+    projector_depth: int = 2  # linear layers in the projector: 1 ("linear"), N ("mlpNx_gelu")
+    patch_merge: str = "spatial_unpad"  # anyres packing: "spatial_unpad", "spatial" (no unpad, no newlines), "flat"
+    unpad_rounding: str = "round7"  # unpadding's scaled side: int(round(x, 7)) (transformers) or int(x) ("int")
 
     @property
     def is_anyres(self) -> bool:

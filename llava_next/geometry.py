@@ -8,7 +8,8 @@ Every rounding is the reference's (transformers' LLaVA-NeXT processor and model)
   - pinpoints are (height, width); the best one maximises the effective area (int() of the scaled sides), then
     minimises the waste, and a full tie goes to the first in the list;
   - the image is scaled into the chosen canvas with ceil() on the scaled side;
-  - unpadding the feature grid uses the original (H, W) and int(round(x, 7)).
+  - unpadding the feature grid uses the original (H, W) and int(round(x, 7)) (int(x) for checkpoints of the
+    original LLaVA repositories, whose code does that: `unpad_rounding`).
 """
 
 from __future__ import annotations
@@ -75,7 +76,14 @@ def anyres_canvas(image_size: tuple[int, int], pinpoints: Sequence[tuple[int, in
     return AnyresCanvas(canvas, fit_inside((height, width), canvas), canvas[0] // tile_size, canvas[1] // tile_size)
 
 
-def anyres_grid(image_size: tuple[int, int], pinpoints: Sequence[tuple[int, int]], tile_size: int, patch_size: int) -> AnyresGrid:
+def scaled_side(x: float, rounding: str) -> int:
+    """transformers rounds to 7 decimals before int(); the original LLaVA code takes int() of the float, so a
+    product like 1127.9999999 loses a whole feature row there (a 47x1128 image keeps 2 columns, not 4)."""
+    return int(round(x, 7)) if rounding == "round7" else int(x)
+
+
+def anyres_grid(image_size: tuple[int, int], pinpoints: Sequence[tuple[int, int]], tile_size: int, patch_size: int,
+                unpad_rounding: str = "round7") -> AnyresGrid:
     c = anyres_canvas(image_size, pinpoints, tile_size)
     height, width = int(image_size[0]), int(image_size[1])
     side = tile_size // patch_size
@@ -83,11 +91,11 @@ def anyres_grid(image_size: tuple[int, int], pinpoints: Sequence[tuple[int, int]
     # Remove the rows (or columns) of features that only saw padding. The reference slices `padding` off both
     # ends, so an odd leftover keeps one padded row: the count must be computed the same way.
     if width / height > grid_w / grid_h:
-        new_h = int(round(height * (grid_w / width), 7))
+        new_h = scaled_side(height * (grid_w / width), unpad_rounding)
         pad = (grid_h - new_h) // 2
         offset, feature_h, feature_w = (pad, 0), grid_h - 2 * pad, grid_w
     else:
-        new_w = int(round(width * (grid_h / height), 7))
+        new_w = scaled_side(width * (grid_h / height), unpad_rounding)
         pad = (grid_w - new_w) // 2
         offset, feature_h, feature_w = (0, pad), grid_h, grid_w - 2 * pad
     return AnyresGrid(c.canvas, c.resized, c.rows, c.cols, offset, feature_h, feature_w)
@@ -100,5 +108,9 @@ def num_image_tokens(cfg, image_size: tuple[int, int]) -> int:
     processor, the model's check and the server."""
     if not cfg.is_anyres:
         return cfg.base_tokens_per_tile
-    grid = anyres_grid(image_size, cfg.image_grid_pinpoints, cfg.vision.image_size, cfg.vision.patch_size)
+    if cfg.patch_merge != "spatial_unpad":  # every tile whole: "spatial" lays them out as a grid, "flat" in a row
+        c = anyres_canvas(image_size, cfg.image_grid_pinpoints, cfg.vision.image_size)
+        return cfg.base_tokens_per_tile * (1 + c.rows * c.cols)
+    grid = anyres_grid(image_size, cfg.image_grid_pinpoints, cfg.vision.image_size, cfg.vision.patch_size,
+                       cfg.unpad_rounding)
     return cfg.base_tokens_per_tile + grid.num_tokens

@@ -12,13 +12,15 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .adapter import is_adapter, merge_adapter, read_adapter_config
-from .checkpoint import (CheckpointError, load_weights, read_json, read_safetensors_index, resolve_checkpoint,
-                         save_weights, weight_files)
+from .checkpoint import (CheckpointError, load_weights, map_weight_name, read_json, read_safetensors_index,
+                         resolve_checkpoint, save_weights, weight_files)
 from .config import LlavaConfig, read_config, to_hf_dict
 from .engine import Engine, Generation, SamplingParams, TextStream
 from .errors import LlavaError
 from .image import DEFAULT_MAX_PIXELS, ImageLimits
 from .model.llava import LlavaModel
+from .original import (OriginalLayout, clip_tower_weight_name, is_original_layout, original_processor,
+                       original_weight_name, read_layout)
 from .processor import Processor
 from .quantize import MODES, QuantizeError, convert_linears, empty_converted, pack_all, quantized_state
 from .prompt import PromptError, normalize_messages
@@ -153,7 +155,7 @@ def sampling_params(options: dict[str, Any]) -> SamplingParams:
 
 
 def build_model(cfg: LlavaConfig, files: list[Path], dtype: torch.dtype, device: torch.device, progress: bool,
-                for_inference: bool = True) -> LlavaModel:
+                for_inference: bool = True, rename=map_weight_name, more=()) -> LlavaModel:
     # Built on the meta device and filled from the files: no time spent on random init, no second copy in memory.
     with torch.device("meta"):
         model = LlavaModel(cfg, for_inference=for_inference)
@@ -161,7 +163,7 @@ def build_model(cfg: LlavaConfig, files: list[Path], dtype: torch.dtype, device:
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
     model.language_model.reset_rope()
-    load_weights(model, files, progress=progress)
+    load_weights(model, files, progress=progress, rename=rename, more=more)
     return model.eval()
 
 
@@ -214,6 +216,21 @@ def save_quantized(pipe: "Pipeline", directory: str | os.PathLike) -> Path:
     return directory
 
 
+def write_checkpoint(directory: Path, cfg: LlavaConfig, processor: Processor, state: dict[str, torch.Tensor],
+                     eos_token_ids: Sequence[int]) -> None:
+    """config, generation config, weights (in their own dtype) and processor files in the llava-hf layout."""
+    config = to_hf_dict(cfg)
+    config["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    eos = list(eos_token_ids)
+    (directory / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": cfg.text.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+        "pad_token_id": processor.pad_token_id,
+    }, indent=2))
+    save_weights(state, directory, tied=cfg.tie_word_embeddings)
+    processor.save(directory)
+
+
 def load(
     model: str | os.PathLike = "demo",
     dtype: str | torch.dtype | None = "auto",
@@ -228,6 +245,8 @@ def load(
     group_size: int = 128,
     compile: bool = False,
     trainable: bool = False,
+    vision_tower: str | os.PathLike | None = None,
+    conv_template: str | None = None,
 ) -> "Pipeline":
     """Load a LLaVA 1.5 / LLaVA-NeXT checkpoint: a local directory, a Hub id, or "demo" (the bundled demo model).
 
@@ -247,6 +266,10 @@ def load(
     first request (a minute for a 7B model) and pays on GPUs; on the CPUs measured here eager decoding was faster
     (BENCHMARKS.md), so it is off by default.
 
+    A checkpoint in the layout of the original LLaVA / LLaVA-NeXT repositories (llava_next.original) loads as that
+    code runs it: vision_tower overrides the CLIP tower its config names (mm_vision_tower), conv_template the
+    conversation template the original CLI would pick from the model's name (llava_next.conversation).
+
     For inference the model is built lean: the vision tower stops at its feature layer and the decoder's q/k/v and
     gate/up projections are fused. trainable=True builds the plain model instead, parameter for parameter the
     checkpoint's, which training and save() need.
@@ -260,8 +283,17 @@ def load(
     if adapter_config is not None:
         model = adapter_config["base_model_name_or_path"]
     directory = resolve_checkpoint(model, revision)
-    cfg = read_config(directory / "config.json")
-    saved_quantization = read_json(directory / "config.json").get("quantization")
+    raw_config = read_json(directory / "config.json")
+    layout = None
+    if is_original_layout(raw_config):
+        cfg, layout = read_layout(directory, raw_config, str(model), None if vision_tower is None else str(vision_tower),
+                                  conv_template)
+    else:
+        if vision_tower is not None or conv_template is not None:
+            raise LoadError(f"{directory} is a llava-hf checkpoint: its vision tower and chat template are its own; "
+                            "vision_tower and conv_template apply to checkpoints of the original LLaVA code only")
+        cfg = read_config(directory / "config.json")
+    saved_quantization = raw_config.get("quantization")
     if quantize is not None and quantize not in MODES:
         raise QuantizeError(f"quantize must be one of {', '.join(MODES)}, not {quantize!r}")
     if saved_quantization and quantize not in (None, saved_quantization["mode"]):
@@ -271,7 +303,11 @@ def load(
         raise QuantizeError("a quantized model cannot be trained; load the float checkpoint with trainable=True")
     device = resolve_device(device)
     dtype, dtype_reason = resolve_dtype(dtype, device, cfg, quantized=bool(quantize or saved_quantization))
-    processor = Processor.from_dir(directory, cfg, chat_template, ImageLimits(max_pixels=max_image_pixels))
+    limits = ImageLimits(max_pixels=max_image_pixels)
+    if layout is not None:
+        processor = original_processor(directory, cfg, layout, limits, chat_template)
+    else:
+        processor = Processor.from_dir(directory, cfg, chat_template, limits)
     if processor.tokenizer.vocab_size > cfg.text.vocab_size:
         raise CheckpointError(
             f"{directory}: the tokenizer has {processor.tokenizer.vocab_size} tokens but the model only "
@@ -281,7 +317,13 @@ def load(
         llava = build_quantized_model(cfg, saved_quantization, weight_files(directory), dtype, device)
         quantization = saved_quantization
     else:
-        llava = build_model(cfg, weight_files(directory), dtype, device, progress, for_inference=not trainable)
+        weights = dict(rename=map_weight_name, more=())
+        if layout is not None:
+            inside = layout.tower_weights == "checkpoint"
+            weights = dict(rename=lambda name: original_weight_name(name, inside),
+                           more=() if inside else ((weight_files(layout.tower_directory), clip_tower_weight_name),))
+        llava = build_model(cfg, weight_files(directory), dtype, device, progress, for_inference=not trainable,
+                            **weights)
         if adapter_config is not None:
             merge_adapter(llava, adapter, adapter_config)
         quantization = None
@@ -293,7 +335,7 @@ def load(
     generation_config = read_generation_config(directory)
     engine = Engine(llava, processor.tokenizer, eos_token_ids(generation_config, cfg, processor.tokenizer),
                     image_cache_bytes=image_cache_bytes, prefix_cache=prefix_cache, compile=compile)
-    return Pipeline(llava, processor, engine, directory, dtype_reason=dtype_reason,
+    return Pipeline(llava, processor, engine, directory, dtype_reason=dtype_reason, original=layout,
                     load_seconds=time.perf_counter() - began, quantization=quantization,
                     sampling_defaults=sampling_defaults(generation_config, str(directory / "generation_config.json")))
 
@@ -308,6 +350,7 @@ class Pipeline:
     load_seconds: float = 0.0
     quantization: dict[str, Any] | None = None  # mode, group_size and what each converted layer became
     sampling_defaults: dict[str, Any] = field(default_factory=dict)  # the checkpoint's, under any caller's
+    original: OriginalLayout | None = None  # a checkpoint of the original LLaVA code: its layout and rules
 
     @property
     def config(self) -> LlavaConfig:
@@ -403,18 +446,7 @@ class Pipeline:
         state = state_dict if state_dict is not None else self.model.checkpoint_weights()
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
-        saved_dtype = next(iter(state.values())).dtype
-        config = to_hf_dict(self.config)
-        config["torch_dtype"] = str(saved_dtype).replace("torch.", "")
-        (directory / "config.json").write_text(json.dumps(config, indent=2))
-        text = self.config.text
-        eos = self.engine.eos_token_ids
-        (directory / "generation_config.json").write_text(json.dumps({
-            "bos_token_id": text.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
-            "pad_token_id": self.processor.pad_token_id,
-        }, indent=2))
-        save_weights(state, directory, tied=self.config.tie_word_embeddings)
-        self.processor.save(directory)
+        write_checkpoint(directory, self.config, self.processor, state, self.engine.eos_token_ids)
         return directory
 
     def image_tokens(self, image) -> int:

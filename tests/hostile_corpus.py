@@ -305,10 +305,18 @@ def _both(*damages: Callable[[Path], None]) -> Callable[[Path], None]:
     return damage
 
 
-def _bin_only(directory: Path) -> None:
+class _RunsCode:
+    """Unpickling this calls a function (here a harmless one that would leave a mark)."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/llava-next-pickle-ran-code"),))
+
+
+def _bin_that_runs_code(directory: Path) -> None:
     from safetensors.torch import load_file
 
-    torch.save(load_file(str(directory / "model.safetensors")), directory / "pytorch_model.bin")
+    state = load_file(str(directory / "model.safetensors"))
+    torch.save({**state, "payload": _RunsCode()}, directory / "pytorch_model.bin")
     (directory / "model.safetensors").unlink()
 
 
@@ -387,7 +395,7 @@ BROKEN: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "pinpoints_negative": (GOOD, _config("image_grid_pinpoints", value=[[-336, 672]]), r"image_grid_pinpoints"),
     "pinpoints_one_number": (GOOD, _config("image_grid_pinpoints", value=[[336]]), r"image_grid_pinpoints"),
     "pinpoints_not_tiles": (GOOD, _config("image_grid_pinpoints", value=[[300, 500]]), r"image_grid_pinpoints|336"),
-    "pytorch_bin_only": (GOOD, _bin_only, r"pickle|\.bin"),
+    "pytorch_bin_that_runs_code": (GOOD, _bin_that_runs_code, r"pytorch_model\.bin.*plain data.*never run"),
     "html_renamed_safetensors": (GOOD, _file("model.safetensors", "<html><body>404 Not Found</body></html>"),
                                  r"model\.safetensors.*(corrupt|not a safetensors|invalid|header)"),
     "truncated_safetensors": (GOOD, _truncate("model.safetensors", 0.5), r"model\.safetensors.*(truncated|corrupt|incomplete)"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,14 +163,32 @@ def test_tied_checkpoint_has_no_lm_head_and_still_loads(tiny, load_pipeline):
     assert model.lm_head.weight is model.language_model.embed_tokens.weight
 
 
-def test_pickle_weights_are_refused(tiny, tmp_path):
+def test_legacy_bin_weights_load_as_the_safetensors_do(tiny, tmp_path):
     target = tmp_path / "pickled"
     shutil.copytree(tiny("mistral"), target)
     state = load_file(str(target / "model.safetensors"))
     (target / "model.safetensors").unlink()
-    torch.save(state, target / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="holds only pickle weights .*pytorch_model.bin.* not read"):
+    names = sorted(state)
+    torch.save({k: state[k] for k in names[: len(names) // 2]}, target / "pytorch_model-00001-of-00002.bin")
+    torch.save({k: state[k] for k in names[len(names) // 2:]}, target / "pytorch_model-00002-of-00002.bin")
+    (target / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
+        k: f"pytorch_model-0000{1 + (i >= len(names) // 2)}-of-00002.bin" for i, k in enumerate(names)}}))
+    want = llava_next.load(tiny("mistral"), dtype="float32", progress=False).model.state_dict()
+    got = llava_next.load(target, dtype="float32", progress=False).model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_bin_weights_that_would_run_code_are_refused_unrun(tiny, tmp_path):
+    from hostile_corpus import _bin_that_runs_code
+
+    mark = Path("/tmp/llava-next-pickle-ran-code")
+    mark.unlink(missing_ok=True)
+    target = tmp_path / "evil"
+    shutil.copytree(tiny("mistral"), target)
+    _bin_that_runs_code(target)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: not a PyTorch weight file that can be read as plain"):
         llava_next.load(target, progress=False)
+    assert not mark.exists()
 
 
 def test_missing_shard_is_named(tiny, tmp_path):

@@ -224,7 +224,11 @@ class Decoder(nn.Module):
         # positions (B, T) -> cos, sin (B, 1, T, D), computed in float32 and then cast, as the reference does
         freqs = positions[..., None].float() * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        cos, sin = emb.cos(), emb.sin()
+        if self.cfg.rope_table_dtype is not None:  # rounded as the original LLaVA code's tables are (TextConfig)
+            table_dtype = getattr(torch, self.cfg.rope_table_dtype)
+            cos, sin = cos.to(table_dtype), sin.to(table_dtype)
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
     def attention_masks(self, positions_in_cache: torch.Tensor, key_mask: torch.Tensor) -> dict:
         """Boolean masks (B, 1, T, S), True where a query may attend, one per distinct window size.

@@ -22,16 +22,22 @@ class ImageTokenMismatch(LlavaError, ValueError):
 
 
 class Projector(nn.Module):
-    """Two-layer MLP from vision width to text width, exact (erf) GELU between."""
+    """MLP from vision width to text width, exact (erf) GELU between its layers: two layers in every published
+    checkpoint (linear_1, linear_2); the original repositories also train one ("linear") or more ("mlp3x_gelu")."""
 
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
         vision_width = cfg.vision.hidden_size * len(cfg.feature_layers)
+        self.depth = cfg.projector_depth
         self.linear_1 = nn.Linear(vision_width, cfg.text.hidden_size, bias=cfg.projector_bias)
-        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=cfg.projector_bias)
+        for i in range(2, self.depth + 1):
+            setattr(self, f"linear_{i}", nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=cfg.projector_bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(x)))
+        x = self.linear_1(x)
+        for i in range(2, self.depth + 1):
+            x = getattr(self, f"linear_{i}")(F.gelu(x))
+        return x
 
 
 class LlavaModel(nn.Module):
@@ -43,7 +49,7 @@ class LlavaModel(nn.Module):
         self.cfg = cfg
         self.vision_tower = VisionTransformer(cfg.vision, cfg.feature_layers if for_inference else None)
         self.multi_modal_projector = Projector(cfg)
-        if cfg.is_anyres:
+        if cfg.is_anyres and cfg.patch_merge == "spatial_unpad":
             self.image_newline = nn.Parameter(torch.zeros(cfg.text.hidden_size))
         self.language_model = Decoder(cfg.text, fused=for_inference)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
@@ -93,19 +99,23 @@ class LlavaModel(nn.Module):
             hidden = hidden[:, 1:]  # drop CLS
         features = self.multi_modal_projector(hidden)  # (sum n, P, C)
         per_image = features.split(counts)
-        if not self.cfg.is_anyres:
+        if not self.cfg.is_anyres or self.cfg.patch_merge == "flat":
             return [f.flatten(0, 1) for f in per_image]
         return [self.pack_image_features(f, (h, w)) for f, (h, w) in zip(per_image, image_sizes.tolist())]
 
     def pack_image_features(self, features: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """(1 + rows * cols, P, C) tile features -> (k, C): base tile, then the grid unpadded, a newline per row."""
-        side = self.cfg.vision.patches_per_side
-        grid = anyres_grid(image_size, self.cfg.image_grid_pinpoints, self.cfg.vision.image_size, self.cfg.vision.patch_size)
+        cfg = self.cfg
+        side = cfg.vision.patches_per_side
+        grid = anyres_grid(image_size, cfg.image_grid_pinpoints, cfg.vision.image_size, cfg.vision.patch_size,
+                           cfg.unpad_rounding)
         base, tiles = features[0], features[1:]
         c = features.shape[-1]
         # (rows * cols, side * side, C) -> (rows, cols, side, side, C) -> (rows, side, cols, side, C) -> (H, W, C)
         canvas = tiles.view(grid.rows, grid.cols, side, side, c).permute(0, 2, 1, 3, 4)
         canvas = canvas.reshape(grid.rows * side, grid.cols * side, c)
+        if cfg.patch_merge == "spatial":  # the whole grid, row by row, no newlines
+            return torch.cat([base, canvas.flatten(0, 1)])
         top, left = grid.feature_offset
         canvas = canvas[top : top + grid.feature_height, left : left + grid.feature_width]  # (h, w, C)
         newline = self.image_newline.to(canvas.dtype).expand(grid.feature_height, 1, c)
@@ -116,8 +126,10 @@ class LlavaModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, image_features: list[torch.Tensor] | None) -> torch.Tensor:
         """Token embeddings with each image-placeholder row replaced, in order, by the images' feature rows."""
-        embeds = self.language_model.embed_tokens(input_ids)
         placeholders = input_ids == self.cfg.image_token_id
+        # The placeholder id may lie outside the vocabulary (checkpoints of the original LLaVA code have no image
+        # token): look up row 0 there, the rows are replaced anyway.
+        embeds = self.language_model.embed_tokens(input_ids.masked_fill(placeholders, 0))
         n_placeholders = int(placeholders.sum())
         n_features = sum(f.shape[0] for f in image_features) if image_features else 0
         if n_placeholders != n_features:

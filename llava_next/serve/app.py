@@ -139,7 +139,7 @@ class ServerState:
         try:
             pipe = load(s.model, dtype=s.dtype, device=s.device, revision=s.revision, progress=False,
                         max_image_pixels=s.max_image_pixels, quantize=s.quantize, group_size=s.group_size,
-                        compile=s.compile)
+                        compile=s.compile, vision_tower=s.vision_tower, conv_template=s.conv_template)
             self.start(pipe)
         except Exception as e:  # noqa: BLE001 - reported by /health and every request, and logged
             self.failure = f"{type(e).__name__}: {e}"

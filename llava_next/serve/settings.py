@@ -36,6 +36,8 @@ class ServeSettings:
     quantize: str | None = None
     group_size: int = 128
     compile: bool = False
+    vision_tower: str | None = None  # original-layout checkpoints only
+    conv_template: str | None = None
 
     def name(self) -> str:
         if self.served_name:

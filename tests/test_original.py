@@ -1,0 +1,180 @@
+"""Checkpoints in the original LLaVA repositories' layout against the original code's own outputs.
+
+tests/original/ holds tiny checkpoints in that layout and what llava-torch 1.2.2 (the original code) computed on
+them (tests/original/README.md): prompts, input ids, pixels, packed image features, float32 logits and greedy
+tokens. Loaded here directly, everything must agree: identical ids and pixels, logits within 1e-4, identical
+greedy tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import llava_next
+from llava_next.checkpoint import CheckpointError
+
+ORIGINAL = Path(__file__).resolve().parent / "original"
+sys.path.insert(0, str(ORIGINAL))
+from synthetic_images import image_sha256, make_image  # noqa: E402
+
+CHECKPOINTS = ["llava-v1.5-tiny", "llava-v1.6-vicuna-tiny", "llava-v1.6-mistral-tiny"]
+TOWER = ORIGINAL / "clip-tiny-336"
+
+
+def reference(checkpoint: str) -> dict:
+    return json.loads((ORIGINAL / "reference" / f"{checkpoint}.json").read_text())
+
+
+CASES = [(c, case["name"]) for c in CHECKPOINTS for case in reference(c)["cases"]]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    cache: dict[str, tuple] = {}
+
+    def get(checkpoint: str):
+        if checkpoint not in cache:
+            pipe = llava_next.load(ORIGINAL / checkpoint, dtype="float32", progress=False, vision_tower=TOWER,
+                                   image_cache_bytes=0, prefix_cache=False)
+            cache[checkpoint] = (pipe, reference(checkpoint),
+                                 load_file(str(ORIGINAL / "reference" / f"{checkpoint}.safetensors")))
+        return cache[checkpoint]
+
+    return get
+
+
+def case_of(ref: dict, name: str) -> dict:
+    return next(c for c in ref["cases"] if c["name"] == name)
+
+
+def images_of(case: dict) -> list:
+    images = []
+    for label, digest in zip(case["images"], case["image_rgb_sha256"]):
+        width, height = (int(x) for x in label.split("x"))
+        image = make_image(width, height)
+        assert image_sha256(image) == digest  # the same picture the original code saw
+        images.append(image)
+    return images
+
+
+def messages_of(case: dict) -> list[dict]:
+    content = [{"type": "image"} for _ in case["images"]] + [{"type": "text", "text": case["question"]}]
+    return [{"role": "user", "content": content}]
+
+
+def pixel_digest(pixels: torch.Tensor) -> str:
+    return hashlib.sha256(np.ascontiguousarray(pixels.float().numpy()).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("checkpoint,name", CASES)
+def test_prompt_ids_and_pixels_are_the_originals(loaded, checkpoint, name):
+    pipe, ref, _ = loaded(checkpoint)
+    case = case_of(ref, name)
+    images = images_of(case)
+    text, _ = pipe.prompt_text(messages_of(case), images)
+    assert text == case["prompt"]
+    marker = pipe.config.image_token_id
+    ids = pipe.processor.tokenizer.encode(text)
+    assert [-200 if t == marker else t for t in ids] == case["input_ids"]
+    inputs = pipe.processor(text, images)
+    assert inputs["input_ids"].shape[1] == case["sequence_length"]
+    spans = []
+    row = inputs["input_ids"][0].tolist()
+    for i, t in enumerate(row):
+        if t == marker and (i == 0 or row[i - 1] != marker):
+            spans.append([i, i])
+        if t == marker:
+            spans[-1][1] = i + 1
+    assert spans == case["image_feature_spans"]
+    assert [pipe.processor.image_tokens((im.height, im.width)) for im in images] == case["image_feature_rows"]
+    for i, (image, digest, shape) in enumerate(zip(images, case["pixel_values_sha256"], case["pixel_values_shape"])):
+        pixels = pipe.processor.image_processor([image])["pixel_values"][0]
+        assert list(pixels.shape) == shape
+        assert pixel_digest(pixels) == digest
+
+
+@pytest.mark.parametrize("checkpoint,name", CASES)
+def test_image_features_and_logits_are_the_originals_within_1e4(loaded, checkpoint, name):
+    pipe, ref, tensors = loaded(checkpoint)
+    case = case_of(ref, name)
+    images = images_of(case)
+    text, _ = pipe.prompt_text(messages_of(case), images)
+    inputs = pipe.processor(text, images)
+    with torch.inference_mode():
+        if images:
+            features = pipe.model.image_features(inputs["pixel_values"], inputs.get("image_sizes"))
+            for i, f in enumerate(features):
+                key = f"{name if name != 'two_images' else name}.image_features_rowsum.{i}"
+                if key in tensors:
+                    assert f.shape[0] == tensors[key].shape[0]
+                    torch.testing.assert_close(f.sum(-1), tensors[key], atol=1e-4, rtol=0)
+                    torch.testing.assert_close(f[:4], tensors[f"{name}.image_features_first_rows.{i}"], atol=1e-4, rtol=0)
+                    torch.testing.assert_close(f[-4:], tensors[f"{name}.image_features_last_rows.{i}"], atol=1e-4, rtol=0)
+        logits = pipe.model(inputs["input_ids"], pixel_values=inputs.get("pixel_values"),
+                            image_sizes=inputs.get("image_sizes"))[0]
+    torch.testing.assert_close(logits[-1], tensors[f"{name}.logits_last"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits[case["logits_positions"]], tensors[f"{name}.logits_at_positions"],
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("checkpoint,name", CASES)
+def test_greedy_answers_are_the_originals(loaded, checkpoint, name):
+    pipe, ref, _ = loaded(checkpoint)
+    case = case_of(ref, name)
+    images = images_of(case)
+    got = pipe.generate(messages_of(case), images, max_new_tokens=len(case["greedy_tokens"]))
+    assert got.token_ids == case["greedy_tokens"]
+
+
+def test_the_tower_named_by_the_config_is_found_from_the_working_directory(monkeypatch):
+    # mm_vision_tower is "tests/original/clip-tiny-336", relative to the repository root, as the original resolves it
+    monkeypatch.chdir(ORIGINAL.parent.parent)
+    pipe = llava_next.load(ORIGINAL / "llava-v1.6-mistral-tiny", dtype="float32", progress=False)
+    assert pipe.original.tower_directory.resolve() == TOWER.resolve()
+    assert pipe.original.conv_template == "mistral_instruct"
+
+
+def test_a_missing_tower_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="vision tower.*--vision-tower"):
+        llava_next.load(ORIGINAL / "llava-v1.5-tiny", progress=False, vision_tower=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("checkpoint", CHECKPOINTS)
+def test_converted_checkpoint_loads_in_transformers_with_our_logits(checkpoint, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    from llava_next.convert import convert
+
+    out, changes = convert(ORIGINAL / checkpoint, tmp_path / "hf", vision_tower=TOWER)
+    assert any("tokenized whole" in c for c in changes)
+    assert any("int(x)" in c for c in changes) == (checkpoint != "llava-v1.5-tiny")
+    ours = llava_next.load(out, dtype="float32", progress=False)
+    image = make_image(500, 316)  # a size where the original's and transformers' geometry agree
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    processor = AutoProcessor.from_pretrained(out)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == ours.prompt_text(messages, [image])[0]
+    batch = processor(text=prompt, images=[image], return_tensors="pt")
+    mine = ours.processor(prompt, [image])
+    assert torch.equal(batch["input_ids"], mine["input_ids"])
+    torch.testing.assert_close(batch["pixel_values"], mine["pixel_values"], atol=0, rtol=0)
+    cls = LlavaForConditionalGeneration if checkpoint == "llava-v1.5-tiny" else LlavaNextForConditionalGeneration
+    model = cls.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        theirs = model(**batch).logits[0]
+        logits = ours.model(mine["input_ids"], pixel_values=mine["pixel_values"], image_sizes=mine.get("image_sizes"))[0]
+        # the original-layout model on the same ids: the same weights, only the rotary tables' rounding differs
+        original = llava_next.load(ORIGINAL / checkpoint, dtype="float32", progress=False, vision_tower=TOWER)
+        before = original.model(mine["input_ids"], pixel_values=mine["pixel_values"],
+                                image_sizes=mine.get("image_sizes"))[0]
+    torch.testing.assert_close(logits, theirs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(before, logits, atol=5e-3, rtol=0)
