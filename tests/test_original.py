@@ -66,7 +66,9 @@ def images_of(case: dict) -> list:
 
 
 def messages_of(case: dict) -> list[dict]:
-    content = [{"type": "image"} for _ in case["images"]] + [{"type": "text", "text": case["question"]}]
+    # run_llava.py puts the images first ("<image-placeholder>" in a question marks where, here always in front)
+    question = case["question"].replace("<image-placeholder>\n", "")
+    content = [{"type": "image"} for _ in case["images"]] + [{"type": "text", "text": question}]
     return [{"role": "user", "content": content}]
 
 
@@ -93,9 +95,9 @@ def test_prompt_ids_and_pixels_are_the_originals(loaded, checkpoint, name):
             spans.append([i, i])
         if t == marker:
             spans[-1][1] = i + 1
-    assert spans == case["image_feature_spans"]
-    assert [pipe.processor.image_tokens((im.height, im.width)) for im in images] == case["image_feature_rows"]
-    for i, (image, digest, shape) in enumerate(zip(images, case["pixel_values_sha256"], case["pixel_values_shape"])):
+    assert spans == case.get("image_feature_spans", [])
+    assert [pipe.processor.image_tokens((im.height, im.width)) for im in images] == case.get("image_feature_rows", [])
+    for image, digest, shape in zip(images, case.get("pixel_values_sha256", []), case.get("pixel_values_shape", [])):
         pixels = pipe.processor.image_processor([image])["pixel_values"][0]
         assert list(pixels.shape) == shape
         assert pixel_digest(pixels) == digest
@@ -177,4 +179,21 @@ def test_converted_checkpoint_loads_in_transformers_with_our_logits(checkpoint, 
         before = original.model(mine["input_ids"], pixel_values=mine["pixel_values"],
                                 image_sizes=mine.get("image_sizes"))[0]
     torch.testing.assert_close(logits, theirs, atol=1e-4, rtol=0)
-    torch.testing.assert_close(before, logits, atol=5e-3, rtol=0)
+    torch.testing.assert_close(before, logits[:, :-1], atol=5e-3, rtol=0)  # (the added <image> row)
+
+
+def test_info_shows_the_layout_and_the_rules_in_effect(capsys):
+    from llava_next.cli import main
+
+    assert main(["info", "--model", str(ORIGINAL / "llava-v1.6-vicuna-tiny"), "--vision-tower", str(TOWER),
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "original"
+    assert info["rules"]["conversation template"] == "llava_v1"
+    assert "int(x)" in info["rules"]["unpad"] and "1 column x 2 rows" in info["rules"]["pinpoints"]
+    assert info["image_grid_pinpoints"][0] == [672, 336]  # 336 wide, 672 tall, as the original reads [336, 672]
+
+
+def test_an_unknown_conversation_template_lists_the_known_ones():
+    with pytest.raises(Exception, match="llava_v1.*mistral_instruct|mistral_instruct.*llava_v1"):
+        llava_next.load(ORIGINAL / "llava-v1.5-tiny", progress=False, vision_tower=TOWER, conv_template="nonesuch")
