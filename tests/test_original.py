@@ -197,3 +197,45 @@ def test_info_shows_the_layout_and_the_rules_in_effect(capsys):
 def test_an_unknown_conversation_template_lists_the_known_ones():
     with pytest.raises(Exception, match="llava_v1.*mistral_instruct|mistral_instruct.*llava_v1"):
         llava_next.load(ORIGINAL / "llava-v1.5-tiny", progress=False, vision_tower=TOWER, conv_template="nonesuch")
+
+
+def test_pinpoint_ranges_of_llava_next_read_as_its_code_builds_them():
+    from llava_next.original import _pinpoints
+
+    # LLaVA-NeXT: "(1x1),...,(2x3)" is every (i, j) from (1, 1) to (2, 3), i tiles wide, j tall, i outermost
+    got = _pinpoints("(1x1),...,(2x3)", 336, "config.json")
+    wide_tall = [(i, j) for i in (1, 2) for j in (1, 2, 3)]
+    assert got == [(j * 336, i * 336) for i, j in wide_tall]  # ours are (height, width)
+    assert _pinpoints([[336, 672], [1008, 336]], 336, "config.json") == [(672, 336), (336, 1008)]
+    with pytest.raises(Exception, match="image_grid_pinpoints"):
+        _pinpoints("1x1", 336, "config.json")
+
+
+def test_image_start_and_end_tokens_wrap_each_image_when_the_config_asks(tmp_path):
+    # A v1.5 checkpoint trained with mm_use_im_start_end: the builder adds <im_start> and <im_end> (ids 1000,
+    # 1001; the embedding grew with them) and the prompt wraps the image in them.
+    import shutil
+
+    target = tmp_path / "llava-v1.5-start-end"
+    shutil.copytree(ORIGINAL / "llava-v1.5-tiny", target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(mm_use_im_start_end=True, vocab_size=1002)
+    (target / "config.json").write_text(json.dumps(config))
+    for shard in target.glob("pytorch_model-*.bin"):
+        state = torch.load(shard, weights_only=True)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in state:
+                state[name] = torch.cat([state[name], state[name][:2] * 0.5])
+        torch.save(state, shard)
+    pipe = llava_next.load(target, dtype="float32", progress=False, vision_tower=TOWER)
+    assert pipe.original.added_tokens == ["<im_start>", "<im_end>"]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    image = make_image(300, 100)
+    text, _ = pipe.prompt_text(messages, [image])
+    assert "USER: <im_start><image><im_end>\nDescribe it. ASSISTANT:" in text
+    ids = pipe.processor.tokenizer.encode(text)
+    marker = pipe.config.image_token_id
+    at = ids.index(marker)
+    # (the exact ids of each piece are the tokenizer's tests' business, against the original tokenizer)
+    assert ids[at - 1] == 1000 and 1001 in ids[at + 1 : at + 3] and marker == 1002
+    assert len(pipe.generate(messages, [image], max_new_tokens=3).token_ids) == 3
