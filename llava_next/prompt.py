@@ -3,7 +3,8 @@
 The tokenizer is the checkpoint's own `tokenizer.json`, run by the `tokenizers` library exactly as stored (its
 normalizer, pre-tokenizer, post-processor and decoder), which is what transformers 5 does for LLaVA checkpoints.
 `tokenizer_config.json` supplies the names of the special tokens, added tokens missing from tokenizer.json, and
-possibly a chat template.
+possibly a chat template. Checkpoints in the original LLaVA layout ship a sentencepiece `tokenizer.model` instead:
+`Tokenizer.from_sentencepiece` tokenizes them as the original code does (sentencepiece_model.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tokenizers import AddedToken, Tokenizer as HFTokenizer
 
 from .checkpoint import read_json
 from .errors import LlavaError
+from .sentencepiece_model import SlowDecoder, build_backend, check_slow_supported, read_model
 
 IMAGE_TOKEN = "<image>"
 
@@ -52,9 +54,30 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
+def original_added_tokens(model_config: dict[str, Any]) -> list[str]:
+    """The tokens the original LLaVA builder adds to the tokenizer after loading it, in its order, as special
+    tokens: `<im_patch>` unless the model's config.json sets mm_use_im_patch_token false (a missing key counts as
+    true), then `<im_start>`, `<im_end>` if it sets mm_use_im_start_end true."""
+    tokens = []
+    if model_config.get("mm_use_im_patch_token", True):
+        tokens.append("<im_patch>")
+    if model_config.get("mm_use_im_start_end", False):
+        tokens += ["<im_start>", "<im_end>"]
+    return tokens
+
+
+def _inside(start: int, end: int, spans: Sequence[tuple[int, int]]) -> bool:
+    return end > start and any(a <= start and end <= b for a, b in spans)
+
+
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any] | None = None):
         self.backend = tokenizer
+        # Set by from_sentencepiece for original-layout checkpoints: `<image>` splits the text into separately
+        # tokenized stretches and stands for image_token_id (outside the vocabulary), and the slow flavour decodes
+        # as transformers 4.37's LlamaTokenizer did.
+        self.splits_images = False
+        self.slow_decoder: SlowDecoder | None = None
         config = dict(config or {})
         self.config = config
         # Added tokens that tokenizer_config.json declares but tokenizer.json lacks (transformers adds them too).
@@ -86,13 +109,17 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, directory: Path) -> "Tokenizer":
+        """tokenizer.json and tokenizer_config.json; a directory with only a sentencepiece tokenizer.model is read
+        as an original-layout checkpoint (from_sentencepiece, slow flavour, the added tokens its config.json asks
+        for)."""
         path = directory / "tokenizer.json"
         if not path.exists():
-            raise PromptError(
-                f"{directory} has no tokenizer.json. Checkpoints with only a sentencepiece tokenizer.model are not "
-                "supported yet; save the tokenizer once with transformers (AutoTokenizer.from_pretrained(...)"
-                ".save_pretrained(dir)) to write a tokenizer.json."
-            )
+            if (directory / "tokenizer.model").exists():
+                model_config = directory / "config.json"
+                added = original_added_tokens(read_json(model_config) if model_config.exists() else {})
+                return cls.from_sentencepiece(directory, "slow", added)
+            raise PromptError(f"{directory} has no tokenizer.json (nor a sentencepiece tokenizer.model); copy the "
+                              "checkpoint's tokenizer files into it")
         config_path = directory / "tokenizer_config.json"
         config = read_json(config_path) if config_path.exists() else {}
         try:
@@ -102,17 +129,83 @@ class Tokenizer:
                               "the file is corrupt or incomplete, copy it again") from None
         return cls(backend, config)
 
+    @classmethod
+    def from_sentencepiece(cls, directory: Path, flavour: str = "slow", added_tokens: Sequence[str] = ()) -> "Tokenizer":
+        """The tokenizer of an original-layout LLaVA checkpoint, from its sentencepiece tokenizer.model,
+        tokenizer_config.json and special_tokens_map.json, encoding and decoding as the original code's does:
+
+        flavour "slow": transformers 4.37's LlamaTokenizer, honouring `legacy` (the original's choice for
+            llama-family checkpoints); "fast": its LlamaTokenizerFast converted from tokenizer.model (the choice
+            for checkpoints whose name contains "mistral").
+        added_tokens: the tokens the original builder adds after loading, as special tokens, in order; they get
+            ids len(tokenizer) onwards. `original_added_tokens(config)` gives them for a model config.
+
+        `<image>` in the text follows the original's rule (tokenizer_image_token): the text is cut at each
+        `<image>`, every stretch is tokenized on its own (with its own BOS and "▁" prefix), BOS is kept once at the
+        start, and each `<image>` becomes `image_token_id`, which is len(tokenizer): an id outside the vocabulary
+        that the model replaces with image features. encode, encode_batch and encode_literal_text all follow it;
+        decode skips that id.
+        """
+        config_path = directory / "tokenizer_config.json"
+        config = read_json(config_path) if config_path.exists() else {}
+        # transformers lets special_tokens_map.json override tokenizer_config.json
+        map_path = directory / "special_tokens_map.json"
+        special_map = read_json(map_path) if map_path.exists() else {}
+        for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"), ("pad_token", None)):
+            config[name] = special_map.get(name) or config.get(name, default)
+        legacy = config.get("legacy")
+        legacy = True if legacy is None else bool(legacy)  # transformers 4.37's default, with a warning
+        model_path = directory / "tokenizer.model"
+        model = read_model(model_path)
+        if flavour == "slow":
+            check_slow_supported(model, model_path)
+        specials = [_token_text(config[name]) for name in ("bos_token", "eos_token", "unk_token", "pad_token")]
+        backend = build_backend(model, flavour, legacy, [t for t in specials if t],
+                                bos_token=specials[0], eos_token=specials[1],
+                                add_bos=bool(config.get("add_bos_token", True)),
+                                add_eos=bool(config.get("add_eos_token", False)))
+        tokenizer = cls(backend, config)
+        for token in added_tokens:
+            backend.add_special_tokens([AddedToken(token, normalized=False, special=True)])
+        tokenizer.splits_images = True
+        tokenizer.image_token_id = tokenizer.vocab_size
+        # transformers 4.37 cleans up spaces whenever the config says so, BPE or not
+        tokenizer.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        if flavour == "slow":
+            tokenizer.slow_decoder = SlowDecoder(model, legacy, backend.get_added_tokens_decoder())
+        return tokenizer
+
     def save(self, directory: Path) -> None:
-        """tokenizer.json as run, and a tokenizer_config.json that names its special and added tokens."""
-        self.backend.save(str(directory / "tokenizer.json"))
+        """tokenizer.json as run, and a tokenizer_config.json that names its special and added tokens.
+
+        A tokenizer from tokenizer.model (from_sentencepiece) is saved with `<image>` as a special token at
+        image_token_id, so that from_dir reads the same ids back: plain text and special tokens encode as before.
+        What tokenizer.json cannot say is the original's image rule: from_dir's tokenizer treats `<image>` like
+        any special token, so the stretch after it gets a "▁" prefix only where the flavour puts one after special
+        tokens (fast and legacy slow: yes; slow with legacy false: no, where the original's rule has one); and it
+        decodes as the fast flavour does, without the slow flavour's particulars.
+        """
+        backend = self.backend
+        if self.splits_images:
+            backend = HFTokenizer.from_str(self.backend.to_str())
+            backend.add_special_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)])
+            if backend.token_to_id(IMAGE_TOKEN) != self.image_token_id:
+                raise PromptError(f"the tokenizer already has a {IMAGE_TOKEN} token, at id "
+                                  f"{backend.token_to_id(IMAGE_TOKEN)}, not at the image id {self.image_token_id}")
+        backend.save(str(directory / "tokenizer.json"))
         config = {k: v for k, v in self.config.items() if k != "chat_template"}
         config["added_tokens_decoder"] = {
             str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                      "single_word": t.single_word, "special": t.special}
-            for i, t in sorted(self.backend.get_added_tokens_decoder().items())
+            for i, t in sorted(backend.get_added_tokens_decoder().items())
         }
         config.update({k: v for k, v in self.special_tokens.items() if v is not None})
         config["padding_side"] = self.padding_side
+        if self.splits_images:
+            # run tokenizer.json as stored, not rebuilt by a Llama tokenizer class from its own settings
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            for key in ("legacy", "sp_model_kwargs", "add_bos_token", "add_eos_token"):
+                config.pop(key, None)
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         config.setdefault("clean_up_tokenization_spaces", False)
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
@@ -126,6 +219,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         check_text(text)
+        if self.splits_images:
+            return self._encode_image_stretches(text, add_special_tokens, ())
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_literal_text(self, text: str, add_special_tokens: bool, literal: Sequence[tuple[int, int]]) -> list[int]:
@@ -134,15 +229,47 @@ class Tokenizer:
         characters, not the end of the prompt. Outside the spans, and wherever no such text occurs, the ids are
         exactly encode()'s."""
         check_text(text)
+        if self.splits_images:
+            return self._encode_image_stretches(text, add_special_tokens, literal)
+        return self._encode_literal(text, add_special_tokens, literal)
+
+    def _encode_literal(self, text: str, add_special_tokens: bool, literal: Sequence[tuple[int, int]]) -> list[int]:
         encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        if not literal:
+            return encoding.ids
         added = self.backend.get_added_tokens_decoder()
         ids: list[int] = []
         for token, (start, end) in zip(encoding.ids, encoding.offsets):
-            inside = end > start and any(a <= start and end <= b for a, b in literal)
-            if token in added and inside:
+            if token in added and _inside(start, end, literal):
                 ids.extend(self._literal_backend().encode(text[start:end], add_special_tokens=False).ids)
             else:
                 ids.append(token)
+        return ids
+
+    def _encode_image_stretches(self, text: str, add_special_tokens: bool,
+                                literal: Sequence[tuple[int, int]]) -> list[int]:
+        """The original LLaVA code's tokenizer_image_token: cut the text at every `<image>` (those inside the
+        literal spans are text), tokenize each stretch on its own, with the special tokens, keep the first
+        stretch's leading BOS once and drop the first token of every stretch, and put image_token_id between them.
+        """
+        cuts = []
+        at = text.find(IMAGE_TOKEN)
+        while at >= 0:
+            if not _inside(at, at + len(IMAGE_TOKEN), literal):
+                cuts.append(at)
+            at = text.find(IMAGE_TOKEN, at + len(IMAGE_TOKEN))
+        bounds = [0] + [c for cut in cuts for c in (cut, cut + len(IMAGE_TOKEN))] + [len(text)]
+        stretches = []
+        for start, end in zip(bounds[::2], bounds[1::2]):
+            spans = [(max(a, start) - start, min(b, end) - start) for a, b in literal if a < end and b > start]
+            stretches.append(self._encode_literal(text[start:end], add_special_tokens, spans))
+        # the original drops a first token only when the first stretch starts with BOS (add_bos_token)
+        offset = 1 if add_special_tokens and stretches[0][:1] == [self.bos_token_id] else 0
+        ids = stretches[0][:offset]
+        for k, stretch in enumerate(stretches):
+            if k:
+                ids.append(self.image_token_id)
+            ids.extend(stretch[offset:])
         return ids
 
     def _literal_backend(self):
@@ -154,12 +281,32 @@ class Tokenizer:
         return self._literal
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        if self.splits_images:
+            return [self.encode(text, add_special_tokens) for text in texts]
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True, clean_up: bool | None = None) -> str:
-        """The text of `ids`, cleaned up as the checkpoint's tokenizer_config says unless clean_up says otherwise."""
-        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """The text of `ids`, cleaned up as the checkpoint's tokenizer_config says unless clean_up says otherwise.
+        An image placeholder outside the vocabulary (original-layout checkpoints) has no text."""
+        ids = [int(i) for i in ids]
+        if self.splits_images:
+            ids = [i for i in ids if i != self.image_token_id]
+        if self.slow_decoder is not None:
+            text = self.slow_decoder.decode(ids, skip_special_tokens)
+        else:
+            text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return clean_up_tokenization(text) if (self.clean_up_spaces if clean_up is None else clean_up) else text
+
+    def decode_window(self, ids: Sequence[int], skip_special_tokens: bool, after_text: bool) -> str:
+        """The text of a run of ids inside a longer sequence, without clean-up; after_text: ids before the run
+        were written as text. Streaming compares such runs with and without their last tokens, so their start must
+        decode the same either way: the slow flavour's decoder drops up to two leading spaces at the start of a
+        decode (its first piece's "▁" and, with legacy, the next one's), which only the real start of a text
+        loses, and with legacy writes a space for a special token in front of the text before it (see
+        SlowDecoder.decode)."""
+        if self.slow_decoder is not None and after_text:  # (it writes nothing for the image id)
+            return self.slow_decoder.decode([int(i) for i in ids], skip_special_tokens, continuing=True)
+        return self.decode(ids, skip_special_tokens, False)
 
     def starts_with_bos(self, text: str) -> bool:
         bos = self.special_tokens["bos_token"]
@@ -221,8 +368,10 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Take one more token; return the text it settled (often empty)."""
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens, False)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip_special_tokens, False)
+        after_text = self.prefix_offset > 0  # the tokens before the window have been written as text
+        prefix = self.tokenizer.decode_window(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens,
+                                              after_text)
+        full = self.tokenizer.decode_window(self.ids[self.prefix_offset :], self.skip_special_tokens, after_text)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.raw += full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
