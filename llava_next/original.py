@@ -259,8 +259,15 @@ def original_tokenizer(directory: Path, layout: OriginalLayout):
     builder's added tokens; prompts are tokenized piece by piece around each <image>."""
     from .prompt import Tokenizer
 
-    if (directory / "tokenizer.json").exists():
-        return Tokenizer.from_dir(directory, added_tokens=layout.added_tokens, original_image_chunks=True)
+    if (directory / "tokenizer.json").exists():  # LLaVA-NeXT's Llama-3 and Qwen checkpoints
+        from tokenizers import AddedToken
+
+        tokenizer = Tokenizer.from_dir(directory)
+        for token in layout.added_tokens:
+            tokenizer.backend.add_special_tokens([AddedToken(token, normalized=False, special=True)])
+        tokenizer.splits_images = True
+        tokenizer.image_token_id = tokenizer.vocab_size
+        return tokenizer
     flavour = "fast" if layout.tokenizer_class == "LlamaTokenizerFast" else "slow"
     return Tokenizer.from_sentencepiece(directory, flavour=flavour, added_tokens=layout.added_tokens)
 

@@ -239,3 +239,22 @@ def test_image_start_and_end_tokens_wrap_each_image_when_the_config_asks(tmp_pat
     # (the exact ids of each piece are the tokenizer's tests' business, against the original tokenizer)
     assert ids[at - 1] == 1000 and 1001 in ids[at + 1 : at + 3] and marker == 1002
     assert len(pipe.generate(messages, [image], max_new_tokens=3).token_ids) == 3
+
+
+def test_a_checkpoint_with_a_tokenizer_json_tokenizes_pieces_around_images_too(tmp_path):
+    # LLaVA-NeXT's checkpoints ship tokenizer.json (which the original loads as a fast tokenizer): the mistral
+    # checkpoint's fast tokenizer written as one gives the original's ids
+    import shutil
+
+    from llava_next.prompt import Tokenizer
+
+    target = tmp_path / "llava-v1.6-mistral-json"
+    shutil.copytree(ORIGINAL / "llava-v1.6-mistral-tiny", target)
+    Tokenizer.from_sentencepiece(target, flavour="fast").backend.save(str(target / "tokenizer.json"))
+    (target / "tokenizer.model").unlink()
+    pipe = llava_next.load(target, dtype="float32", progress=False, vision_tower=TOWER)
+    assert pipe.original.tokenizer_class == "tokenizer.json"
+    for case in reference("llava-v1.6-mistral-tiny")["cases"]:
+        text, _ = pipe.prompt_text(messages_of(case), images_of(case))
+        ids = pipe.processor.tokenizer.encode(text)
+        assert [-200 if t == pipe.config.image_token_id else t for t in ids] == case["input_ids"]
