@@ -8,7 +8,6 @@ one needs each model_type's defaults: they live here, once, in `HF_TEXT_DEFAULTS
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

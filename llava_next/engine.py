@@ -252,7 +252,6 @@ class Scheduler:
 
     def __init__(self, engine: "Engine", slots: int, capacity: int, prefill_chunk: int | None = None,
                  isolate_errors: bool = False):
-        model = engine.model
         self.engine = engine
         self.slots, self.capacity, self.prefill_chunk = slots, capacity, prefill_chunk
         # isolate_errors: a failure while prefilling fails that sequence only (a server); otherwise it is raised
