@@ -1,0 +1,51 @@
+"""Original-layout configs that cannot work get an error naming the field and what is supported, before any
+weight is read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import llava_next
+from llava_next.errors import LlavaError
+
+ORIGINAL = Path(__file__).resolve().parent / "original"
+TOWER = ORIGINAL / "clip-tiny-336"
+
+CASES = {
+    "projector_identity": ({"mm_projector_type": "identity"}, r"mm_projector_type 'identity'.*linear, mlpNx_gelu"),
+    "projector_garbage": ({"mm_projector_type": "mlp0x_gelu"}, r"mm_projector_type"),
+    "anyres_max": ({"image_aspect_ratio": "anyres_max_9"}, r"image_aspect_ratio 'anyres_max_9'.*square, pad, anyres"),
+    "merge_unknown": ({"mm_patch_merge_type": "spatial_unpad_max"}, r"mm_patch_merge_type 'spatial_unpad_max'"),
+    "select_feature": ({"mm_vision_select_feature": "cls"}, r"mm_vision_select_feature 'cls'"),
+    "select_layer": ({"mm_vision_select_layer": -9}, r"mm_vision_select_layer -9.*3-layer tower"),
+    "hidden_size": ({"mm_hidden_size": 1024}, r"mm_hidden_size 1024.*width of the vision tower.*32"),
+    "model_type": ({"model_type": "llava_mpt"}, r"model_type 'llava_mpt'.*llava_llama"),
+    "anyres_without_pinpoints": ({"image_aspect_ratio": "anyres", "image_grid_pinpoints": None},
+                                 r"anyres.*image_grid_pinpoints"),
+    "pinpoints_garbage": ({"image_aspect_ratio": "anyres", "image_grid_pinpoints": [[336]]},
+                          r"image_grid_pinpoints.*\[width, height\]"),
+    "pinpoints_not_tiles": ({"image_aspect_ratio": "anyres", "image_grid_pinpoints": [[300, 500]]},
+                           r"image_grid_pinpoints"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_config_that_cannot_work_is_named(name, tmp_path):
+    change, message = CASES[name]
+    target = tmp_path / "llava-v1.5-tiny"
+    shutil.copytree(ORIGINAL / "llava-v1.5-tiny", target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(change)
+    config = {k: v for k, v in config.items() if v is not None}
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LlavaError, match=message):
+        llava_next.load(target, progress=False, vision_tower=TOWER)
+
+
+def test_vision_tower_and_template_flags_are_refused_for_llava_hf_checkpoints():
+    with pytest.raises(LlavaError, match="original LLaVA code only"):
+        llava_next.load("demo", progress=False, conv_template="llava_v1")
