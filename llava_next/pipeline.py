@@ -200,6 +200,11 @@ def save_quantized(pipe: "Pipeline", directory: str | os.PathLike) -> Path:
 
     if pipe.quantization is None:
         raise QuantizeError("this pipeline is not quantized; load it with quantize=... first")
+    if pipe.original is not None:
+        # its files would mix the original layout's config with llava-hf weights and tokenizer files
+        raise QuantizeError(f"{pipe.directory} is a checkpoint of the original LLaVA code: quantize it at load "
+                            "(--quantize), or write it in the llava-hf layout first (llava-next convert) and "
+                            "quantize that")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in list(directory.glob("*.safetensors")) + list(directory.glob("model.safetensors.index.json")):

@@ -49,3 +49,15 @@ def test_a_config_that_cannot_work_is_named(name, tmp_path):
 def test_vision_tower_and_template_flags_are_refused_for_llava_hf_checkpoints():
     with pytest.raises(LlavaError, match="original LLaVA code only"):
         llava_next.load("demo", progress=False, conv_template="llava_v1")
+
+
+def test_an_original_checkpoint_quantizes_at_load_but_is_not_saved_quantized(tmp_path):
+    from llava_next.pipeline import save_quantized
+    from llava_next.quantize import QuantizeError
+
+    pipe = llava_next.load(ORIGINAL / "llava-v1.5-tiny", progress=False, vision_tower=TOWER, quantize="int8")
+    assert pipe.quantization["mode"] == "int8"
+    assert len(pipe.generate("<image>\nWhat is it?", [ORIGINAL.parent.parent / "examples" / "shapes.png"],
+                             max_new_tokens=2).token_ids) == 2
+    with pytest.raises(QuantizeError, match="original LLaVA code.*llava-next convert"):
+        save_quantized(pipe, tmp_path / "q")
