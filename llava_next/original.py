@@ -28,7 +28,8 @@ from typing import Any
 
 from .checkpoint import IGNORED_SUFFIXES, CheckpointError, read_json, resolve_checkpoint, weight_files
 from .config import ConfigError, LlavaConfig, check_config, text_config_from_hf, vision_config_from_hf
-from .conversation import IMAGE_TEXT, IMAGE_TEXT_START_END, original_chat_template, template_for_model_name
+from .conversation import (IMAGE_TEXT, IMAGE_TEXT_START_END, original_chat_template, stop_strings,
+                           template_for_model_name)
 
 # model_type of the original code -> the decoder family it wraps
 TEXT_FAMILIES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
@@ -289,3 +290,11 @@ def original_processor(directory: Path, cfg: LlavaConfig, layout: OriginalLayout
         template = ChatTemplate(original_chat_template(layout.conv_template, layout.image_text),
                                 f"the original conversation template {layout.conv_template!r}", tokenizer.special_tokens)
     return Processor(tokenizer, ImageProcessor(ipc, limits.max_pixels), template, cfg, limits)
+
+
+def end_of_turn_ids(layout: OriginalLayout, tokenizer) -> list[int]:
+    """The ids of the template's end-of-turn marker where the tokenizer has it as one special token
+    (`<|im_end|>` for chatml_direct, `<|eot_id|>` for llava_llama_3, `</s>` for llava_v1): the original's chat
+    front ends stop there, and a model trained on the template ends its answer with it rather than with EOS."""
+    special = {t.content: i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+    return [special[s] for s in stop_strings(layout.conv_template) if s in special]

@@ -19,8 +19,8 @@ from .engine import Engine, Generation, SamplingParams, TextStream
 from .errors import LlavaError
 from .image import DEFAULT_MAX_PIXELS, ImageLimits
 from .model.llava import LlavaModel
-from .original import (OriginalLayout, clip_tower_weight_name, is_original_layout, original_processor,
-                       original_weight_name, read_layout)
+from .original import (OriginalLayout, clip_tower_weight_name, end_of_turn_ids, is_original_layout,
+                       original_processor, original_weight_name, read_layout)
 from .processor import Processor
 from .quantize import MODES, QuantizeError, convert_linears, empty_converted, pack_all, quantized_state
 from .prompt import PromptError, normalize_messages
@@ -338,7 +338,10 @@ def load(
         elif device.type == "cpu" and not trainable and not compile:
             convert_linears(llava, "fast")  # (inductor cannot lower the oneDNN op; compiled code has its own)
     generation_config = read_generation_config(directory)
-    engine = Engine(llava, processor.tokenizer, eos_token_ids(generation_config, cfg, processor.tokenizer),
+    eos = eos_token_ids(generation_config, cfg, processor.tokenizer)
+    if layout is not None:
+        eos += [i for i in end_of_turn_ids(layout, processor.tokenizer) if i not in eos]
+    engine = Engine(llava, processor.tokenizer, eos,
                     image_cache_bytes=image_cache_bytes, prefix_cache=prefix_cache, compile=compile)
     return Pipeline(llava, processor, engine, directory, dtype_reason=dtype_reason, original=layout,
                     load_seconds=time.perf_counter() - began, quantization=quantization,

@@ -61,3 +61,19 @@ def test_an_original_checkpoint_quantizes_at_load_but_is_not_saved_quantized(tmp
                              max_new_tokens=2).token_ids) == 2
     with pytest.raises(QuantizeError, match="original LLaVA code.*llava-next convert"):
         save_quantized(pipe, tmp_path / "q")
+
+
+def test_the_templates_end_of_turn_token_ends_an_answer_where_the_tokenizer_has_it():
+    from tokenizers import AddedToken
+
+    from llava_next.original import end_of_turn_ids
+
+    pipe = llava_next.load(ORIGINAL / "llava-v1.5-tiny", progress=False, vision_tower=TOWER)
+    assert 2 in pipe.engine.eos_token_ids  # llava_v1 ends a turn with </s>, the EOS
+    tokenizer = pipe.processor.tokenizer
+    tokenizer.backend.add_special_tokens([AddedToken("<|im_end|>", special=True, normalized=False)])
+    layout = pipe.original
+    layout.conv_template = "chatml_direct"
+    assert end_of_turn_ids(layout, tokenizer) == [tokenizer.token_id("<|im_end|>")]
+    layout.conv_template = "mistral_instruct"  # no separator: nothing beyond EOS
+    assert end_of_turn_ids(layout, tokenizer) == []
