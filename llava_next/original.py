@@ -177,6 +177,11 @@ def read_layout(directory: Path, d: dict[str, Any], model: str, vision_tower: st
         raise ConfigError(f"{where}: mm_hidden_size {d.get('mm_hidden_size')} is not the width of the vision tower "
                           f"{tower_spec} ({vision.hidden_size}); the tower is not the one this model was trained with")
     anyres = aspect == "anyres"
+    if anyres and select == "cls_patch" and merge != "flat":
+        # the original's spatial packing views each tile as a side x side grid and asserts the base tile has that
+        # many rows: CLS makes one more, so every image fails there (AssertionError)
+        raise ConfigError(f"{where}: mm_vision_select_feature 'cls_patch' cannot be packed with mm_patch_merge_type "
+                          f"{merge!r} (the original code fails on every image); only 'flat' takes it")
     pinpoints = None
     if anyres:
         if d.get("image_grid_pinpoints") is None:
@@ -227,9 +232,11 @@ def _has_tower_weights(directory: Path) -> bool:
     return any(t.name.startswith(TOWER_PREFIX) for t in stored_tensors(weight_files(directory)))
 
 
-def original_weight_name(name: str, tower_inside: bool) -> str | None:
+def original_weight_name(name: str, tower_inside: bool, uses_newline: bool = True) -> str | None:
     """An original checkpoint's weight name -> ours, or None for what is not read (the tower's copy when the
-    original code would not use it, buffers derived from the config)."""
+    original code would not use it, buffers derived from the config, and the image newline where images are not
+    packed with it: the original builds one for any `*unpad` merge type, but `pad` and `square` images are
+    packed flat whatever that says)."""
     if name.endswith(IGNORED_SUFFIXES):
         return None
     if name.startswith("model.vision_tower."):
@@ -241,7 +248,7 @@ def original_weight_name(name: str, tower_inside: bool) -> str | None:
         index, _, param = rest.partition(".")  # nn.Sequential(Linear, GELU, Linear, ...): linears at 0, 2, 4, ...
         return f"multi_modal_projector.linear_{int(index) // 2 + 1}.{param}" if index.isdigit() else name
     if name == "model.image_newline":
-        return "image_newline"
+        return "image_newline" if uses_newline else None
     if name.startswith("model."):
         return "language_model." + name[len("model."):]
     return name  # lm_head.*; anything else is reported as unexpected

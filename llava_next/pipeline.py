@@ -325,7 +325,8 @@ def load(
         weights = dict(rename=map_weight_name, more=())
         if layout is not None:
             inside = layout.tower_weights == "checkpoint"
-            weights = dict(rename=lambda name: original_weight_name(name, inside),
+            newline = cfg.is_anyres and cfg.patch_merge == "spatial_unpad"
+            weights = dict(rename=lambda name: original_weight_name(name, inside, newline),
                            more=() if inside else ((weight_files(layout.tower_directory), clip_tower_weight_name),))
         llava = build_model(cfg, weight_files(directory), dtype, device, progress, for_inference=not trainable,
                             **weights)

@@ -153,6 +153,15 @@ class Tokenizer:
         special_map = read_json(map_path) if map_path.exists() else {}
         for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"), ("pad_token", None)):
             config[name] = special_map.get(name) or config.get(name, default)
+        added_path = directory / "added_tokens.json"
+        if "added_tokens_decoder" not in config and added_path.exists():
+            # written by transformers < 4.34 (the first LLaVA's checkpoints): the added tokens are only there, and
+            # transformers 4.37 gives them their ids, special when the special-token settings name them
+            named = {_token_text(config[name]) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+            named |= {_token_text(t) for t in special_map.get("additional_special_tokens")
+                      or config.get("additional_special_tokens") or []}
+            config["added_tokens_decoder"] = {str(index): {"content": token, "special": token in named}
+                                              for token, index in read_json(added_path).items()}
         legacy = config.get("legacy")
         legacy = True if legacy is None else bool(legacy)  # transformers 4.37's default, with a warning
         model_path = directory / "tokenizer.model"
@@ -165,8 +174,10 @@ class Tokenizer:
                                 add_bos=bool(config.get("add_bos_token", True)),
                                 add_eos=bool(config.get("add_eos_token", False)))
         tokenizer = cls(backend, config)
+        present = {t.content for t in backend.get_added_tokens_decoder().values()}
         for token in added_tokens:
-            backend.add_special_tokens([AddedToken(token, normalized=False, special=True)])
+            if token not in present:  # the builder's add_tokens leaves a token the tokenizer has as it is
+                backend.add_special_tokens([AddedToken(token, normalized=False, special=True)])
         tokenizer.splits_images = True
         tokenizer.image_token_id = tokenizer.vocab_size
         # transformers 4.37 cleans up spaces whenever the config says so, BPE or not

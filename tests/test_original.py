@@ -25,8 +25,20 @@ ORIGINAL = Path(__file__).resolve().parent / "original"
 sys.path.insert(0, str(ORIGINAL))
 from synthetic_images import image_sha256, make_image  # noqa: E402
 
-CHECKPOINTS = ["llava-v1.5-tiny", "llava-v1.6-vicuna-tiny", "llava-v1.6-mistral-tiny"]
+# make_reference.py's three, then make_reference_more.py's: the first LLaVA's kind (224 px tower, linear projector,
+# <im_start>/<im_end>, square), anyres with spatial packing (mlp3x_gelu, .bin shards with the tower inside), anyres
+# with flat packing and cls_patch
+CHECKPOINTS = ["llava-v1.5-tiny", "llava-v1.6-vicuna-tiny", "llava-v1.6-mistral-tiny",
+               "llava-v0-tiny", "llava-v1.6-spatial-tiny", "llava-llama-2-flat-tiny"]
+CONVERTIBLE = CHECKPOINTS[:3]  # the llava-hf layout cannot say what the others ask for
+MORE = CHECKPOINTS[3:]
 TOWER = ORIGINAL / "clip-tiny-336"
+
+
+def tower_of(checkpoint: str) -> Path:
+    """The CLIP directory the checkpoint's mm_vision_tower names (relative to the repository root)."""
+    config = json.loads((ORIGINAL / checkpoint / "config.json").read_text())
+    return ORIGINAL.parent.parent / config["mm_vision_tower"]
 
 
 def reference(checkpoint: str) -> dict:
@@ -42,8 +54,8 @@ def loaded():
 
     def get(checkpoint: str):
         if checkpoint not in cache:
-            pipe = llava_next.load(ORIGINAL / checkpoint, dtype="float32", progress=False, vision_tower=TOWER,
-                                   image_cache_bytes=0, prefix_cache=False)
+            pipe = llava_next.load(ORIGINAL / checkpoint, dtype="float32", progress=False,
+                                   vision_tower=tower_of(checkpoint), image_cache_bytes=0, prefix_cache=False)
             cache[checkpoint] = (pipe, reference(checkpoint),
                                  load_file(str(ORIGINAL / "reference" / f"{checkpoint}.safetensors")))
         return cache[checkpoint]
@@ -136,12 +148,127 @@ def test_greedy_answers_are_the_originals(loaded, checkpoint, name):
     assert got.token_ids == case["greedy_tokens"]
 
 
-def test_the_tower_named_by_the_config_is_found_from_the_working_directory(monkeypatch):
-    # mm_vision_tower is "tests/original/clip-tiny-336", relative to the repository root, as the original resolves it
+@pytest.mark.parametrize("checkpoint", ["llava-v1.6-mistral-tiny", "llava-v0-tiny"])
+def test_the_tower_named_by_the_config_is_found_from_the_working_directory(monkeypatch, checkpoint):
+    # mm_vision_tower is "tests/original/clip-tiny-336" (-224), relative to the repository root, as the original
+    # resolves it
     monkeypatch.chdir(ORIGINAL.parent.parent)
-    pipe = llava_next.load(ORIGINAL / "llava-v1.6-mistral-tiny", dtype="float32", progress=False)
-    assert pipe.original.tower_directory.resolve() == TOWER.resolve()
-    assert pipe.original.conv_template == "mistral_instruct"
+    pipe = llava_next.load(ORIGINAL / checkpoint, dtype="float32", progress=False)
+    assert pipe.original.tower_directory.resolve() == tower_of(checkpoint).resolve()
+    assert pipe.original.conv_template == reference(checkpoint)["conv_template"]
+
+
+@pytest.mark.parametrize("checkpoint", MORE)
+def test_the_model_is_what_the_original_builder_made_of_the_checkpoint(loaded, checkpoint):
+    # make_reference_more.py recorded what the original built: tower geometry, projector, embedding rows, added
+    # tokens and the text config's defaults (the v0 config leaves most mm_* fields and rope_theta,
+    # num_key_value_heads, max_position_embeddings out)
+    pipe, ref, _ = loaded(checkpoint)
+    seen, cfg, layout = ref["observed"], pipe.config, pipe.original
+    assert (cfg.vision.image_size, cfg.vision.patch_size) == (seen["vision_tower_image_size"],
+                                                              seen["vision_tower_patch_size"])
+    assert cfg.vision_feature_select_strategy == {"patch": "default", "cls_patch": "full"}[seen["select_feature"]]
+    assert cfg.vision_feature_layer == seen["select_layer"]
+    linears = [n for n, _ in pipe.model.multi_modal_projector.named_children() if n.startswith("linear_")]
+    assert len(linears) == seen["mm_projector"].count("Linear(")
+    assert (getattr(pipe.model, "image_newline", None) is not None) == seen["has_image_newline"]
+    assert pipe.model.language_model.embed_tokens.weight.shape[0] == seen["embedding_rows"]
+    assert pipe.model.lm_head.weight.shape[0] == seen["lm_head_rows"]
+    tokenizer = pipe.processor.tokenizer
+    assert {t: tokenizer.backend.token_to_id(t) for t in seen["added_vocab"]} == seen["added_vocab"]
+    assert tokenizer.special_tokens["pad_token"] == seen["pad_token"]
+    text = seen["text_config"]
+    assert (cfg.text.max_position_embeddings, cfg.text.num_kv_heads, cfg.text.rope.theta, cfg.text.rms_norm_eps) == (
+        text["max_position_embeddings"], text["num_key_value_heads"], text["rope_theta"], text["rms_norm_eps"])
+    assert layout.conv_template == ref["conv_template"]
+    assert layout.tower_weights == ("checkpoint" if ref["vision_tower_weights_from"].startswith("checkpoint")
+                                    else "mm_vision_tower")
+    assert layout.use_im_start_end == bool(text["mm_use_im_start_end"])
+    assert pipe.processor.tokenizer.vocab_size == ref["len_tokenizer"]
+
+
+def test_cls_patch_under_spatial_packing_is_refused_where_the_original_fails(tmp_path):
+    # The original's spatial packing asserts 576 rows per tile; cls_patch gives 577 (recorded: AssertionError).
+    import shutil
+
+    assert reference("llava-v1.6-spatial-tiny")["cls_patch_with_spatial"]["outcome"] == "AssertionError"
+    for merge in ("spatial", "spatial_unpad"):
+        target = tmp_path / merge / "llava-v1.6-spatial-tiny"
+        shutil.copytree(ORIGINAL / "llava-v1.6-spatial-tiny", target)
+        config = json.loads((target / "config.json").read_text())
+        config.update(mm_vision_select_feature="cls_patch", mm_patch_merge_type=merge)
+        (target / "config.json").write_text(json.dumps(config))
+        with pytest.raises(Exception, match="cls_patch.*flat"):
+            llava_next.load(target, progress=False, vision_tower=TOWER)
+
+
+def test_added_tokens_json_alone_gives_the_tokens_their_ids(loaded, tmp_path):
+    # Tokenizers written by transformers < 4.34 keep added tokens only in added_tokens.json (llava-v0-tiny's are
+    # so written). Its pad token [PAD] is named in special_tokens_map.json; with it not named there, transformers
+    # still reads [PAD] at 1000 (and the builder's tokens, already present, keep 1001-1003). Tokens named nowhere
+    # are not special: decoding keeps them, the builder's <im_start> and <im_end> included.
+    import shutil
+
+    probe = reference("llava-v0-tiny")["pad_token_not_named"]
+    checkpoint_tokenizer = loaded("llava-v0-tiny")[0].processor.tokenizer
+    for text, expected in zip(probe["probes"], probe["decode_skip_special_with_the_checkpoint_files"]):
+        ids = checkpoint_tokenizer.backend.encode(text).ids  # <image> as plain text, as the original's tokenizer(t)
+        assert checkpoint_tokenizer.decode(ids, skip_special_tokens=True) == expected
+    target = tmp_path / "llava-v0-tiny"
+    shutil.copytree(ORIGINAL / "llava-v0-tiny", target)
+    specials = json.loads((target / "special_tokens_map.json").read_text())
+    del specials["pad_token"]
+    (target / "special_tokens_map.json").write_text(json.dumps(specials))
+    pipe = llava_next.load(target, dtype="float32", progress=False, vision_tower=tower_of("llava-v0-tiny"))
+    tokenizer = pipe.processor.tokenizer
+    assert {t: tokenizer.backend.token_to_id(t) for t in probe["added_vocab"]} == probe["added_vocab"]
+    assert tokenizer.vocab_size == probe["len_tokenizer"]
+    for text, expected in zip(probe["probes"], probe["image_token_ids"]):
+        ids = tokenizer.encode(text)
+        assert [-200 if t == pipe.config.image_token_id else t for t in ids] == expected
+    assert probe["same_probe_with_the_checkpoint_files"] == probe["image_token_ids"][0]
+    for text, expected in zip(probe["probes"], probe["decode_skip_special"]):
+        assert tokenizer.decode(tokenizer.backend.encode(text).ids, skip_special_tokens=True) == expected
+
+
+def test_an_image_newline_that_pad_images_never_use_is_loaded_and_left_unused(loaded, tmp_path):
+    # A pad model trained with mm_patch_merge_type spatial_unpad carries model.image_newline: the original loads it
+    # and packs pad images flat all the same (recorded: 576 rows, the flat logits exactly)
+    import shutil
+
+    seen = json.loads((ORIGINAL / "reference" / "observations.json").read_text())["pad_with_spatial_unpad"]
+    assert seen["image_newline_loaded"] and seen["logits_last_max_abs_diff_from_the_flat_reference"] == 0.0
+    target = tmp_path / "llava-v1.5-unpad-tiny"
+    shutil.copytree(ORIGINAL / "llava-v1.5-tiny", target)
+    config = json.loads((target / "config.json").read_text())
+    config["mm_patch_merge_type"] = "spatial_unpad"
+    (target / "config.json").write_text(json.dumps(config))
+    shard = target / "pytorch_model-00002-of-00002.bin"
+    state = torch.load(shard, weights_only=True)
+    state["model.image_newline"] = torch.ones(64, dtype=torch.float16)
+    torch.save(state, shard)
+    index = json.loads((target / "pytorch_model.bin.index.json").read_text())
+    index["weight_map"]["model.image_newline"] = shard.name
+    (target / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    pipe = llava_next.load(target, dtype="float32", progress=False, vision_tower=TOWER)
+    _, ref, tensors = loaded("llava-v1.5-tiny")
+    case = case_of(ref, seen["case"])
+    images = images_of(case)
+    inputs = pipe.processor(pipe.prompt_text(messages_of(case), images)[0], images)
+    assert inputs["input_ids"].shape[1] == case["sequence_length"]
+    with torch.inference_mode():
+        logits = pipe.model(inputs["input_ids"], pixel_values=inputs["pixel_values"])[0]
+    torch.testing.assert_close(logits[-1], tensors[f"{case['name']}.logits_last"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("checkpoint", MORE)
+def test_what_the_llava_hf_layout_cannot_say_is_not_converted(checkpoint, tmp_path):
+    from llava_next.convert import ConvertError, convert
+
+    reason = {"llava-v0-tiny": "projector is linear", "llava-v1.6-spatial-tiny": "projector is mlp3x_gelu",
+              "llava-llama-2-flat-tiny": "mm_patch_merge_type 'flat'"}[checkpoint]
+    with pytest.raises(ConvertError, match=reason):
+        convert(ORIGINAL / checkpoint, tmp_path / "hf", vision_tower=tower_of(checkpoint))
 
 
 def test_a_missing_tower_is_a_clear_error(tmp_path, monkeypatch):
@@ -150,7 +277,7 @@ def test_a_missing_tower_is_a_clear_error(tmp_path, monkeypatch):
         llava_next.load(ORIGINAL / "llava-v1.5-tiny", progress=False, vision_tower=tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("checkpoint", CHECKPOINTS)
+@pytest.mark.parametrize("checkpoint", CONVERTIBLE)
 def test_converted_checkpoint_loads_in_transformers_with_our_logits(checkpoint, tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 

@@ -37,6 +37,9 @@ What it does, all seeded and deterministic:
 The original code needs nothing more on these paths: no torchvision, deepspeed or bitsandbytes, and no module
 is stubbed. The checkpoints' mm_vision_tower is the relative path tests/original/clip-tiny-336, so the script
 changes to the repository root first. Two runs write byte-identical files.
+
+make_reference_more.py adds three more checkpoints with these helpers (their defaults keep the files here as
+they were); run it after this one.
 """
 
 from __future__ import annotations
@@ -184,15 +187,16 @@ def _normal(gen: torch.Generator, shape, std: float) -> torch.Tensor:
     return (torch.randn(*shape, generator=gen) * std).to(torch.float16)
 
 
-def make_clip(seed: int) -> dict:
-    """A tiny CLIPModel (text + vision towers, projections) at real vision geometry; returns its config dict."""
+def make_clip(seed: int, image_size: int = 336, directory: Path = CLIP_DIR) -> dict:
+    """A tiny CLIPModel (text + vision towers, projections) at real vision geometry (`image_size` px, patch 14),
+    written to `directory`; returns its vision model's weights."""
     from transformers import CLIPConfig, CLIPModel
 
     config = CLIPConfig(
         text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=16, projection_dim=16),
         vision_config=dict(hidden_size=CLIP_WIDTH, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                           image_size=336, patch_size=14, projection_dim=16, hidden_act="quick_gelu"),
+                           image_size=image_size, patch_size=14, projection_dim=16, hidden_act="quick_gelu"),
         projection_dim=16,
     )
     torch.manual_seed(seed)
@@ -211,15 +215,15 @@ def make_clip(seed: int) -> dict:
             elif name.endswith("bias"):
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
     model = model.half()
-    if CLIP_DIR.exists():
-        shutil.rmtree(CLIP_DIR)
-    model.save_pretrained(CLIP_DIR, safe_serialization=True)
+    if directory.exists():
+        shutil.rmtree(directory)
+    model.save_pretrained(directory, safe_serialization=True)
     # the published tower's preprocessor_config.json, in its old integer form
-    _write_json(CLIP_DIR / "preprocessor_config.json", {
-        "crop_size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+    _write_json(directory / "preprocessor_config.json", {
+        "crop_size": image_size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
         "feature_extractor_type": "CLIPFeatureExtractor",
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "resample": 3, "size": 336,
+        "resample": 3, "size": image_size,
     })
     return {k: v.clone() for k, v in model.vision_model.state_dict().items()}
 
@@ -227,33 +231,40 @@ def make_clip(seed: int) -> dict:
 def make_llm_weights(spec: dict, clip_vision: dict) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(spec["seed"])
     layers, heads, kv = 2, 4, spec["num_key_value_heads"]
-    head_dim = HIDDEN // heads
-    inter = 128
-    w = {"model.embed_tokens.weight": _normal(gen, (VOCAB, HIDDEN), 1.0)}
+    hidden, inter = spec.get("hidden_size", HIDDEN), spec.get("intermediate_size", 128)
+    head_dim = hidden // heads
+    vocab = spec.get("vocab_size", VOCAB)  # more than the tokenizer.model's when the checkpoint has added tokens
+    w = {"model.embed_tokens.weight": _normal(gen, (vocab, hidden), 1.0)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        w[p + "self_attn.q_proj.weight"] = _normal(gen, (heads * head_dim, HIDDEN), HIDDEN ** -0.5)
-        w[p + "self_attn.k_proj.weight"] = _normal(gen, (kv * head_dim, HIDDEN), HIDDEN ** -0.5)
-        w[p + "self_attn.v_proj.weight"] = _normal(gen, (kv * head_dim, HIDDEN), HIDDEN ** -0.5)
-        w[p + "self_attn.o_proj.weight"] = _normal(gen, (HIDDEN, heads * head_dim), HIDDEN ** -0.5)
-        w[p + "mlp.gate_proj.weight"] = _normal(gen, (inter, HIDDEN), HIDDEN ** -0.5)
-        w[p + "mlp.up_proj.weight"] = _normal(gen, (inter, HIDDEN), HIDDEN ** -0.5)
-        w[p + "mlp.down_proj.weight"] = _normal(gen, (HIDDEN, inter), inter ** -0.5)
-        w[p + "input_layernorm.weight"] = (1.0 + _normal(gen, (HIDDEN,), 0.1).float()).half()
-        w[p + "post_attention_layernorm.weight"] = (1.0 + _normal(gen, (HIDDEN,), 0.1).float()).half()
+        w[p + "self_attn.q_proj.weight"] = _normal(gen, (heads * head_dim, hidden), hidden ** -0.5)
+        w[p + "self_attn.k_proj.weight"] = _normal(gen, (kv * head_dim, hidden), hidden ** -0.5)
+        w[p + "self_attn.v_proj.weight"] = _normal(gen, (kv * head_dim, hidden), hidden ** -0.5)
+        w[p + "self_attn.o_proj.weight"] = _normal(gen, (hidden, heads * head_dim), hidden ** -0.5)
+        w[p + "mlp.gate_proj.weight"] = _normal(gen, (inter, hidden), hidden ** -0.5)
+        w[p + "mlp.up_proj.weight"] = _normal(gen, (inter, hidden), hidden ** -0.5)
+        w[p + "mlp.down_proj.weight"] = _normal(gen, (hidden, inter), inter ** -0.5)
+        w[p + "input_layernorm.weight"] = (1.0 + _normal(gen, (hidden,), 0.1).float()).half()
+        w[p + "post_attention_layernorm.weight"] = (1.0 + _normal(gen, (hidden,), 0.1).float()).half()
         if spec["rotary_inv_freq"]:
             # checkpoints saved by transformers <= 4.31 (LLaVA-1.5) carry this buffer; current code drops it
             w[p + "self_attn.rotary_emb.inv_freq"] = 1.0 / (
                 spec["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    w["model.norm.weight"] = (1.0 + _normal(gen, (HIDDEN,), 0.1).float()).half()
-    w["lm_head.weight"] = _normal(gen, (VOCAB, HIDDEN), 3.0 * HIDDEN ** -0.5)
-    # mlp2x_gelu: Linear(mm_hidden, hidden), GELU, Linear(hidden, hidden)
-    w["model.mm_projector.0.weight"] = _normal(gen, (HIDDEN, CLIP_WIDTH), 2.0 * CLIP_WIDTH ** -0.5)
-    w["model.mm_projector.0.bias"] = _normal(gen, (HIDDEN,), 0.1)
-    w["model.mm_projector.2.weight"] = _normal(gen, (HIDDEN, HIDDEN), 2.0 * HIDDEN ** -0.5)
-    w["model.mm_projector.2.bias"] = _normal(gen, (HIDDEN,), 0.1)
+    w["model.norm.weight"] = (1.0 + _normal(gen, (hidden,), 0.1).float()).half()
+    w["lm_head.weight"] = _normal(gen, (vocab, hidden), 3.0 * hidden ** -0.5)
+    projector = spec.get("mm_projector_type", "mlp2x_gelu")
+    if projector == "linear":  # one nn.Linear(mm_hidden, hidden)
+        w["model.mm_projector.weight"] = _normal(gen, (hidden, CLIP_WIDTH), 2.0 * CLIP_WIDTH ** -0.5)
+        w["model.mm_projector.bias"] = _normal(gen, (hidden,), 0.1)
+    else:  # mlpNx_gelu: Linear(mm_hidden, hidden), then N - 1 times GELU, Linear(hidden, hidden)
+        depth = int(projector[len("mlp"):-len("x_gelu")])
+        w["model.mm_projector.0.weight"] = _normal(gen, (hidden, CLIP_WIDTH), 2.0 * CLIP_WIDTH ** -0.5)
+        w["model.mm_projector.0.bias"] = _normal(gen, (hidden,), 0.1)
+        for i in range(1, depth):
+            w[f"model.mm_projector.{2 * i}.weight"] = _normal(gen, (hidden, hidden), 2.0 * hidden ** -0.5)
+            w[f"model.mm_projector.{2 * i}.bias"] = _normal(gen, (hidden,), 0.1)
     if "unpad" in spec["mm_patch_merge_type"]:
-        w["model.image_newline"] = _normal(gen, (HIDDEN,), 1.0)
+        w["model.image_newline"] = _normal(gen, (hidden,), 1.0)
     if spec["tower_inside"]:
         # the tower as trained further (unfreeze_mm_vision_tower): the CLIP beside, perturbed, so a test can tell
         # which copy was used
@@ -268,17 +279,21 @@ def llm_config(name: str, spec: dict) -> dict:
         "_name_or_path": f"./checkpoints/{name}",
         "architectures": ["LlavaMistralForCausalLM" if spec["text"] == "mistral" else "LlavaLlamaForCausalLM"],
         "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
-        "freeze_mm_mlp_adapter": False, "hidden_act": "silu", "hidden_size": HIDDEN,
-        "image_aspect_ratio": spec["image_aspect_ratio"], "initializer_range": 0.02, "intermediate_size": 128,
+        "freeze_mm_mlp_adapter": False, "hidden_act": "silu",
+        "hidden_size": spec.get("hidden_size", HIDDEN),
+        "image_aspect_ratio": spec["image_aspect_ratio"], "initializer_range": 0.02,
+        "intermediate_size": spec.get("intermediate_size", 128),
         "max_position_embeddings": spec["max_position_embeddings"], "mm_hidden_size": CLIP_WIDTH,
         "mm_patch_merge_type": spec["mm_patch_merge_type"], "mm_projector_lr": None,
-        "mm_projector_type": "mlp2x_gelu", "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
-        "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2, "mm_vision_tower": CLIP_REL,
+        "mm_projector_type": spec.get("mm_projector_type", "mlp2x_gelu"), "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
+        "mm_vision_tower": spec.get("tower", CLIP_REL),
         "model_type": spec["model_type"], "num_attention_heads": 4, "num_hidden_layers": 2,
         "num_key_value_heads": spec["num_key_value_heads"], "rms_norm_eps": 1e-05, "rope_theta": spec["rope_theta"],
         "tie_word_embeddings": False, "tokenizer_model_max_length": spec["tokenizer_model_max_length"],
         "tokenizer_padding_side": "right", "torch_dtype": "float16", "transformers_version": "4.37.2",
-        "tune_mm_mlp_adapter": False, "use_cache": True, "use_mm_proj": True, "vocab_size": VOCAB,
+        "tune_mm_mlp_adapter": False, "use_cache": True, "use_mm_proj": True,
+        "vocab_size": spec.get("vocab_size", VOCAB),
     }
     if spec["image_aspect_ratio"] == "anyres":
         cfg["image_grid_pinpoints"] = PINPOINTS
@@ -289,6 +304,9 @@ def llm_config(name: str, spec: dict) -> dict:
         cfg.update(pretraining_tp=1, rope_scaling=None, pad_token_id=0)
     else:
         cfg.update(sliding_window=None)
+    cfg.update(spec.get("config", {}))  # what a checkpoint says otherwise
+    for key in spec.get("config_omit", ()):  # what an older checkpoint does not say at all
+        del cfg[key]
     return dict(sorted(cfg.items()))
 
 
@@ -298,6 +316,9 @@ def save_weights(directory: Path, weights: dict, how: str) -> None:
     names = list(weights)
     if how == "safetensors":
         save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+        return
+    if how == "bin-single":
+        torch.save({n: w.contiguous() for n, w in weights.items()}, directory / "pytorch_model.bin")
         return
     # two shards, split after the first decoder layer, with the index transformers writes
     split = next(i for i, n in enumerate(names) if n.startswith("model.layers.1."))
@@ -319,23 +340,30 @@ def save_weights(directory: Path, weights: dict, how: str) -> None:
     _write_json(directory / index_name, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
+def write_checkpoint(name: str, spec: dict, clip_vision: dict, sp_model: bytes, write_tokenizer=None) -> dict:
+    """One checkpoint directory beside this file, afresh; returns its weights. `write_tokenizer(directory,
+    sp_model)` replaces tokenizer_files."""
+    d = HERE / name
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir()
+    weights = make_llm_weights(spec, clip_vision)
+    save_weights(d, weights, spec["weights"])
+    _write_json(d / "config.json", llm_config(name, spec))
+    _write_json(d / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                                               "transformers_version": "4.37.2"})
+    if write_tokenizer is not None:
+        write_tokenizer(d, sp_model)
+    else:
+        tokenizer_files(d, sp_model, spec["tokenizer_model_max_length"], spec["legacy"])
+    return weights
+
+
 def build_checkpoints() -> dict:
     OUT_REF.mkdir(exist_ok=True)
     clip_vision = make_clip(seed=336)
     sp_model = train_tokenizer()
-    stored = {}
-    for name, spec in CHECKPOINTS.items():
-        d = HERE / name
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir()
-        weights = make_llm_weights(spec, clip_vision)
-        save_weights(d, weights, spec["weights"])
-        _write_json(d / "config.json", llm_config(name, spec))
-        _write_json(d / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-                                                   "transformers_version": "4.37.2"})
-        tokenizer_files(d, sp_model, spec["tokenizer_model_max_length"], spec["legacy"])
-        stored[name] = weights
+    stored = {name: write_checkpoint(name, spec, clip_vision, sp_model) for name, spec in CHECKPOINTS.items()}
     return {"clip_vision": clip_vision, "weights": stored}
 
 
@@ -362,8 +390,12 @@ def sha(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
 
 
-def run_checkpoint(name: str, built: dict) -> tuple[dict, dict]:
-    from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, IGNORE_INDEX
+def run_checkpoint(name: str, built: dict, extra=None, pixels_elsewhere=None) -> tuple[dict, dict]:
+    """The original code on one checkpoint. `extra(tokenizer, model, image_processor)`, when given, returns more
+    fields for the reference (observations particular to that checkpoint). `pixels_elsewhere` maps a checkpoint
+    name to its reference: pixels equal to one of its single-image cases' are not stored again."""
+    from llava.constants import (DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN,
+                                 IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, IGNORE_INDEX)
     from llava.conversation import conv_templates
     from llava.mm_utils import (get_anyres_image_grid_shape, get_model_name_from_path, process_images,
                                 select_best_resolution, tokenizer_image_token)
@@ -414,14 +446,19 @@ def run_checkpoint(name: str, built: dict) -> tuple[dict, dict]:
         "max_new_tokens": MAX_NEW_TOKENS, "pixel_stride": PIXEL_STRIDE,
         "cases": [],
     }
+    if extra is not None:
+        ref.update(extra(tokenizer, model, image_processor))
     tensors = {}
 
     def render(qs: str, with_images: bool) -> str:
         if with_images:  # run_llava.py's rule
+            image_text = DEFAULT_IMAGE_TOKEN
+            if getattr(cfg, "mm_use_im_start_end", False):
+                image_text = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
             if IMAGE_PLACEHOLDER in qs:
-                qs = qs.replace(IMAGE_PLACEHOLDER, DEFAULT_IMAGE_TOKEN)
+                qs = qs.replace(IMAGE_PLACEHOLDER, image_text)
             else:
-                qs = DEFAULT_IMAGE_TOKEN + "\n" + qs
+                qs = image_text + "\n" + qs
         conv = conv_templates[conv_mode].copy()
         conv.append_message(conv.roles[0], qs)
         conv.append_message(conv.roles[1], None)
@@ -456,15 +493,23 @@ def run_checkpoint(name: str, built: dict) -> tuple[dict, dict]:
                     case.setdefault("pixel_values_same_as_case", []).append(case["images"][i])
                     continue
                 pixel_sha[case["images"][i]] = case["pixel_values_sha256"][i]
+                alone = ([case["images"][i]], [case["pixel_values_sha256"][i]])
+                other = next((other for other, other_ref in (pixels_elsewhere or {}).items()
+                              for c in other_ref["cases"] if (c["images"], c.get("pixel_values_sha256")) == alone),
+                             None)
+                if other is not None:  # the same image, processed the same way by another checkpoint
+                    case.setdefault("pixel_values_same_as_checkpoint", []).append(other)
+                    continue
                 tensors[f"{case_name}.pixel_values_s{PIXEL_STRIDE}.{i}"] = p4[..., ::PIXEL_STRIDE, ::PIXEL_STRIDE]
                 case.setdefault("pixel_values_tile_channel_mean", []).append(
                     p4.double().mean(dim=(2, 3)).tolist())
-            if cfg.image_aspect_ratio == "anyres":
+            if getattr(cfg, "image_aspect_ratio", None) == "anyres":
                 case["best_resolution_wh"] = [list(select_best_resolution(s, cfg.image_grid_pinpoints))
                                               for s in image_sizes]
-                grids = [get_anyres_image_grid_shape(s, cfg.image_grid_pinpoints, 336) for s in image_sizes]
+                tile = model.get_vision_tower().config.image_size
+                grids = [get_anyres_image_grid_shape(s, cfg.image_grid_pinpoints, tile) for s in image_sizes]
                 case["grid_cols_rows"] = [list(g) for g in grids]
-                side = 336 // 14
+                side = model.get_vision_tower().num_patches_per_side
                 case["unpadded_rows_cols"] = [
                     list(unpad_image(torch.zeros(1, g[1] * side, g[0] * side), s).shape[1:])
                     for g, s in zip(grids, image_sizes)]
