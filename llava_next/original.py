@@ -296,7 +296,9 @@ def original_processor(directory: Path, cfg: LlavaConfig, layout: OriginalLayout
     else:
         template = ChatTemplate(original_chat_template(layout.conv_template, layout.image_text),
                                 f"the original conversation template {layout.conv_template!r}", tokenizer.special_tokens)
-    return Processor(tokenizer, ImageProcessor(ipc, limits.max_pixels), template, cfg, limits)
+    processor = Processor(tokenizer, ImageProcessor(ipc, limits.max_pixels), template, cfg, limits)
+    processor.truncation_limit = layout.tokenizer_model_max_length
+    return processor
 
 
 def end_of_turn_ids(layout: OriginalLayout, tokenizer) -> list[int]:

@@ -182,10 +182,21 @@ class Processor:
             out.update(self.image_processor(images))
         return out
 
+    # Checkpoints of the original LLaVA code: its tokenizer_model_max_length, at which that code cuts a prompt
+    # (images included) even at inference, dropping its end. We refuse such a prompt instead (original.py).
+    truncation_limit: int | None = None
+
     def _check_fits(self, ids: list[int], sizes, costs) -> None:
         window = self.config.text.max_position_embeddings
         if not ids:
             raise PromptError("the prompt is empty (no tokens at all); give some text")
+        if self.truncation_limit is not None and len(ids) > self.truncation_limit:
+            per_image = ", ".join(f"{w}x{h} px: {c} tokens" for (h, w), c in zip(sizes, costs)) or "no images"
+            raise PromptError(
+                f"the prompt is {len(ids)} tokens with its images ({per_image}), over this checkpoint's "
+                f"tokenizer_model_max_length of {self.truncation_limit}: the original LLaVA code would cut it there "
+                "and lose its end; use fewer or smaller images or a shorter text"
+            )
         if len(ids) >= window:  # an answer needs at least one free position
             per_image = ", ".join(f"{w}x{h} px: {c} tokens" for (h, w), c in zip(sizes, costs)) or "no images"
             raise PromptError(

@@ -77,3 +77,25 @@ def test_the_templates_end_of_turn_token_ends_an_answer_where_the_tokenizer_has_
     assert end_of_turn_ids(layout, tokenizer) == [tokenizer.token_id("<|im_end|>")]
     layout.conv_template = "mistral_instruct"  # no separator: nothing beyond EOS
     assert end_of_turn_ids(layout, tokenizer) == []
+
+
+def test_a_prompt_the_original_would_cut_at_tokenizer_model_max_length_is_refused(tmp_path):
+    # The original cuts the merged sequence at tokenizer_model_max_length, even at inference (recorded: two images
+    # on the flat checkpoint with 4096 lose the end of the prompt). A silently cut prompt is refused here instead.
+    import sys
+
+    sys.path.insert(0, str(ORIGINAL))
+    from synthetic_images import make_image
+
+    recorded = json.loads((ORIGINAL / "reference" / "llava-llama-2-flat-tiny.json").read_text())["truncation_at_4096"]
+    target = tmp_path / "llava-llama-2-flat-tiny"
+    shutil.copytree(ORIGINAL / "llava-llama-2-flat-tiny", target)
+    config = json.loads((target / "config.json").read_text())
+    config["tokenizer_model_max_length"] = recorded["tokenizer_model_max_length"]
+    (target / "config.json").write_text(json.dumps(config))
+    pipe = llava_next.load(target, progress=False, vision_tower=ORIGINAL / "clip-tiny-336")
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What differs?"}]
+    images = [make_image(500, 316), make_image(47, 1128)]
+    with pytest.raises(LlavaError, match=r"over this checkpoint's tokenizer_model_max_length of 4096.*would cut"):
+        pipe.generate([{"role": "user", "content": content}], images, max_new_tokens=1)
+    assert len(pipe.generate([{"role": "user", "content": content[1:]}], images[:1], max_new_tokens=1).token_ids) == 1
