@@ -1,10 +1,12 @@
 """Runtime forms of the model's linear layers, swapped in after loading: the model code never knows about them.
 
 As gpt-fast's `convert_for_runtime`: `convert_linears(model, mode)` replaces nn.Linear modules by
-  fast      float32 weights through oneDNN (`torch.ops.mkldnn._linear_pointwise`) on the CPU. PyTorch's nn.Linear goes
-            through MKL there, which reads the weights of a one-token decoding step at about half the memory
-            bandwidth; oneDNN reaches it (and is ~1.2x faster on prompt-sized matmuls). Same weights, same results
-            up to float rounding.
+  fast      float weights through oneDNN (`torch.ops.mkldnn._linear_pointwise`) on the CPU. In float32, PyTorch's
+            nn.Linear goes through MKL there, which reads the weights of a one-token decoding step at about half
+            the memory bandwidth; oneDNN reaches it (and is ~1.2x faster on prompt-sized matmuls). Same weights,
+            same results up to float rounding. In bfloat16 nn.Linear is already oneDNN's, but on a plain weight it
+            reads a decoding step's weights at ~11 GB/s; the weight reordered once into oneDNN's blocked layout
+            reads at ~21 GB/s, with the same results bit for bit (a prompt's matmuls take as long).
   int8      weight-only int8, one symmetric scale per output channel. A decoding step (few rows) runs
             `torch._weight_int8pack_mm` on the int8 weights on the CPU, and on CUDA a matmul on the weights
             converted in the same expression (fused into one kernel under `compile=True`); a prompt (many rows,
@@ -45,18 +47,30 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class FastLinear(nn.Module):
-    """A float linear through oneDNN on the CPU (nn.Linear's own path elsewhere)."""
+    """A float linear through oneDNN on the CPU (nn.Linear's own path elsewhere). `packed`: the weight is held in
+    oneDNN's blocked layout (an mkldnn tensor), reordered once here; the dense one is freed."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, packed: bool = False):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
+        if packed:
+            # The layout is chosen for one row (a decoding step); prompts of any length run on it as fast.
+            self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1),
+                                       requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
+            weight = self.weight.to_dense() if self.weight.is_mkldnn else self.weight
+            return F.linear(x, weight, self.bias)
         out = torch.ops.mkldnn._linear_pointwise(_rows(x), self.weight, self.bias, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether FastLinear can hold `weight` reordered: bfloat16 on a CPU whose oneDNN runs bfloat16 natively."""
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def int8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,6 +231,12 @@ def targets(model: nn.Module, mode: str) -> list[str]:
     return names
 
 
+def shared_weights(model: nn.Module) -> set[int]:
+    """ids of the parameters more than one module holds (a tied lm_head and embedding)."""
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    return {i for i, n in counts.items() if n > 1}
+
+
 def convert_linears(model: nn.Module, mode: str, group_size: int = 128) -> dict[str, str]:
     """Swap the model's linear layers for `mode`'s runtime form, in place, one at a time (each float weight is
     freed as soon as its replacement exists). Returns {module name: what it became}."""
@@ -225,14 +245,18 @@ def convert_linears(model: nn.Module, mode: str, group_size: int = 128) -> dict[
     if mode == "int4" and group_size not in GROUP_SIZES:
         raise QuantizeError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size!r}")
     done = {}
+    shared = shared_weights(model)
     for name in targets(model, mode):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, attr)
         if mode == "fast":
-            if linear.weight.dtype != torch.float32:
+            if linear.weight.dtype == torch.float32:
+                new, kind = FastLinear(linear), "fast"
+            elif can_pack(linear.weight) and id(linear.weight) not in shared:  # (a tied lm_head: no second copy)
+                new, kind = FastLinear(linear, packed=True), "fast/packed"
+            else:
                 continue  # in 16 bits nn.Linear already runs oneDNN where the CPU has the instructions
-            new, kind = FastLinear(linear), "fast"
         elif mode == "int4" and linear.in_features % group_size == 0 and linear.out_features % 8 == 0:
             new, kind = Int4Linear.from_linear(linear, group_size), f"int4/g{group_size}"
         elif mode == "w8a8":

@@ -13,7 +13,7 @@ from conftest import smooth_image
 from llava_next.cli import main
 from llava_next.pipeline import save_quantized
 from llava_next.quantize import (DECODE_ROWS, FastLinear, Int4Linear, Int8Linear, QuantizeError, W8A8Linear,
-                                 convert_linears, dequantize_int4, int4_weights, int8_weights, pack_nibbles,
+                                 can_pack, convert_linears, dequantize_int4, int4_weights, int8_weights, pack_nibbles,
                                  unpack_nibbles)
 
 
@@ -77,6 +77,26 @@ def test_fast_linear_is_the_same_linear():
     x = torch.randn(5, 7, 256)
     with torch.inference_mode():
         assert relative_error(fast(x), base(x)) < 1e-6
+
+
+@pytest.mark.skipif(not can_pack(torch.ones(1, dtype=torch.bfloat16)), reason="no native bfloat16 oneDNN here")
+def test_a_packed_bfloat16_fast_linear_gives_nn_linears_values_bit_for_bit():
+    base = linear(dtype=torch.bfloat16)
+    fast = FastLinear(base, packed=True)
+    assert fast.weight.is_mkldnn and torch.equal(fast.weight.to_dense(), base.weight)
+    for rows in (1, 3, 40):
+        x = torch.randn(2, rows, 256).to(torch.bfloat16)
+        with torch.inference_mode():
+            assert torch.equal(fast(x), base(x))
+        assert torch.equal(fast(x), base(x))  # with autograd on, through the dense weight
+
+
+def test_fast_conversion_packs_16_bit_weights_but_not_a_tied_lm_head(tiny):
+    pipe = llava_next.load(tiny("vicuna_tied"), dtype="bfloat16", progress=False)
+    model = pipe.model
+    assert model.lm_head.weight is model.language_model.embed_tokens.weight  # one copy, still shared
+    qkv = model.language_model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, FastLinear) and qkv.weight.is_mkldnn == can_pack(model.language_model.embed_tokens.weight)
 
 
 @pytest.mark.parametrize("mode, bound", [("int8", 0.02), ("w8a8", 0.05), ("int4", 0.25)])

@@ -48,14 +48,14 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     return inv_freq
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, heads, D) rotated by the tables of `Decoder.rope_tables` (B, T, 1, D).
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, heads, T, D) with cos, sin: (B, 1, T, D); or the same transposed: (B, T, heads, D) with (B, T, 1, D)
-    return x * cos + rotate_half(x) * sin
+    The reference's x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1), in fewer operations:
+    roll(x) = cat(x2, x1) times sin with its first half negated (`signed_sin`). (-a) * b and a * (-b) are the same
+    float, so the result is too, bit for bit.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 @dataclass
@@ -88,18 +88,23 @@ def fused_views(fused: nn.Linear, names: tuple[str, ...], widths: list[int]) -> 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of one query per sequence, as two small matmuls over the cache.
 
-    q (B, H, 1, D); k, v (B, KV, S, D); mask (B, 1, 1, S) or None -> (B, H, 1, D). The query heads that share a kv
-    head form the rows of one matmul (no copy of the cache); the softmax is in float32. On the CPU this is several
-    times faster than SDPA's kernels for a single query (in bfloat16 about 5x at 1.5k keys).
+    q (B, 1, H, D); k, v (B, KV, S, D); mask (B, 1, 1, S) or None -> (B, 1, H * D). The query heads that share a kv
+    head form the rows of one matmul; the softmax is in float32. On the CPU this is several times faster than
+    SDPA's kernels for a single query (in bfloat16 about 5x at 1.5k keys).
     """
-    b, heads, _, dim = q.shape
+    b, _, heads, dim = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
-    grouped = q.view(b, kv_heads, heads // kv_heads, dim)  # query head i uses kv head i // (heads / kv_heads)
-    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * dim**-0.5  # (B, KV, H / KV, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask.view(b, 1, 1, length), float("-inf"))
-    probs = scores.softmax(-1).to(v.dtype)
-    return torch.matmul(probs, v).view(b, heads, 1, dim)
+    if k.device.type == "cpu" and k.dtype != torch.float32:
+        # oneDNN's 16-bit batched matmul copies a cache slice (whose heads lie `capacity` rows apart) itself, and
+        # for the transposed keys that copy is a slow strided transpose: copying them plainly first is ~3x faster.
+        k, v = k.contiguous(), v.contiguous()
+    # query head i uses kv head i // (H / KV): (B * KV, H / KV, D) against (B * KV, S, D), no copy of the cache
+    grouped = q.reshape(b * kv_heads, heads // kv_heads, dim)
+    scores = torch.bmm(grouped, k.view(b * kv_heads, length, dim).transpose(1, 2)).float().mul_(dim**-0.5)
+    if mask is not None:  # (B * KV, H / KV, S) seen as (B, KV, H / KV, S) against the mask (B, 1, 1, S)
+        scores = torch.where(mask.view(b, 1, 1, length), scores.view(b, kv_heads, -1, length), float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype).view(b * kv_heads, -1, length)
+    return torch.bmm(probs, v.view(b * kv_heads, length, dim)).view(b, 1, heads * dim)
 
 
 class Attention(nn.Module):
@@ -121,23 +126,25 @@ class Attention(nn.Module):
         """Checkpoint name (within this module) -> the tensor holding it: row blocks of qkv_proj when fused."""
         return fused_views(self.qkv_proj, ("q_proj", "k_proj", "v_proj"), self.widths) if self.fused else {}
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int | torch.Tensor,
-                is_causal: bool = False) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, T, C) -> q (B, T, H, D), k and v (B, T, KV, D), q and k rotated."""
         b, t, _ = x.shape
         if self.fused:
             # Rotate q and k together, in their (B, T, heads, D) layout: one rope for all of their heads.
             qkv = self.qkv_proj(x)
             qk_width = self.widths[0] + self.widths[1]
-            qk = qkv[..., :qk_width].view(b, t, self.num_heads + self.num_kv_heads, self.head_dim)
-            qk = apply_rope(qk, cos.transpose(1, 2), sin.transpose(1, 2)).transpose(1, 2)  # (B, heads, T, D)
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-            v = qkv[..., qk_width:].view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        else:
-            # (B, T, heads * D) -> (B, heads, T, D)
-            q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-            k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qkv[..., :qk_width].view(b, t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)
+            return q, k, qkv[..., qk_width:].view(b, t, self.num_kv_heads, self.head_dim)
+        q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        return q, k, self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int | torch.Tensor,
+                is_causal: bool = False) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, KV, T, D), the cache's layout
         if isinstance(start, torch.Tensor):  # one query per row, each written at its own slot (its length)
             rows = torch.arange(b, device=x.device)
             cache.keys[self.layer, rows, :, start] = k[:, :, 0]
@@ -153,9 +160,10 @@ class Attention(nn.Module):
             out = decode_attention(q, k, v, mask)
         else:
             # Grouped-query attention: each kv head serves num_heads / num_kv_heads query heads, without copying.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=is_causal,
                                                  enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+            out = out.transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -221,14 +229,18 @@ class Decoder(nn.Module):
         return views
 
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions (B, T) -> cos, sin (B, 1, T, D), computed in float32 and then cast, as the reference does
+        """positions (B, T) -> cos and signed sin (B, T, 1, D) for `apply_rope`: the reference's tables, computed
+        in float32 and then cast as it does, with the first half of sin negated."""
         freqs = positions[..., None].float() * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
         if self.cfg.rope_table_dtype is not None:  # rounded as the original LLaVA code's tables are (TextConfig)
             table_dtype = getattr(torch, self.cfg.rope_table_dtype)
-            cos, sin = cos.to(table_dtype), sin.to(table_dtype)
-        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+            cos, sin = cos.to(table_dtype).float(), sin.to(table_dtype).float()
+        half = freqs.shape[-1]
+        sign = torch.ones(2 * half, device=emb.device)
+        sign[:half] = -1
+        return cos.to(dtype)[:, :, None], (sin * sign).to(dtype)[:, :, None]
 
     def attention_masks(self, positions_in_cache: torch.Tensor, key_mask: torch.Tensor) -> dict:
         """Boolean masks (B, 1, T, S), True where a query may attend, one per distinct window size.
