@@ -109,34 +109,30 @@ def read_json(path: Path) -> dict:
     return value
 
 
+def _shards_of(index: Path) -> list[Path]:
+    """The shard files a `*.index.json` names, every one present."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: has no weight_map naming the shard of each weight; copy it again")
+    files = [index.parent / name for name in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{index.parent}: the shard index names files that are not there: {', '.join(missing)}")
+    return files
+
+
 def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the shards its index names, or the single file."""
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: has no weight_map naming the shard of each weight; copy it again")
-        files = [directory / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise CheckpointError(f"{directory}: the shard index names files that are not there: {', '.join(missing)}")
-        return files
-    single = directory / "model.safetensors"
-    if single.exists():
-        return [single]
-    others = sorted(p.name for p in directory.glob("*.safetensors"))
+    """A checkpoint's weight files: safetensors (the shards its index names, the single file, or every
+    *.safetensors), else legacy PyTorch shards as many original LLaVA checkpoints are (read as plain data only)."""
+    if (directory / "model.safetensors.index.json").exists():
+        return _shards_of(directory / "model.safetensors.index.json")
+    if (directory / "model.safetensors").exists():
+        return [directory / "model.safetensors"]
+    others = sorted(directory.glob("*.safetensors"))
     if others:
-        return [directory / name for name in others]
-    index = directory / "pytorch_model.bin.index.json"
-    if index.exists():  # legacy PyTorch shards, as many original LLaVA checkpoints are: read as plain data only
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: has no weight_map naming the shard of each weight; copy it again")
-        files = [directory / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise CheckpointError(f"{directory}: the shard index names files that are not there: {', '.join(missing)}")
-        return files
+        return others
+    if (directory / "pytorch_model.bin.index.json").exists():
+        return _shards_of(directory / "pytorch_model.bin.index.json")
     if (directory / "pytorch_model.bin").exists():
         return [directory / "pytorch_model.bin"]
     raise CheckpointError(f"{directory} has no model.safetensors (nor sharded *.safetensors with an index, nor "
