@@ -227,9 +227,23 @@ def read_layout(directory: Path, d: dict[str, Any], model: str, vision_tower: st
 
 
 def _has_tower_weights(directory: Path) -> bool:
+    """Whether the checkpoint stores a tower: from its shard index when it has one (the weights are read once, at
+    load), else from the single file's header (safetensors) or its memory-mapped pickle."""
     from .checkpoint import stored_tensors
 
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index).exists():
+            return any(name.startswith(TOWER_PREFIX) for name in read_json(directory / index).get("weight_map", {}))
     return any(t.name.startswith(TOWER_PREFIX) for t in stored_tensors(weight_files(directory)))
+
+
+def weight_sources(cfg: LlavaConfig, layout: OriginalLayout) -> dict[str, Any]:
+    """How load_weights reads an original checkpoint: its names mapped to ours (`rename`), and the separate CLIP
+    checkpoint's tower weights (`more`) unless the tower is inside."""
+    inside = layout.tower_weights == "checkpoint"
+    newline = cfg.is_anyres and cfg.patch_merge == "spatial_unpad"
+    return dict(rename=lambda name: original_weight_name(name, inside, newline),
+                more=() if inside else ((weight_files(layout.tower_directory), clip_tower_weight_name),))
 
 
 def original_weight_name(name: str, tower_inside: bool, uses_newline: bool = True) -> str | None:

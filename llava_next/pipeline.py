@@ -19,8 +19,8 @@ from .engine import Engine, Generation, SamplingParams, TextStream
 from .errors import LlavaError
 from .image import DEFAULT_MAX_PIXELS, ImageLimits
 from .model.llava import LlavaModel
-from .original import (OriginalLayout, clip_tower_weight_name, end_of_turn_ids, is_original_layout,
-                       original_processor, original_weight_name, read_layout)
+from .original import (OriginalLayout, end_of_turn_ids, is_original_layout, original_processor, read_layout,
+                       weight_sources)
 from .processor import Processor
 from .quantize import MODES, QuantizeError, convert_linears, empty_converted, pack_all, quantized_state
 from .prompt import PromptError, normalize_messages
@@ -322,12 +322,7 @@ def load(
         llava = build_quantized_model(cfg, saved_quantization, weight_files(directory), dtype, device)
         quantization = saved_quantization
     else:
-        weights = dict(rename=map_weight_name, more=())
-        if layout is not None:
-            inside = layout.tower_weights == "checkpoint"
-            newline = cfg.is_anyres and cfg.patch_merge == "spatial_unpad"
-            weights = dict(rename=lambda name: original_weight_name(name, inside, newline),
-                           more=() if inside else ((weight_files(layout.tower_directory), clip_tower_weight_name),))
+        weights = weight_sources(cfg, layout) if layout is not None else dict(rename=map_weight_name, more=())
         llava = build_model(cfg, weight_files(directory), dtype, device, progress, for_inference=not trainable,
                             **weights)
         if adapter_config is not None:
