@@ -8,18 +8,21 @@ greedy tokens.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import llava_next
 from llava_next.checkpoint import CheckpointError
+from llava_next.errors import LlavaError
 
 ORIGINAL = Path(__file__).resolve().parent / "original"
 sys.path.insert(0, str(ORIGINAL))
@@ -67,14 +70,30 @@ def case_of(ref: dict, name: str) -> dict:
     return next(c for c in ref["cases"] if c["name"] == name)
 
 
+@functools.lru_cache(maxsize=None)
+def picture(label: str) -> tuple[Image.Image, str]:
+    """The synthetic image named "WxH" and its RGB digest, drawn once for every test that uses it."""
+    width, height = (int(x) for x in label.split("x"))
+    image = make_image(width, height)
+    return image, image_sha256(image)
+
+
 def images_of(case: dict) -> list:
     images = []
     for label, digest in zip(case["images"], case["image_rgb_sha256"]):
-        width, height = (int(x) for x in label.split("x"))
-        image = make_image(width, height)
-        assert image_sha256(image) == digest  # the same picture the original code saw
+        image, drawn = picture(label)
+        assert drawn == digest  # the same picture the original code saw
         images.append(image)
     return images
+
+
+def prepared(loaded, checkpoint: str, name: str):
+    """One reference case on its loaded checkpoint: (pipe, case, images, prompt text, reference tensors)."""
+    pipe, ref, tensors = loaded(checkpoint)
+    case = case_of(ref, name)
+    images = images_of(case)
+    text, _ = pipe.prompt_text(messages_of(case), images)
+    return pipe, case, images, text, tensors
 
 
 def messages_of(case: dict) -> list[dict]:
@@ -90,10 +109,7 @@ def pixel_digest(pixels: torch.Tensor) -> str:
 
 @pytest.mark.parametrize("checkpoint,name", CASES)
 def test_prompt_ids_and_pixels_are_the_originals(loaded, checkpoint, name):
-    pipe, ref, _ = loaded(checkpoint)
-    case = case_of(ref, name)
-    images = images_of(case)
-    text, _ = pipe.prompt_text(messages_of(case), images)
+    pipe, case, images, text, _ = prepared(loaded, checkpoint, name)
     assert text == case["prompt"]
     marker = pipe.config.image_token_id
     ids = pipe.processor.tokenizer.encode(text)
@@ -117,21 +133,17 @@ def test_prompt_ids_and_pixels_are_the_originals(loaded, checkpoint, name):
 
 @pytest.mark.parametrize("checkpoint,name", CASES)
 def test_image_features_and_logits_are_the_originals_within_1e4(loaded, checkpoint, name):
-    pipe, ref, tensors = loaded(checkpoint)
-    case = case_of(ref, name)
-    images = images_of(case)
-    text, _ = pipe.prompt_text(messages_of(case), images)
+    pipe, case, images, text, tensors = prepared(loaded, checkpoint, name)
     inputs = pipe.processor(text, images)
     with torch.inference_mode():
         if images:
             features = pipe.model.image_features(inputs["pixel_values"], inputs.get("image_sizes"))
             for i, f in enumerate(features):
-                key = f"{name if name != 'two_images' else name}.image_features_rowsum.{i}"
-                if key in tensors:
-                    assert f.shape[0] == tensors[key].shape[0]
-                    torch.testing.assert_close(f.sum(-1), tensors[key], atol=1e-4, rtol=0)
-                    torch.testing.assert_close(f[:4], tensors[f"{name}.image_features_first_rows.{i}"], atol=1e-4, rtol=0)
-                    torch.testing.assert_close(f[-4:], tensors[f"{name}.image_features_last_rows.{i}"], atol=1e-4, rtol=0)
+                rowsum = tensors[f"{name}.image_features_rowsum.{i}"]  # recorded for every image of every case
+                assert f.shape[0] == rowsum.shape[0]
+                torch.testing.assert_close(f.sum(-1), rowsum, atol=1e-4, rtol=0)
+                torch.testing.assert_close(f[:4], tensors[f"{name}.image_features_first_rows.{i}"], atol=1e-4, rtol=0)
+                torch.testing.assert_close(f[-4:], tensors[f"{name}.image_features_last_rows.{i}"], atol=1e-4, rtol=0)
         logits = pipe.model(inputs["input_ids"], pixel_values=inputs.get("pixel_values"),
                             image_sizes=inputs.get("image_sizes"))[0]
     torch.testing.assert_close(logits[-1], tensors[f"{name}.logits_last"], atol=1e-4, rtol=0)
@@ -141,9 +153,7 @@ def test_image_features_and_logits_are_the_originals_within_1e4(loaded, checkpoi
 
 @pytest.mark.parametrize("checkpoint,name", CASES)
 def test_greedy_answers_are_the_originals(loaded, checkpoint, name):
-    pipe, ref, _ = loaded(checkpoint)
-    case = case_of(ref, name)
-    images = images_of(case)
+    pipe, case, images, _, _ = prepared(loaded, checkpoint, name)
     got = pipe.generate(messages_of(case), images, max_new_tokens=len(case["greedy_tokens"]))
     assert got.token_ids == case["greedy_tokens"]
 
@@ -198,7 +208,7 @@ def test_cls_patch_under_spatial_packing_is_refused_where_the_original_fails(tmp
         config = json.loads((target / "config.json").read_text())
         config.update(mm_vision_select_feature="cls_patch", mm_patch_merge_type=merge)
         (target / "config.json").write_text(json.dumps(config))
-        with pytest.raises(Exception, match="cls_patch.*flat"):
+        with pytest.raises(LlavaError, match="cls_patch.*flat"):
             llava_next.load(target, progress=False, vision_tower=TOWER)
 
 
@@ -322,7 +332,7 @@ def test_info_shows_the_layout_and_the_rules_in_effect(capsys):
 
 
 def test_an_unknown_conversation_template_lists_the_known_ones():
-    with pytest.raises(Exception, match="llava_v1.*mistral_instruct|mistral_instruct.*llava_v1"):
+    with pytest.raises(LlavaError, match="llava_v1.*mistral_instruct|mistral_instruct.*llava_v1"):
         llava_next.load(ORIGINAL / "llava-v1.5-tiny", progress=False, vision_tower=TOWER, conv_template="nonesuch")
 
 
@@ -334,7 +344,7 @@ def test_pinpoint_ranges_of_llava_next_read_as_its_code_builds_them():
     wide_tall = [(i, j) for i in (1, 2) for j in (1, 2, 3)]
     assert got == [(j * 336, i * 336) for i, j in wide_tall]  # ours are (height, width)
     assert _pinpoints([[336, 672], [1008, 336]], 336, "config.json") == [(672, 336), (336, 1008)]
-    with pytest.raises(Exception, match="image_grid_pinpoints"):
+    with pytest.raises(LlavaError, match="image_grid_pinpoints"):
         _pinpoints("1x1", 336, "config.json")
 
 
