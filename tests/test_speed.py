@@ -185,3 +185,15 @@ def test_rope_in_fewer_operations_is_the_reference_rotation_bit_for_bit(tiny):
         expected = x.to(dtype) * ref_cos + torch.cat((-x2, x1), dim=-1) * ref_sin
         assert torch.equal(cos, ref_cos)
         assert torch.equal(apply_rope(x.to(dtype), cos, signed_sin), expected)
+
+
+def test_rms_norm_in_one_call_is_the_two_step_reference_in_float32():
+    from llava_next.model.decoder import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-6)
+    norm.weight.data = torch.randn(64) * 0.1 + 1
+    for rows in (1, 5, 300):
+        x = torch.randn(2, rows, 64) * 3
+        expected = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        assert torch.equal(norm(x), expected)

@@ -25,6 +25,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:  # one call: the same floats as normalising, then scaling
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         # Normalise in float32 whatever the activations' dtype, then scale in theirs (as the reference does).
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
