@@ -81,15 +81,21 @@ def memory_bandwidth_gb_s(repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def storage_key(t) -> int:
+    """What tells tensors sharing memory apart; a weight in oneDNN's blocked layout (an mkldnn tensor) has no
+    data pointer, and is never shared."""
+    return id(t) if t.is_mkldnn else t.data_ptr()
+
+
 def decoder_bytes(model, prefix_decoder: str, prefix_head: str, embed: str) -> int:
     """Bytes of weights one decoding step reads: every decoder tensor and the lm_head, not the embedding table."""
     total, seen = 0, set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if not (name.startswith(prefix_decoder) or name.startswith(prefix_head)) or embed in name or "inv_freq" in name:
             continue
-        if t.data_ptr() in seen:
+        if storage_key(t) in seen:
             continue
-        seen.add(t.data_ptr())
+        seen.add(storage_key(t))
         total += t.numel() * t.element_size()
     return total
 
@@ -109,8 +115,8 @@ def peak_rss_mib() -> float:
 def model_bytes(model) -> int:
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        if storage_key(t) not in seen:
+            seen.add(storage_key(t))
             total += t.numel() * t.element_size()
     return total
 
