@@ -114,7 +114,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         k = keys[:, :, :span].contiguous()
     else:
         k = keys[:, :, :span]
-    k, v = k.view(b * kv_heads, span, dim), values[:, :, :span].view(b * kv_heads, span, dim)
+    k, v = k.reshape(b * kv_heads, span, dim), values[:, :, :span].reshape(b * kv_heads, span, dim)  # views of a cache
     # query head i uses kv head i // (H / KV): (B * KV, H / KV, D) against (B * KV, span, D)
     scores = torch.bmm(q.reshape(b * kv_heads, heads // kv_heads, dim), k.transpose(1, 2))
     scores = scores[..., :length].float().mul_(dim**-0.5)
