@@ -153,3 +153,65 @@ def test_static_decoding_gives_the_same_tokens_and_reuses_its_kv_space(tiny, fam
         space = static.engine._kv_space
         assert space is not None and space.capacity % 256 == 0
     assert static.engine._kv_space is space  # the second request reused the first one's space
+
+
+def reference_attention(q, keys, values, length, mask):
+    """One query per row, plainly in float32: q (B, 1, H, D) over the first `length` slots -> (B, 1, H * D)."""
+    b, _, heads, dim = q.shape
+    k = keys[:, :, :length].float().repeat_interleave(heads // keys.shape[1], dim=1)  # (B, H, S, D)
+    v = values[:, :, :length].float().repeat_interleave(heads // keys.shape[1], dim=1)
+    scores = q.float().transpose(1, 2) @ k.transpose(-1, -2) * dim**-0.5  # (B, H, 1, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, 1, heads * dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 130, 200])
+def test_decode_attention_reads_whole_key_blocks_without_changing_a_bit(dtype, length):
+    from llava_next.model.decoder import decode_attention
+
+    torch.manual_seed(length)
+    b, kv_heads, heads, dim, capacity = 3, 2, 6, 16, 200
+    keys, values = torch.randn(2, b, kv_heads, capacity, dim).to(dtype)  # slots past `length` hold stale numbers
+    q = torch.randn(b, 1, heads, dim).to(dtype)
+    lengths = torch.tensor([length, max(1, length - 5), max(1, length // 2)])
+    mask = (torch.arange(length)[None] < lengths[:, None])[:, None, None]  # rows of different lengths
+    for row_mask in (None, mask):
+        got = decode_attention(q, keys, values, length, row_mask)
+        # a cache exactly `length` slots long leaves nothing to pad: the same floats
+        exact = decode_attention(q, keys[:, :, :length].clone(), values[:, :, :length].clone(), length, row_mask)
+        assert torch.equal(got, exact)
+        expected = reference_attention(q, keys, values, length, row_mask)
+        assert relative_error(got.float(), expected) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_rope_in_fewer_operations_is_the_reference_rotation_bit_for_bit(tiny):
+    from llava_next.model.decoder import Decoder, apply_rope
+
+    cfg = read_config(tiny("llama3_rope") / "config.json").text
+    decoder = Decoder(cfg)
+    positions = torch.tensor([[0, 1, 7, 300], [5, 6, 7, 8]])
+    x = torch.randn(2, 4, 3, cfg.head_dim)
+    for dtype in (torch.float32, torch.bfloat16):
+        cos, signed_sin = decoder.rope_tables(positions, dtype)
+        # the reference: cat(freqs, freqs), cos/sin in float32 then cast; x * cos + rotate_half(x) * sin
+        freqs = positions[..., None].float() * decoder.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        ref_cos, ref_sin = emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]
+        x1, x2 = x.to(dtype).chunk(2, dim=-1)
+        expected = x.to(dtype) * ref_cos + torch.cat((-x2, x1), dim=-1) * ref_sin
+        assert torch.equal(cos, ref_cos)
+        assert torch.equal(apply_rope(x.to(dtype), cos, signed_sin), expected)
+
+
+def test_rms_norm_in_one_call_is_the_two_step_reference_in_float32():
+    from llava_next.model.decoder import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-6)
+    norm.weight.data = torch.randn(64) * 0.1 + 1
+    for rows in (1, 5, 300):
+        x = torch.randn(2, rows, 64) * 3
+        expected = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        assert torch.equal(norm(x), expected)

@@ -25,6 +25,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:  # one call: the same floats as normalising, then scaling
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         # Normalise in float32 whatever the activations' dtype, then scale in theirs (as the reference does).
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
@@ -68,7 +70,8 @@ class KVCache:
     @classmethod
     def allocate(cls, cfg: TextConfig, batch: int, capacity: int, dtype: torch.dtype, device) -> "KVCache":
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
-        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+        # zeros: decoding reads slots past a sequence's length with weight 0 (decode_attention), 0 x NaN is NaN
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
     @property
     def capacity(self) -> int:
@@ -85,26 +88,46 @@ def fused_views(fused: nn.Linear, names: tuple[str, ...], widths: list[int]) -> 
     return views
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+# A 16-bit decoding step on the CPU reads the cache in whole blocks of this many slots: oneDNN builds a kernel for each
+# new matmul shape (~1 ms a step at 1.5k keys when the length grows by one every step); blocks reuse one for 64 steps.
+KEY_BLOCK = 64
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
+                     mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of one query per sequence, as two small matmuls over the cache.
 
-    q (B, 1, H, D); k, v (B, KV, S, D); mask (B, 1, 1, S) or None -> (B, 1, H * D). The query heads that share a kv
-    head form the rows of one matmul; the softmax is in float32. On the CPU this is several times faster than
-    SDPA's kernels for a single query (in bfloat16 about 5x at 1.5k keys).
+    q (B, 1, H, D); keys, values (B, KV, capacity, D), of which the first `length` slots count; mask (B, 1, 1, length)
+    or None -> (B, 1, H * D). The query heads that share a kv head form the rows of one matmul; the softmax is in
+    float32. On the CPU this is several times faster than SDPA's kernels for a single query (in bfloat16 about 5x at
+    1.5k keys).
     """
     b, _, heads, dim = q.shape
-    kv_heads, length = k.shape[1], k.shape[2]
-    if k.device.type == "cpu" and k.dtype != torch.float32:
-        # oneDNN's 16-bit batched matmul copies a cache slice (whose heads lie `capacity` rows apart) itself, and
-        # for the transposed keys that copy is a slow strided transpose: copying them plainly first is ~3x faster.
-        k, v = k.contiguous(), v.contiguous()
-    # query head i uses kv head i // (H / KV): (B * KV, H / KV, D) against (B * KV, S, D), no copy of the cache
-    grouped = q.reshape(b * kv_heads, heads // kv_heads, dim)
-    scores = torch.bmm(grouped, k.view(b * kv_heads, length, dim).transpose(1, 2)).float().mul_(dim**-0.5)
+    kv_heads, capacity = keys.shape[1], keys.shape[2]
+    span = length
+    if keys.device.type == "cpu" and keys.dtype != torch.float32:
+        # Slots past `length` take part with probability 0, which gives the same floats bit for bit (oneDNN's
+        # 16-bit matmuls); they hold numbers (the engine's cache starts zeroed), so 0 x value stays 0.
+        span = min(-(-length // KEY_BLOCK) * KEY_BLOCK, capacity)
+        # oneDNN copies a cache slice (whose heads lie `capacity` slots apart) itself before the matmul, and for the
+        # transposed keys that copy is a slow strided transpose: copying them plainly first is ~3x faster.
+        k = keys[:, :, :span].contiguous()
+    else:
+        k = keys[:, :, :span]
+    k, v = k.reshape(b * kv_heads, span, dim), values[:, :, :span].reshape(b * kv_heads, span, dim)  # views of a cache
+    # query head i uses kv head i // (H / KV): (B * KV, H / KV, D) against (B * KV, span, D)
+    scores = torch.bmm(q.reshape(b * kv_heads, heads // kv_heads, dim), k.transpose(1, 2))
+    scores = scores[..., :length].float().mul_(dim**-0.5)
     if mask is not None:  # (B * KV, H / KV, S) seen as (B, KV, H / KV, S) against the mask (B, 1, 1, S)
         scores = torch.where(mask.view(b, 1, 1, length), scores.view(b, kv_heads, -1, length), float("-inf"))
-    probs = scores.softmax(-1).to(v.dtype).view(b * kv_heads, -1, length)
-    return torch.bmm(probs, v.view(b * kv_heads, length, dim)).view(b, 1, heads * dim)
+    probs = scores.softmax(-1).view(b * kv_heads, -1, length)
+    if span == length:
+        probs = probs.to(v.dtype)
+    else:  # zeros on the block's slots past the length
+        padded = torch.zeros((b * kv_heads, heads // kv_heads, span), dtype=v.dtype, device=v.device)
+        padded[..., :length] = probs
+        probs = padded
+    return torch.bmm(probs, v).view(b, 1, heads * dim)
 
 
 class Attention(nn.Module):
@@ -149,21 +172,21 @@ class Attention(nn.Module):
             rows = torch.arange(b, device=x.device)
             cache.keys[self.layer, rows, :, start] = k[:, :, 0]
             cache.values[self.layer, rows, :, start] = v[:, :, 0]
-            k = cache.keys[self.layer, :b, :, : mask.shape[-1]]  # the cache may be the whole KV space (static shapes)
-            v = cache.values[self.layer, :b, :, : mask.shape[-1]]
+            # the cache may be the whole KV space (static shapes): this batch's rows only
+            keys, values, length = cache.keys[self.layer, :b], cache.values[self.layer, :b], mask.shape[-1]
         elif cache is not None:
             cache.keys[self.layer, :, :, start : start + t] = k
             cache.values[self.layer, :, :, start : start + t] = v
-            k = cache.keys[self.layer, :, :, : start + t]
-            v = cache.values[self.layer, :, :, : start + t]
-        if t == 1:
-            out = decode_attention(q, k, v, mask)
+            keys, values, length = cache.keys[self.layer], cache.values[self.layer], start + t
         else:
-            # Grouped-query attention: each kv head serves num_heads / num_kv_heads query heads, without copying.
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=is_causal,
-                                                 enable_gqa=self.num_kv_heads != self.num_heads)
-            out = out.transpose(1, 2).reshape(b, t, -1)
-        return self.o_proj(out)
+            keys, values, length = k, v, t
+        if t == 1:
+            return self.o_proj(decode_attention(q, keys, values, length, mask))
+        # Grouped-query attention: each kv head serves num_heads / num_kv_heads query heads, without copying.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys[:, :, :length], values[:, :, :length],
+                                             attn_mask=mask, is_causal=is_causal,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
