@@ -32,6 +32,9 @@ CHECKPOINT_FILE_PATTERNS = [
 # Present in some checkpoints, derived from the config by us: never weights.
 IGNORED_SUFFIXES = (".position_ids", ".rotary_emb.inv_freq")
 
+# A tensor stored in another dtype than the model's is read and converted this many bytes at a time.
+CONVERT_SLICE_BYTES = 16 * 2**20
+
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo" / "model"
 
 
@@ -228,21 +231,41 @@ class StoredTensor:
 
     def read_into(self, target: torch.Tensor) -> None:
         """Fill `target` (same shape; any dtype and device) from the file: straight into its memory when it is a
-        contiguous CPU tensor of the stored dtype, else through one temporary of this tensor's size."""
+        contiguous CPU tensor of the stored dtype; else converted a slice at a time through one small buffer (a
+        float32 file loaded in bfloat16 never holds a whole float32 tensor), or, when `target` is not contiguous,
+        through one temporary of this tensor's size."""
         direct = target.device.type == "cpu" and target.dtype == self.dtype and target.is_contiguous()
-        buffer = target if direct else torch.empty(self.shape, dtype=self.dtype)
-        if self.nbytes:
-            with open(self.path, "rb", buffering=0) as f:
-                f.seek(self.offset)
-                view = memoryview(buffer.view(-1).view(torch.uint8).numpy())
-                got = 0
-                while got < self.nbytes:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise CheckpointError(f"{self.path}: ends inside tensor {self.name}; the file is truncated")
-                    got += n
-        if not direct:
+        if not self.nbytes:
+            return
+        if direct:
+            self._read_range(target.view(-1), 0, target.numel())
+        elif target.is_contiguous():
+            flat, count = target.view(-1), target.numel()
+            step = max(1, CONVERT_SLICE_BYTES // self.dtype.itemsize)
+            buffer = torch.empty(min(step, count), dtype=self.dtype)
+            for begin in range(0, count, step):
+                part = buffer[: min(step, count - begin)]
+                self._read_range(part, begin, part.numel())
+                flat[begin : begin + part.numel()].copy_(part)
+        else:
+            buffer = torch.empty(self.shape, dtype=self.dtype)
+            self._read_range(buffer.view(-1), 0, buffer.numel())
             target.copy_(buffer)
+
+    def _read_range(self, out: torch.Tensor, first: int, count: int) -> None:
+        """Elements first..first+count of this tensor (flattened) into the contiguous CPU tensor `out`."""
+        nbytes = count * self.dtype.itemsize
+        if not nbytes:
+            return
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset + first * self.dtype.itemsize)
+            view = memoryview(out.view(torch.uint8).numpy())[:nbytes]
+            got = 0
+            while got < nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise CheckpointError(f"{self.path}: ends inside tensor {self.name}; the file is truncated")
+                got += n
 
     def read(self) -> torch.Tensor:
         tensor = torch.empty(self.shape, dtype=self.dtype)
@@ -342,15 +365,17 @@ def iter_checkpoint_tensors(files: list[Path]):
 
 
 def load_weights(model: torch.nn.Module, files: list[Path], progress: bool = False, rename=map_weight_name,
-                 more: tuple[tuple[list[Path], object], ...] = ()) -> None:
+                 more: tuple[tuple[list[Path], object], ...] = (), on_loaded=None) -> None:
     """Fill `model` (which may hold uninitialised memory) from the checkpoint's files, strictly and leanly.
 
     Every weight must be found and every tensor in the files must have a place (but for what the model leaves out
     on purpose); otherwise this fails naming the keys, because a model that runs with some weights left random
     gives plausible-looking wrong answers. Each tensor is read from the file straight into its parameter (or a
-    view of a fused one), so loading needs no memory beyond the model's and one tensor's.
+    view of a fused one), so loading needs no memory beyond the model's and one tensor's. `on_loaded(name)` is
+    called after each weight is filled; no reference to it is kept past that (a caller may replace and free it).
     """
     params = model.checkpoint_weights()
+    expected = set(params)
     skipped = model.skipped_checkpoint_prefixes()
     # (our name or None, stored tensor): `rename` maps the checkpoint's names; `more` adds (files, rename) pairs
     # of other checkpoints that supply parts of the model (the separate CLIP tower of an original LLaVA checkpoint)
@@ -367,10 +392,14 @@ def load_weights(model: torch.nn.Module, files: list[Path], progress: bool = Fal
     unexpected: list[str] = []
     shape_errors: list[str] = []
     not_finite: list[str] = []
+    duplicates: list[str] = []
     tied_aliases = _tied_aliases(model)
     for name, tensor in named:
         if name is None or name in tied_aliases or name.startswith(skipped):
             continue  # not a weight, a tied weight stored twice (its first name is loaded), or left out on purpose
+        if name in loaded:
+            duplicates.append(tensor.name)
+            continue
         if name not in params:
             unexpected.append(tensor.name)
             continue
@@ -380,14 +409,17 @@ def load_weights(model: torch.nn.Module, files: list[Path], progress: bool = Fal
             continue
         with torch.no_grad():
             tensor.read_into(target)
-            if target.is_floating_point() and not bool(torch.isfinite(target).all()):
+            if target.is_floating_point() and not _finite(target):
                 not_finite.append(tensor.name)
+        del params[name], target
         if bar is not None:
             bar.update(tensor.nbytes)
         loaded.add(name)
+        if on_loaded is not None:
+            on_loaded(name)
     if bar is not None:
         bar.close()
-    missing = sorted(set(params) - loaded)
+    missing = sorted(expected - loaded)
     problems = []
     if missing:
         problems.append(f"missing from the checkpoint: {_preview(missing)}")
@@ -395,6 +427,8 @@ def load_weights(model: torch.nn.Module, files: list[Path], progress: bool = Fal
         problems.append(f"in the checkpoint but not in the model: {_preview(unexpected)}")
     if shape_errors:
         problems.append(f"shapes differ: {_preview(shape_errors)}")
+    if duplicates:
+        problems.append(f"stored more than once: {_preview(duplicates)}")
     if problems:
         raise CheckpointError(
             "the checkpoint's weights do not match its config (" + "; ".join(problems) + "). "
@@ -403,6 +437,13 @@ def load_weights(model: torch.nn.Module, files: list[Path], progress: bool = Fal
     if not_finite:
         raise CheckpointError(f"the checkpoint has NaN or infinite values in {_preview(not_finite)}; the weights are "
                               "corrupt (or overflowed when they were saved in a narrower dtype)")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in `tensor`. A NaN or an infinity makes the sum one, so a finite sum settles it without
+    the full-size temporaries of isfinite(); only a sum that overflows (never a trained weight's) looks closer."""
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return math.isfinite(float(total)) or bool(torch.isfinite(tensor).all())
 
 
 def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:

@@ -23,6 +23,7 @@ import torch
 
 from .caches import ImageFeatureCache, PrefixCache, image_key, token_identities
 from .errors import LlavaError
+from .memory import release_free_memory
 from .model.decoder import KVCache
 from .model.llava import ImageTokenMismatch, LlavaModel
 from .prompt import IncrementalDetokenizer, Tokenizer
@@ -639,24 +640,6 @@ class TextStream:
             if piece:
                 yield piece
         self.generation = self._seq.generation()
-
-
-def release_free_memory() -> None:
-    """glibc's malloc_trim: memory freed by requests of many sizes on many threads stays in the allocator's pools
-    (300 MB after a 32-client burst on the tiny test model) unless handed back. Elsewhere a no-op."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
 
 
 class EngineBusy(GenerationError):

@@ -22,7 +22,8 @@ from .model.llava import LlavaModel
 from .original import (OriginalLayout, end_of_turn_ids, is_original_layout, original_processor, read_layout,
                        weight_sources)
 from .processor import Processor
-from .quantize import MODES, QuantizeError, convert_linears, empty_converted, pack_all, quantized_state
+from .quantize import (MODES, ConvertWhileLoading, QuantizeError, convert_linears, empty_converted, pack_all,
+                       quantized_state)
 from .prompt import PromptError, normalize_messages
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -155,7 +156,10 @@ def sampling_params(options: dict[str, Any]) -> SamplingParams:
 
 
 def build_model(cfg: LlavaConfig, files: list[Path], dtype: torch.dtype, device: torch.device, progress: bool,
-                for_inference: bool = True, rename=map_weight_name, more=()) -> LlavaModel:
+                for_inference: bool = True, rename=map_weight_name, more=(), convert: str | None = None,
+                group_size: int = 128) -> tuple[LlavaModel, dict[str, str]]:
+    """The model filled from the files, its linears converted to `convert`'s form (quantize.MODES or "fast") as
+    they are loaded; returns it and {linear: what it became}."""
     # Built on the meta device and filled from the files: no time spent on random init, no second copy in memory.
     with torch.device("meta"):
         model = LlavaModel(cfg, for_inference=for_inference)
@@ -163,8 +167,10 @@ def build_model(cfg: LlavaConfig, files: list[Path], dtype: torch.dtype, device:
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
     model.language_model.reset_rope()
-    load_weights(model, files, progress=progress, rename=rename, more=more)
-    return model.eval()
+    converter = ConvertWhileLoading(model, convert, group_size) if convert is not None else None
+    load_weights(model, files, progress=progress, rename=rename, more=more,
+                 on_loaded=converter.loaded if converter is not None else None)
+    return model.eval(), converter.finish() if converter is not None else {}
 
 
 def build_quantized_model(cfg: LlavaConfig, quantization: dict[str, Any], files: list[Path], dtype: torch.dtype,
@@ -323,16 +329,20 @@ def load(
         quantization = saved_quantization
     else:
         weights = weight_sources(cfg, layout) if layout is not None else dict(rename=map_weight_name, more=())
-        llava = build_model(cfg, weight_files(directory), dtype, device, progress, for_inference=not trainable,
-                            **weights)
+        convert = quantize
+        if quantize is None and device.type == "cpu" and not trainable and not compile:
+            convert = "fast"  # (inductor cannot lower the oneDNN op; compiled code has its own)
+        # An adapter is merged into the float weights: the conversion follows it
+        llava, converted = build_model(cfg, weight_files(directory), dtype, device, progress,
+                                       for_inference=not trainable, convert=convert if adapter_config is None else None,
+                                       group_size=group_size, **weights)
         if adapter_config is not None:
             merge_adapter(llava, adapter, adapter_config)
+            if convert is not None:
+                converted = convert_linears(llava, convert, group_size)
         quantization = None
         if quantize is not None:
-            quantization = {"mode": quantize, "group_size": group_size,
-                            "layers": convert_linears(llava, quantize, group_size)}
-        elif device.type == "cpu" and not trainable and not compile:
-            convert_linears(llava, "fast")  # (inductor cannot lower the oneDNN op; compiled code has its own)
+            quantization = {"mode": quantize, "group_size": group_size, "layers": converted}
     generation_config = read_generation_config(directory)
     eos = eos_token_ids(generation_config, cfg, processor.tokenizer)
     if layout is not None:

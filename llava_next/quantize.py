@@ -32,10 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LlavaError
+from .memory import release_free_memory
 
 MODES = ("int8", "int4", "w8a8")
 GROUP_SIZES = (32, 64, 128, 256)
 DECODE_ROWS = 8  # up to this many rows, weight-only kernels; above, dequantize and run a float matmul
+QUANTIZE_SLICE_BYTES = 4 * 2**20
 
 
 class QuantizeError(LlavaError, ValueError):
@@ -73,23 +75,39 @@ def can_pack(weight: torch.Tensor) -> bool:
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def _row_slices(weight: torch.Tensor):
+    """Row ranges of `weight` holding ~QUANTIZE_SLICE_BYTES as float32: quantizing a slice at a time bounds the
+    float32 temporaries (a 7B's fused gate/up projection is 470 MB in float32, and the arithmetic makes several)."""
+    rows = max(1, QUANTIZE_SLICE_BYTES // (4 * max(1, weight.shape[1])))
+    return [slice(i, i + rows) for i in range(0, weight.shape[0], rows)]
+
+
 def int8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float -> int8 values and one float32 scale per output channel (symmetric, max |w| -> 127)."""
-    w = weight.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for rows in _row_slices(weight):
+        w = weight[rows].float()
+        low, high = w.aminmax(dim=1)
+        scales[rows] = torch.maximum(-low, high).clamp(min=1e-8) / 127  # max |w| without a |w| copy
+        q[rows] = (w / scales[rows, None]).round_().clamp_(-127, 127)  # one temporary, cast as it is copied
+    return q, scales
 
 
 def int4_weights(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float -> int4 values 0..15 (int32) and scales_and_zeros (in / group_size, out, 2), float32, in the
+    """(out, in) float -> int4 values 0..15 (uint8) and scales_and_zeros (in / group_size, out, 2), float32, in the
     convention of PyTorch's int4 kernels: w = (q - 8) * scale + zero, per group of `group_size` inputs."""
     out_features, in_features = weight.shape
-    w = weight.float().reshape(out_features, in_features // group_size, group_size)
-    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    scales = (high - low).clamp(min=1e-8) / 15
-    zeros = low + scales * 8
-    q = torch.round((w - low) / scales).clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
-    scales_and_zeros = torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (groups, out, 2)
+    q = torch.empty((out_features, in_features), dtype=torch.uint8, device=weight.device)
+    scales_and_zeros = torch.empty((in_features // group_size, out_features, 2), dtype=torch.float32,
+                                   device=weight.device)
+    for rows in _row_slices(weight):
+        w = weight[rows].float().reshape(-1, in_features // group_size, group_size)
+        low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scales = (high - low).clamp(min=1e-8) / 15
+        zeros = low + scales * 8
+        q[rows] = (w - low).div_(scales).round_().clamp_(0, 15).view(-1, in_features)
+        scales_and_zeros[:, rows] = torch.cat([scales, zeros], dim=-1).transpose(0, 1)  # (groups, rows, 2)
     return q, scales_and_zeros
 
 
@@ -126,13 +144,11 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype,
-                     linear.weight.device)
         q, scales = int8_weights(linear.weight.detach())
-        module.weight.copy_(q)
-        module.scales.copy_(scales)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, "meta")
+        module.weight, module.scales = q, scales.to(linear.weight.dtype)  # (no second copy of the matrix)
         if linear.bias is not None:
-            module.bias.copy_(linear.bias.detach())
+            module.bias = linear.bias.detach().clone()
         return module
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
@@ -170,13 +186,13 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int) -> "Int4Linear":
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype,
-                     group_size, linear.weight.device)
         q, scales_and_zeros = int4_weights(linear.weight.detach(), group_size)
-        module.weight.copy_(pack_nibbles(q))
-        module.scales_and_zeros.copy_(scales_and_zeros)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype,
+                     group_size, "meta")
+        module.weight, module.scales_and_zeros = pack_nibbles(q), scales_and_zeros.to(linear.weight.dtype)
+        del q
         if linear.bias is not None:
-            module.bias.copy_(linear.bias.detach())
+            module.bias = linear.bias.detach().clone()
         module.pack()
         return module
 
@@ -237,35 +253,94 @@ def shared_weights(model: nn.Module) -> set[int]:
     return {i for i, n in counts.items() if n > 1}
 
 
-def convert_linears(model: nn.Module, mode: str, group_size: int = 128) -> dict[str, str]:
-    """Swap the model's linear layers for `mode`'s runtime form, in place, one at a time (each float weight is
-    freed as soon as its replacement exists). Returns {module name: what it became}."""
+def conversion_plan(model: nn.Module, mode: str, group_size: int = 128) -> dict[str, str]:
+    """{module name: what `mode` makes of it} for the model's linear layers, without touching them."""
     if mode not in MODES + ("fast",):
         raise QuantizeError(f"quantize must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "int4" and group_size not in GROUP_SIZES:
         raise QuantizeError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size!r}")
-    done = {}
+    plan = {}
     shared = shared_weights(model)
     for name in targets(model, mode):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, attr)
+        linear = model.get_submodule(name)
         if mode == "fast":
             if linear.weight.dtype == torch.float32:
-                new, kind = FastLinear(linear), "fast"
+                plan[name] = "fast"
             elif can_pack(linear.weight) and id(linear.weight) not in shared:  # (a tied lm_head: no second copy)
-                new, kind = FastLinear(linear, packed=True), "fast/packed"
-            else:
-                continue  # in 16 bits nn.Linear already runs oneDNN where the CPU has the instructions
+                plan[name] = "fast/packed"
+            # else: in 16 bits nn.Linear already runs oneDNN where the CPU has the instructions
         elif mode == "int4" and linear.in_features % group_size == 0 and linear.out_features % 8 == 0:
-            new, kind = Int4Linear.from_linear(linear, group_size), f"int4/g{group_size}"
-        elif mode == "w8a8":
-            new, kind = W8A8Linear.from_linear(linear), "w8a8"
+            plan[name] = f"int4/g{group_size}"
         else:
-            new, kind = Int8Linear.from_linear(linear), "int8"
-        setattr(parent, attr, new)  # a tied lm_head gets its own quantized copy; the embedding stays float
-        done[name] = kind
-    return done
+            plan[name] = "w8a8" if mode == "w8a8" else "int8"
+    return plan
+
+
+def convert_linear(model: nn.Module, name: str, kind: str) -> None:
+    """Replace the linear `name` by its `kind` form (a conversion_plan value). A tied lm_head gets its own
+    quantized copy; the embedding stays float."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    linear = getattr(parent, attr)
+    if kind.startswith("fast"):
+        new = FastLinear(linear, packed=kind == "fast/packed")
+    elif kind.startswith("int4/g"):
+        new = Int4Linear.from_linear(linear, int(kind.removeprefix("int4/g")))
+    else:
+        new = (W8A8Linear if kind == "w8a8" else Int8Linear).from_linear(linear)
+    setattr(parent, attr, new)
+
+
+def convert_linears(model: nn.Module, mode: str, group_size: int = 128) -> dict[str, str]:
+    """Swap the model's linear layers for `mode`'s runtime form, in place, one at a time (each float weight is
+    freed as soon as its replacement exists). Returns {module name: what it became}."""
+    plan = conversion_plan(model, mode, group_size)
+    for name, kind in plan.items():
+        convert_linear(model, name, kind)
+    return plan
+
+
+class ConvertWhileLoading:
+    """convert_linears done during loading: each linear is replaced as soon as load_weights has filled the last of
+    its tensors (`loaded` is its on_loaded hook), and what it freed is handed back to the system, so the model never
+    holds all of its float weights at once. Loading into memory that the model allocated but has not touched yet
+    (pages are committed when written), the peak is then the converted model plus about one layer's float weights,
+    instead of the float model plus the conversion's temporaries."""
+
+    def __init__(self, model: nn.Module, mode: str, group_size: int = 128):
+        self.model = model
+        self.plan = conversion_plan(model, mode, group_size)
+        owner = {}  # a linear's weight and bias storage -> the linear's name
+        for name in self.plan:
+            linear = model.get_submodule(name)
+            for tensor in (linear.weight, linear.bias):
+                if tensor is not None:
+                    owner[tensor.untyped_storage().data_ptr()] = name
+        # the checkpoint names (q_proj, k_proj, ... of a fused projection) each linear waits for
+        self.waiting: dict[str, set[str]] = {name: set() for name in self.plan}
+        self.linear_of: dict[str, str] = {}
+        for weight_name, tensor in model.checkpoint_weights().items():
+            name = owner.get(tensor.untyped_storage().data_ptr())
+            if name is not None:
+                self.waiting[name].add(weight_name)
+                self.linear_of[weight_name] = name
+
+    def loaded(self, weight_name: str) -> None:
+        name = self.linear_of.get(weight_name)
+        if name is None:
+            return
+        self.waiting[name].discard(weight_name)
+        if not self.waiting[name]:
+            del self.waiting[name]
+            convert_linear(self.model, name, self.plan[name])
+            release_free_memory()
+
+    def finish(self) -> dict[str, str]:
+        """Converts what loading did not reach (nothing, after a load that succeeded); returns the plan."""
+        for name in list(self.waiting):
+            convert_linear(self.model, name, self.plan[name])
+        self.waiting.clear()
+        return self.plan
 
 
 def empty_converted(model: nn.Module, converted: dict[str, str]) -> None:

@@ -214,3 +214,32 @@ def test_paths_that_are_not_checkpoints(tmp_path):
         resolve_checkpoint(tmp_path / "file.txt")
     with pytest.raises(CheckpointError, match="neither an existing directory nor a Hub id"):
         resolve_checkpoint("./no/such/dir")
+
+
+@pytest.mark.parametrize("stored_dtype, target_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                        (torch.float16, torch.float16)])
+def test_a_tensor_is_read_a_slice_at_a_time_with_the_values_of_a_whole_read(stored_dtype, target_dtype, tmp_path,
+                                                                           monkeypatch):
+    import llava_next.checkpoint as checkpoint
+
+    stored = {"a": torch.randn(37, 29).to(stored_dtype), "b": torch.randn(5).to(stored_dtype)}
+    save_file(stored, tmp_path / "w.safetensors")
+    monkeypatch.setattr(checkpoint, "CONVERT_SLICE_BYTES", 3 * 64 + 2)  # slices that end inside rows and elements
+    for tensor in checkpoint.read_safetensors_index(tmp_path / "w.safetensors"):
+        expected = stored[tensor.name].to(target_dtype)
+        contiguous = torch.full(tensor.shape, float("nan"), dtype=target_dtype)
+        tensor.read_into(contiguous)
+        assert torch.equal(contiguous, expected)
+        strided = torch.full(tensor.shape[::-1], float("nan"), dtype=target_dtype).t()  # not contiguous
+        tensor.read_into(strided)
+        assert torch.equal(strided, expected)
+
+
+def test_a_weight_stored_twice_is_an_error(tiny, tmp_path):
+    target = _copy_with_weights(tiny("mistral"), tmp_path / "d", lambda s: None)
+    weights = load_file(target / "model.safetensors")
+    (target / "model.safetensors").rename(target / "model-a.safetensors")  # shards without an index: both read
+    save_file({"multi_modal_projector.linear_2.bias": weights["multi_modal_projector.linear_2.bias"]},
+              target / "model-b.safetensors")
+    with pytest.raises(CheckpointError, match=r"stored more than once: multi_modal_projector.linear_2.bias"):
+        llava_next.load(target, progress=False)

@@ -14,7 +14,7 @@ from llava_next.cli import main
 from llava_next.pipeline import save_quantized
 from llava_next.quantize import (DECODE_ROWS, FastLinear, Int4Linear, Int8Linear, QuantizeError, W8A8Linear,
                                  can_pack, convert_linears, dequantize_int4, int4_weights, int8_weights, pack_nibbles,
-                                 unpack_nibbles)
+                                 quantized_state, unpack_nibbles)
 
 
 def linear(in_features=256, out_features=96, bias=True, dtype=torch.float32, seed=0):
@@ -48,7 +48,7 @@ def test_int4_linear_equals_its_dequantized_weights(rows, group_size):
     base = linear(in_features=256, out_features=64)
     q, scales_and_zeros = int4_weights(base.weight, group_size)
     assert q.min() >= 0 and q.max() <= 15 and scales_and_zeros.shape == (256 // group_size, 64, 2)
-    assert torch.equal(unpack_nibbles(pack_nibbles(q)).to(torch.int32), q)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q)), q)
     dequantized = dequantize_int4(pack_nibbles(q), scales_and_zeros, group_size, torch.float32)
     assert relative_error(dequantized, base.weight) < 0.1  # 16 levels per group
     module = Int4Linear.from_linear(base, group_size)
@@ -148,3 +148,99 @@ def test_shapes_a_kernel_cannot_take_fall_back_to_int8_and_bad_settings_are_refu
     with pytest.raises(QuantizeError, match="quantize must be one of"):
         convert_linears(model, "int3")
     assert main(["quantize", "--model", "demo", "--out", "/nonexistent/x"]) == 2
+
+
+def test_quantizing_a_slice_of_rows_at_a_time_gives_the_whole_matrix_values(monkeypatch):
+    import llava_next.quantize as quantize
+
+    weight = linear(in_features=256, out_features=70).weight.detach()
+    # by hand, the whole matrix at once
+    scales = weight.abs().amax(1) / 127
+    q8 = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    groups = weight.reshape(70, 256 // 64, 64)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    q4 = torch.round((groups - low) / ((high - low) / 15)).clamp(0, 15).to(torch.uint8).reshape(70, 256)
+    monkeypatch.setattr(quantize, "QUANTIZE_SLICE_BYTES", 3 * 4 * 256)  # 3 rows a slice; 70 rows end mid-slice
+    assert len(quantize._row_slices(weight)) == 24
+    got_q8, got_scales = quantize.int8_weights(weight)
+    assert torch.equal(got_q8, q8) and torch.equal(got_scales, scales)
+    got_q4, scales_and_zeros = quantize.int4_weights(weight, 64)
+    assert torch.equal(got_q4, q4)
+    assert torch.equal(scales_and_zeros[..., 0], ((high - low) / 15)[..., 0].t())
+
+
+@pytest.mark.parametrize("mode, dtype", [("int8", "float32"), ("int4", "float32"), ("w8a8", "bfloat16"),
+                                         ("fast", "bfloat16")])
+def test_converting_while_loading_gives_the_model_converting_after_loading_does(mode, dtype, tiny):
+    from llava_next.config import read_config
+    from llava_next.checkpoint import weight_files
+    from llava_next.pipeline import build_model
+
+    directory = tiny("mistral")
+    cfg, files, dtype = read_config(directory / "config.json"), weight_files(directory), getattr(torch, dtype)
+    while_loading, plan = build_model(cfg, files, dtype, torch.device("cpu"), False, convert=mode, group_size=32)
+    after, _ = build_model(cfg, files, dtype, torch.device("cpu"), False)
+    assert convert_linears(after, mode, 32) == plan and len(plan) > 0
+    for name, kind in plan.items():
+        assert kind.startswith(type(while_loading.get_submodule(name)).__name__[:4].lower())  # Int8Linear: int8...
+    state, expected = quantized_state(while_loading), quantized_state(after)
+    assert state.keys() == expected.keys()
+    for name in state:
+        a, b = state[name], expected[name]
+        a, b = (a.to_dense(), b.to_dense()) if a.is_mkldnn else (a, b)
+        assert torch.equal(a, b), name
+
+
+def test_converting_while_loading_never_holds_the_float_model(tmp_path):
+    """Sixteen float32 linears (128 MiB) loaded as int8 (32 MiB): each is converted as soon as it is read, so the
+    load's peak stays near the int8 model plus one float linear (converting after loading peaks above 128 MiB).
+    The weights go into memory the model allocated but never touched: pages count once written."""
+    import subprocess
+    import sys
+    from safetensors.torch import save_file
+
+    save_file({f"language_model.layer{i}.weight": torch.randn(2048, 1024) for i in range(16)},
+              tmp_path / "w.safetensors")
+    child = f"""
+import numpy, torch  # (numpy now: torch imports it on first use, 15 MB that are not the load's)
+from pathlib import Path
+from torch import nn
+from llava_next.checkpoint import load_weights
+from llava_next.quantize import ConvertWhileLoading, convert_linears
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.language_model = nn.Module()
+        for i in range(16):
+            setattr(self.language_model, f"layer{{i}}", nn.Linear(1024, 2048, bias=False))
+    def checkpoint_weights(self):
+        return dict(self.named_parameters())
+    def skipped_checkpoint_prefixes(self):
+        return ()
+
+with torch.device("meta"):
+    model = Model()
+model = model.to_empty(device="cpu")
+def status(field):  # KiB
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
+
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from the current size
+before = status("VmRSS:")
+if {{mode!r}} == "while":
+    converter = ConvertWhileLoading(model, "int8")
+    load_weights(model, [Path({str(tmp_path / "w.safetensors")!r})], on_loaded=converter.loaded)
+    assert len(converter.finish()) == 16
+else:
+    load_weights(model, [Path({str(tmp_path / "w.safetensors")!r})])
+    convert_linears(model, "int8")
+print((status("VmHWM:") - before) / 1024)
+"""
+    peaks = {}
+    for mode in ("while", "after"):
+        run = subprocess.run([sys.executable, "-c", child.replace("{mode!r}", repr(mode))], capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        peaks[mode] = float(run.stdout.split()[-1])
+    assert peaks["after"] > 128, peaks  # the float model existed whole
+    assert peaks["while"] < 32 + 8 + 20, peaks  # the int8 model, one float linear, the quantizing's temporaries
