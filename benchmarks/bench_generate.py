@@ -90,13 +90,28 @@ def storage_key(t) -> int:
     return id(t) if t.is_mkldnn else t.data_ptr()
 
 
+def held_tensors(model):
+    """(name, tensor) for every tensor the model holds: parameters, buffers, and the int4 kernels' layouts (kept
+    outside the state, as `packed`). A tensor a step does not read when its kernel layout exists (a CUDA int4 layer
+    keeps its nibbles for prompts) comes with read=False."""
+    import torch
+
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        packed = getattr(module, "packed", None)
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            yield prefix + name, t, not (isinstance(packed, torch.Tensor) and name == "weight")
+        if isinstance(packed, torch.Tensor):
+            yield prefix + "packed", packed, True
+
+
 def decoder_bytes(model, prefix_decoder: str, prefix_head: str, embed: str) -> int:
     """Bytes of weights one decoding step reads: every decoder tensor and the lm_head, not the embedding table."""
     total, seen = 0, set()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+    for name, t, read in held_tensors(model):
         if not (name.startswith(prefix_decoder) or name.startswith(prefix_head)) or embed in name or "inv_freq" in name:
             continue
-        if storage_key(t) in seen:
+        if not read or storage_key(t) in seen:
             continue
         seen.add(storage_key(t))
         total += t.numel() * t.element_size()
@@ -117,7 +132,7 @@ def peak_rss_mib() -> float:
 
 def model_bytes(model) -> int:
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    for _, t, _ in held_tensors(model):
         if storage_key(t) not in seen:
             seen.add(storage_key(t))
             total += t.numel() * t.element_size()

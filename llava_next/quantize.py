@@ -19,8 +19,8 @@ As gpt-fast's `convert_for_runtime`: `convert_linears(model, mode)` replaces nn.
 What is converted, decided from measurements (BENCHMARKS.md): every decoder projection and the lm_head (which a
 decoding step reads entirely, ~20% of the bytes of a mid-size model); in w8a8 also the vision tower's and the
 projector's linears (the prompt's other matmuls). The embedding table stays float (a lookup reads one row), and so
-do norms. A layer whose shape a kernel cannot take (int4 needs in_features divisible by the group size) is
-converted to int8 instead, and `describe()` says so.
+do norms. A layer whose shape a kernel cannot take (int4 needs in_features divisible by the group size and
+out_features by 16) is converted to int8 instead, and `describe()` says so.
 """
 
 from __future__ import annotations
@@ -132,6 +132,59 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_
     return w.view(out_features, in_features)
 
 
+def dequantize_int4_transposed(q_t: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                               dtype: torch.dtype) -> torch.Tensor:
+    """int4 values 0..15 transposed (in, out) and their scales -> the weight transposed, (in, out) in `dtype`:
+    the same numbers as dequantize_int4, laid out for x @ w."""
+    in_features, out_features = q_t.shape
+    scales = scales_and_zeros[..., 0].unsqueeze(1).to(dtype)  # (groups, 1, out)
+    zeros = scales_and_zeros[..., 1].unsqueeze(1).to(dtype)
+    w = (q_t.view(in_features // group_size, group_size, out_features).to(dtype) - 8) * scales + zeros
+    return w.view(in_features, out_features)
+
+
+# PyTorch's CPU int4 kernel takes its weights in a layout of its own (`torch._convert_weight_to_int4pack_for_cpu`),
+# which it documents nowhere and has no inverse for. Read here so that an int4 layer keeps one copy of its weights
+# (the kernel's) instead of two; `cpu_int4_layout_is_known` checks the reading against the packer of the PyTorch
+# at hand before anything relies on it, and an int4 layer keeps its own copy where it fails.
+CPU_INT4_BLOCK = 64  # rows per block: byte j of input k holds rows j (low nibble) and j + 32 (high)
+
+
+def unpack_cpu_int4_transposed(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The CPU int4 kernel's layout -> int4 values 0..15, transposed: (in, out) uint8, the order it stores them in
+    (so no slow byte transpose). Whole 64-row blocks are stored input by input, 32 bytes each (rows j and j + 32);
+    the rows after the last whole block input by input in row pairs."""
+    flat = packed.reshape(-1)
+    whole = out_features // CPU_INT4_BLOCK * CPU_INT4_BLOCK
+    parts = []
+    if whole:
+        blocks = flat[: whole * in_features // 2].view(whole // CPU_INT4_BLOCK, in_features, CPU_INT4_BLOCK // 2)
+        parts.append(torch.cat([blocks & 15, blocks >> 4], dim=2).transpose(0, 1).reshape(in_features, whole))
+    if out_features > whole:
+        tail = flat[whole * in_features // 2:].view(in_features, (out_features - whole) // 2)
+        parts.append(torch.stack([tail & 15, tail >> 4], dim=2).reshape(in_features, -1))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+_cpu_int4_layout_known: bool | None = None
+
+
+def cpu_int4_layout_is_known() -> bool:
+    """Whether unpack_cpu_int4_transposed reads what this PyTorch's packer writes (checked once, on a matrix with a
+    tail)."""
+    global _cpu_int4_layout_known
+    if _cpu_int4_layout_known is None:
+        values = torch.Generator().manual_seed(0)
+        q = torch.randint(0, 16, (CPU_INT4_BLOCK * 2 + 16, 64), dtype=torch.int32, generator=values)
+        try:
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            _cpu_int4_layout_known = packed.dtype == torch.uint8 and torch.equal(
+                unpack_cpu_int4_transposed(packed, *q.shape).t().to(torch.int32), q)
+        except RuntimeError:
+            _cpu_int4_layout_known = False
+    return _cpu_int4_layout_known
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8: y = x @ (q * scale)^T + b."""
 
@@ -171,8 +224,9 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """Weight-only int4, groupwise. `weight` holds the values nibble-packed (out, in / 2) with `scales_and_zeros`
-    (what a checkpoint stores, and what a prompt's matmul dequantizes); `pack()` lays them out for the device's
-    decoding kernel after loading (the layout differs between CPU and CUDA, so it is never saved)."""
+    (what a checkpoint stores); `pack()` lays them out for the device's decoding kernel after loading (the layout
+    differs between CPU and CUDA, so it is never saved). On the CPU the kernel's copy is then the only one
+    (`weight` becomes None): a prompt's matmul and saving read the values back from it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group_size: int,
                  device=None):
@@ -197,16 +251,35 @@ class Int4Linear(nn.Module):
         return module
 
     def pack(self) -> None:
-        q = unpack_nibbles(self.weight).to(torch.int32)
         if self.weight.device.type == "cuda":  # tinygemm: (out, in / 2) uint8, the even input in the high nibble
+            q = unpack_nibbles(self.weight).to(torch.int32)
             self.packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
-        else:
-            self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            return
+        # The CPU kernel's layout takes int32 values (8x the nibbles): converted a slice of rows at a time, whole
+        # 64-row blocks of its layout, which pack alike one by one or all together.
+        self.packed = torch.empty((self.out_features, self.in_features // 2), dtype=torch.uint8)
+        step = max(CPU_INT4_BLOCK, QUANTIZE_SLICE_BYTES // (4 * self.in_features) // CPU_INT4_BLOCK * CPU_INT4_BLOCK)
+        for first in range(0, self.out_features, step):
+            rows = slice(first, first + step)
+            q = unpack_nibbles(self.weight[rows]).to(torch.int32)
+            self.packed[rows] = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        if cpu_int4_layout_is_known():
+            self.weight = None
+
+    def values(self) -> torch.Tensor:
+        """The int4 values 0..15, (out, in) uint8."""
+        if self.weight is not None:
+            return unpack_nibbles(self.weight)
+        return unpack_cpu_int4_transposed(self.packed, self.out_features, self.in_features).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
         if rows.shape[0] > DECODE_ROWS:
-            out = F.linear(rows, dequantize_int4(self.weight, self.scales_and_zeros, self.group_size, x.dtype))
+            if self.weight is not None:
+                out = F.linear(rows, dequantize_int4(self.weight, self.scales_and_zeros, self.group_size, x.dtype))
+            else:  # from the kernel's layout, which holds the weight transposed
+                q_t = unpack_cpu_int4_transposed(self.packed, self.out_features, self.in_features)
+                out = rows @ dequantize_int4_transposed(q_t, self.scales_and_zeros, self.group_size, x.dtype)
         elif x.device.type == "cuda":
             out = torch._weight_int4pack_mm(rows, self.packed, self.group_size, self.scales_and_zeros.to(x.dtype))
         else:
@@ -269,7 +342,7 @@ def conversion_plan(model: nn.Module, mode: str, group_size: int = 128) -> dict[
             elif can_pack(linear.weight) and id(linear.weight) not in shared:  # (a tied lm_head: no second copy)
                 plan[name] = "fast/packed"
             # else: in 16 bits nn.Linear already runs oneDNN where the CPU has the instructions
-        elif mode == "int4" and linear.in_features % group_size == 0 and linear.out_features % 8 == 0:
+        elif mode == "int4" and linear.in_features % group_size == 0 and linear.out_features % 16 == 0:
             plan[name] = f"int4/g{group_size}"
         else:
             plan[name] = "w8a8" if mode == "w8a8" else "int8"
@@ -377,4 +450,7 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor a quantized model needs to be rebuilt: parameters and persistent buffers, by module path."""
     state = {name: t for name, t in model.named_parameters()}
     state.update({name: t for name, t in model.named_buffers() if not name.endswith("inv_freq")})
+    for name, module in model.named_modules():
+        if isinstance(module, Int4Linear) and module.weight is None:  # kept only in the CPU kernel's layout
+            state[f"{name}.weight" if name else "weight"] = pack_nibbles(module.values())
     return state

@@ -13,8 +13,10 @@ from conftest import smooth_image
 from llava_next.cli import main
 from llava_next.pipeline import save_quantized
 from llava_next.quantize import (DECODE_ROWS, FastLinear, Int4Linear, Int8Linear, QuantizeError, W8A8Linear,
-                                 can_pack, convert_linears, dequantize_int4, int4_weights, int8_weights, pack_nibbles,
-                                 quantized_state, unpack_nibbles)
+                                 can_pack, convert_linears, cpu_int4_layout_is_known, dequantize_int4,
+                                 dequantize_int4_transposed, int4_weights,
+                                 int8_weights, pack_nibbles, quantized_state, unpack_cpu_int4_transposed,
+                                 unpack_nibbles)
 
 
 def linear(in_features=256, out_features=96, bias=True, dtype=torch.float32, seed=0):
@@ -142,7 +144,11 @@ def test_shapes_a_kernel_cannot_take_fall_back_to_int8_and_bad_settings_are_refu
     model.language_model = nn.Module()
     model.language_model.odd = linear(in_features=96, out_features=64)  # 96 is no multiple of 64
     model.language_model.even = linear(in_features=128, out_features=64)
-    assert convert_linears(model, "int4", 64) == {"language_model.odd": "int8", "language_model.even": "int4/g64"}
+    model.language_model.narrow = linear(in_features=128, out_features=24)  # the CPU int4 layout needs 16s
+    assert convert_linears(model, "int4", 64) == {"language_model.odd": "int8", "language_model.even": "int4/g64",
+                                                  "language_model.narrow": "int8"}
+    with torch.inference_mode():
+        assert model.language_model.narrow(torch.randn(1, 128)).shape == (1, 24)
     with pytest.raises(QuantizeError, match="group_size must be one of"):
         convert_linears(model, "int4", 48)
     with pytest.raises(QuantizeError, match="quantize must be one of"):
@@ -167,6 +173,17 @@ def test_quantizing_a_slice_of_rows_at_a_time_gives_the_whole_matrix_values(monk
     got_q4, scales_and_zeros = quantize.int4_weights(weight, 64)
     assert torch.equal(got_q4, q4)
     assert torch.equal(scales_and_zeros[..., 0], ((high - low) / 15)[..., 0].t())
+
+
+def test_the_cpu_int4_layout_packed_a_slice_of_rows_at_a_time_is_the_whole_matrix_layout(monkeypatch):
+    import llava_next.quantize as quantize
+
+    base = linear(in_features=256, out_features=208)  # 3 blocks of 64 rows and a 16-row tail
+    monkeypatch.setattr(quantize, "QUANTIZE_SLICE_BYTES", 4 * 256 * 64)  # one 64-row block a slice
+    module = Int4Linear.from_linear(base, 64)
+    q, _ = int4_weights(base.weight.detach(), 64)
+    whole = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    assert torch.equal(module.packed, whole)
 
 
 @pytest.mark.parametrize("mode, dtype", [("int8", "float32"), ("int4", "float32"), ("w8a8", "bfloat16"),
@@ -244,3 +261,27 @@ print((status("VmHWM:") - before) / 1024)
         peaks[mode] = float(run.stdout.split()[-1])
     assert peaks["after"] > 128, peaks  # the float model existed whole
     assert peaks["while"] < 32 + 8 + 20, peaks  # the int8 model, one float linear, the quantizing's temporaries
+
+
+@pytest.mark.parametrize("out_features", [64, 208, 16, 4096 + 48])
+def test_the_cpu_int4_kernels_layout_reads_back_to_its_values(out_features):
+    q = torch.randint(0, 16, (out_features, 128), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert cpu_int4_layout_is_known()
+    assert torch.equal(unpack_cpu_int4_transposed(packed, out_features, 128).t().to(torch.int32), q)
+
+
+def test_an_int4_layer_keeps_one_copy_of_its_weights_on_the_cpu():
+    base = linear(in_features=256, out_features=80)
+    module = Int4Linear.from_linear(base, 64)
+    q, scales_and_zeros = int4_weights(base.weight.detach(), 64)
+    assert module.weight is None and module.packed.numel() == 80 * 128  # the kernel's copy only
+    assert torch.equal(module.values(), q)
+    assert torch.equal(quantized_state(module)["weight"], pack_nibbles(q))  # what a quantized checkpoint stores
+
+
+def test_the_transposed_int4_dequantization_gives_the_same_numbers():
+    q, scales_and_zeros = int4_weights(linear(in_features=256, out_features=80).weight.detach(), 64)
+    for dtype in (torch.float32, torch.bfloat16):
+        expected = dequantize_int4(pack_nibbles(q), scales_and_zeros.to(dtype), 64, dtype)
+        assert torch.equal(dequantize_int4_transposed(q.t(), scales_and_zeros.to(dtype), 64, dtype), expected.t())
