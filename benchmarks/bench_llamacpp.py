@@ -47,7 +47,6 @@ def write_gguf_f16(checkpoint: Path, out: Path) -> None:
     """The checkpoint's decoder as a llama-architecture GGUF file in float16 (norms in float32)."""
     import gguf
     import numpy as np
-    import torch
     from safetensors import safe_open
 
     config = json.loads((checkpoint / "config.json").read_text())
@@ -63,7 +62,9 @@ def write_gguf_f16(checkpoint: Path, out: Path) -> None:
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_dimension_count(text["hidden_size"] // heads)
-    writer.add_rope_freq_base(float(text.get("rope_theta", 10000.0)))
+    # transformers 5 writes rope_theta inside rope_parameters, 4.x beside the other fields
+    theta = text.get("rope_theta") or text.get("rope_parameters", {}).get("rope_theta", 10000.0)
+    writer.add_rope_freq_base(float(theta))
     writer.add_layer_norm_rms_eps(float(text.get("rms_norm_eps", 1e-5)))
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     # A sentencepiece-style vocabulary of the right size; the benchmark feeds token ids, so the strings never matter.

@@ -1,0 +1,111 @@
+"""What bounds a decoding step on the CPU: each matmul kernel streaming one token through a preset's decoder weights.
+
+A decoding step multiplies one row by every decoder matrix and the lm_head. This times exactly that, kernel by
+kernel, on random weights of a preset's shapes (benchmarks/checkpoints.py), cycling through all layers so that the
+weights come from memory as in a real step, not from the cache. Per kernel: milliseconds per token for the matmuls
+alone (no attention, norms or Python around them) and the weight bytes read per second, beside the machine's read
+bandwidth. Kernels, each at its mode's bytes per weight:
+
+  bfloat16        oneDNN on the weight reordered into its blocked layout (what `FastLinear` runs)
+  int8            torch._weight_int8pack_mm: int8 weights, bfloat16 row (the int8 mode)
+  int8 x int8     torch._int_mm on an int8 row (what w8a8 would run to decode; its prompts already do)
+  int4            torch._weight_int4pack_mm_for_cpu, groups of 128 (the int4 mode)
+
+    python benchmarks/bench_kernels.py --preset medium
+    python benchmarks/bench_kernels.py --preset mistral-7b --layers 8   # 8 of its 32 layers: 1.6 GB in bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import memory_bandwidth_gb_s  # noqa: E402
+from checkpoints import PRESETS, VOCAB_SIZE  # noqa: E402
+
+
+def decoder_shapes(preset: str) -> tuple[list[tuple[int, int]], tuple[int, int], int]:
+    """(out, in) of one layer's fused matrices (qkv, o, gate/up, down), the lm_head's, and the layer count."""
+    text = PRESETS[preset]["text"]
+    width, inner = text["hidden_size"], text["intermediate_size"]
+    head_dim = width // text["num_attention_heads"]
+    kv = text["num_key_value_heads"] * head_dim
+    layer = [(width + 2 * kv, width), (width, width), (2 * inner, width), (width, inner)]
+    return layer, (VOCAB_SIZE, width), text["num_hidden_layers"]
+
+
+def kernels(matrices: list[tuple[int, int]]) -> dict:
+    """{kernel: (a function running one token through every matrix, bytes of weights it reads)}."""
+    generator = torch.Generator().manual_seed(0)
+    rows = {k: torch.randn(1, k, generator=generator).bfloat16() for _, k in matrices}
+    int8_rows = {k: torch.randint(-127, 128, (1, k), dtype=torch.int8, generator=generator) for _, k in matrices}
+    bf16 = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k, generator=generator).bfloat16(), 1)
+            for n, k in matrices]
+    int8 = [(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator), torch.rand(n).bfloat16())
+            for n, k in matrices]
+    int4 = [(torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32,
+                                                                     generator=generator), 1),
+             torch.rand(k // 128, n, 2).bfloat16()) for n, k in matrices]
+    weights = sum(n * k for n, k in matrices)
+
+    def run_bf16():
+        for w, (_, k) in zip(bf16, matrices):
+            torch.ops.mkldnn._linear_pointwise(rows[k], w, None, "none", [], "")
+
+    def run_int8():
+        for (w, s), (_, k) in zip(int8, matrices):
+            torch._weight_int8pack_mm(rows[k], w, s)
+
+    def run_int8_int8():
+        for (w, _), (_, k) in zip(int8, matrices):
+            torch._int_mm(int8_rows[k], w.t())
+
+    def run_int4():
+        for (w, sz), (_, k) in zip(int4, matrices):
+            torch._weight_int4pack_mm_for_cpu(rows[k], w, 128, sz)
+
+    return {"bfloat16": (run_bf16, 2 * weights), "int8": (run_int8, weights),
+            "int8 x int8": (run_int8_int8, weights), "int4": (run_int4, weights // 2)}
+
+
+def median_seconds(fn, repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(PRESETS), default="medium")
+    parser.add_argument("--layers", type=int, help="decoder layers to run (default: all of the preset's)")
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    layer, head, count = decoder_shapes(args.preset)
+    count = args.layers or count
+    matrices = layer * count + [head]
+    bandwidth = memory_bandwidth_gb_s("cpu")
+    print(f"{args.preset}: {count} layers + lm_head, one token, {torch.get_num_threads()} threads; "
+          f"memory read bandwidth {bandwidth:.1f} GB/s")
+    results = {}
+    for name, (fn, nbytes) in kernels(matrices).items():
+        seconds = median_seconds(fn, args.repeats)
+        results[name] = {"ms_per_token": seconds * 1e3, "gb_s": nbytes / seconds / 1e9, "mib": nbytes / 2**20}
+        print(f"  {name:12s} {seconds * 1e3:8.2f} ms/token  {nbytes / seconds / 1e9:6.1f} GB/s "
+              f"({100 * nbytes / seconds / 1e9 / bandwidth:.0f}% of the bandwidth)  {nbytes / 2**20:8.0f} MiB")
+    print(json.dumps({"preset": args.preset, "layers": count, "bandwidth_gb_s": bandwidth, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
