@@ -38,6 +38,7 @@ MODES = ("int8", "int4", "w8a8")
 GROUP_SIZES = (32, 64, 128, 256)
 DECODE_ROWS = 8  # up to this many rows, weight-only kernels; above, dequantize and run a float matmul
 QUANTIZE_SLICE_BYTES = 4 * 2**20
+PROMPT_SLICE_BYTES = 16 * 2**20
 
 
 class QuantizeError(LlavaError, ValueError):
@@ -80,6 +81,24 @@ def _row_slices(weight: torch.Tensor):
     float32 temporaries (a 7B's fused gate/up projection is 470 MB in float32, and the arithmetic makes several)."""
     rows = max(1, QUANTIZE_SLICE_BYTES // (4 * max(1, weight.shape[1])))
     return [slice(i, i + rows) for i in range(0, weight.shape[0], rows)]
+
+
+def matmul_by_output_slices(rows: torch.Tensor, out_features: int, step: int, weight_slice) -> torch.Tensor:
+    """rows (M, in) times a quantized weight, dequantized `step` output features at a time: `weight_slice(first,
+    last)` gives those features' weight, (in, last - first). Dequantizing a whole 7B matrix at once takes longer
+    than its matmul (a pass over memory per operation, fresh pages for each temporary); slices of a few MB stay in
+    the cache. The same numbers as one matmul on the whole dequantized weight, up to float summation order."""
+    out = torch.empty((rows.shape[0], out_features), dtype=rows.dtype, device=rows.device)
+    for first in range(0, out_features, step):
+        last = min(first + step, out_features)
+        out[:, first:last] = rows @ weight_slice(first, last)
+    return out
+
+
+def _prompt_step(in_features: int, dtype: torch.dtype, multiple: int = 1) -> int:
+    """Output features per dequantized slice: ~PROMPT_SLICE_BYTES of weight, a multiple of `multiple`."""
+    step = PROMPT_SLICE_BYTES // (in_features * torch.finfo(dtype).bits // 8)
+    return max(multiple, step // multiple * multiple)
 
 
 def int8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +228,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
-        if rows.shape[0] > DECODE_ROWS:
+        if rows.shape[0] > DECODE_ROWS and x.device.type == "cpu":
+            step = _prompt_step(self.in_features, x.dtype)
+            out = matmul_by_output_slices(rows, self.out_features, step, lambda first, last: (
+                self.weight[first:last].to(x.dtype) * self.scales[first:last, None].to(x.dtype)).t())
+        elif rows.shape[0] > DECODE_ROWS:
             out = F.linear(rows, self.dequantized(x.dtype))
         elif x.device.type == "cuda":
             # PyTorch's CUDA int8pack kernel is a naive one (a thread per output, uncoalesced): this form instead,
@@ -275,11 +298,18 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
         if rows.shape[0] > DECODE_ROWS:
-            if self.weight is not None:
+            if self.weight is None:  # on the CPU, from the kernel's layout, which holds the weight transposed
+                def weight_slice(first: int, last: int) -> torch.Tensor:
+                    # whole 64-row blocks (and the tail rows, in the last slice) lie in the layout one after another
+                    packed = self.packed.view(-1)[first * self.in_features // 2 : last * self.in_features // 2]
+                    q_t = unpack_cpu_int4_transposed(packed, last - first, self.in_features)
+                    return dequantize_int4_transposed(q_t, self.scales_and_zeros[:, first:last], self.group_size,
+                                                      x.dtype)
+
+                step = _prompt_step(self.in_features, x.dtype, CPU_INT4_BLOCK)
+                out = matmul_by_output_slices(rows, self.out_features, step, weight_slice)
+            else:
                 out = F.linear(rows, dequantize_int4(self.weight, self.scales_and_zeros, self.group_size, x.dtype))
-            else:  # from the kernel's layout, which holds the weight transposed
-                q_t = unpack_cpu_int4_transposed(self.packed, self.out_features, self.in_features)
-                out = rows @ dequantize_int4_transposed(q_t, self.scales_and_zeros, self.group_size, x.dtype)
         elif x.device.type == "cuda":
             out = torch._weight_int4pack_mm(rows, self.packed, self.group_size, self.scales_and_zeros.to(x.dtype))
         else:

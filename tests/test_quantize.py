@@ -285,3 +285,20 @@ def test_the_transposed_int4_dequantization_gives_the_same_numbers():
     for dtype in (torch.float32, torch.bfloat16):
         expected = dequantize_int4(pack_nibbles(q), scales_and_zeros.to(dtype), 64, dtype)
         assert torch.equal(dequantize_int4_transposed(q.t(), scales_and_zeros.to(dtype), 64, dtype), expected.t())
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_prompts_matmul_a_slice_of_output_features_at_a_time_equals_the_whole_dequantized_one(kind, monkeypatch):
+    import llava_next.quantize as quantize
+
+    base = linear(in_features=256, out_features=208)  # int4: three 64-row blocks of the CPU layout and a tail
+    module = Int8Linear.from_linear(base) if kind == "int8" else Int4Linear.from_linear(base, 64)
+    if kind == "int8":
+        weight = module.weight.float() * module.scales.float()[:, None]
+    else:
+        weight = dequantize_int4(pack_nibbles(module.values()), module.scales_and_zeros, 64, torch.float32)
+    x = torch.randn(DECODE_ROWS + 9, 256)
+    with torch.inference_mode():
+        expected = F.linear(x, weight, base.bias)
+        monkeypatch.setattr(quantize, "PROMPT_SLICE_BYTES", 256 * 4 * 50)  # 50 features a slice (int4: 64)
+        assert relative_error(module(x), expected) < 1e-6
