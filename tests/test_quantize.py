@@ -12,11 +12,10 @@ import llava_next
 from conftest import smooth_image
 from llava_next.cli import main
 from llava_next.pipeline import save_quantized
-from llava_next.quantize import (DECODE_ROWS, FastLinear, Int4Linear, Int8Linear, QuantizeError, W8A8Linear,
-                                 can_pack, convert_linears, cpu_int4_layout_is_known, dequantize_int4,
-                                 dequantize_int4_transposed, int4_weights,
-                                 int8_weights, pack_nibbles, quantized_state, unpack_cpu_int4_transposed,
-                                 unpack_nibbles)
+from llava_next.quantize import (DECODE_ROWS, INT4_KERNEL_ROWS, FastLinear, Int4Linear, Int8Linear, QuantizeError,
+                                 W8A8Linear, can_pack, convert_linears, cpu_int4_layout_is_known, dequantize_int4,
+                                 dequantize_int4_transposed, int4_weights, int8_weights, pack_nibbles, quantized_state,
+                                 unpack_cpu_int4_transposed, unpack_nibbles)
 
 
 def linear(in_features=256, out_features=96, bias=True, dtype=torch.float32, seed=0):
@@ -44,7 +43,7 @@ def test_int8_linear_equals_its_dequantized_weights(rows, dtype):
         assert relative_error(module(x), expected) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("rows", [1, DECODE_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, DECODE_ROWS + 1, INT4_KERNEL_ROWS + 1])  # kernel, and the prompt path
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_int4_linear_equals_its_dequantized_weights(rows, group_size):
     base = linear(in_features=256, out_features=64)
@@ -297,7 +296,7 @@ def test_a_prompts_matmul_a_slice_of_output_features_at_a_time_equals_the_whole_
         weight = module.weight.float() * module.scales.float()[:, None]
     else:
         weight = dequantize_int4(pack_nibbles(module.values()), module.scales_and_zeros, 64, torch.float32)
-    x = torch.randn(DECODE_ROWS + 9, 256)
+    x = torch.randn(INT4_KERNEL_ROWS + 9, 256)  # the prompt path of both
     with torch.inference_mode():
         expected = F.linear(x, weight, base.bias)
         monkeypatch.setattr(quantize, "PROMPT_SLICE_BYTES", 256 * 4 * 50)  # 50 features a slice (int4: 64)
