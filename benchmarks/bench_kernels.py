@@ -11,8 +11,14 @@ bandwidth. Kernels, each at its mode's bytes per weight:
   int8 x int8     torch._int_mm on an int8 row (what w8a8 would run to decode; its prompts already do)
   int4            torch._weight_int4pack_mm_for_cpu, groups of 128 (the int4 mode)
 
+`--prompt-rows` adds what a prompt's matmul costs on the preset's gate/up matrix at those row counts: the
+package's int8 and int4 layers (`llava_next.quantize`, as they run: weight-only kernels up to a few rows, int4's
+kernel up to INT4_KERNEL_ROWS, above that the weights dequantized a slice at a time), the int4 kernel alone, and
+bfloat16 as the floor.
+
     python benchmarks/bench_kernels.py --preset medium
     python benchmarks/bench_kernels.py --preset mistral-7b --layers 8   # 8 of its 32 layers: 1.6 GB in bf16
+    python benchmarks/bench_kernels.py --preset mistral-7b --layers 0 --prompt-rows 16,64,256,512,1512
 """
 
 from __future__ import annotations
@@ -75,6 +81,29 @@ def kernels(matrices: list[tuple[int, int]]) -> dict:
             "int8 x int8": (run_int8_int8, weights), "int4": (run_int4, weights // 2)}
 
 
+def prompt_matmuls(preset: str, row_counts: list[int], repeats: int) -> dict:
+    """Milliseconds of one prompt-sized matmul on the preset's gate/up matrix, per row count and form."""
+    from torch import nn
+
+    from llava_next.quantize import Int4Linear, Int8Linear
+
+    layer, _, _ = decoder_shapes(preset)
+    out_features, in_features = layer[2]
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=False).bfloat16()
+    int8, int4 = Int8Linear.from_linear(linear), Int4Linear.from_linear(linear, 128)
+    results = {}
+    with torch.inference_mode():
+        for rows in row_counts:
+            x = torch.randn(rows, in_features).bfloat16()
+            forms = {"bfloat16": lambda: linear(x), "int8 layer": lambda: int8(x), "int4 layer": lambda: int4(x),
+                     "int4 kernel": lambda: torch._weight_int4pack_mm_for_cpu(x, int4.packed, 128,
+                                                                             int4.scales_and_zeros)}
+            results[rows] = {name: median_seconds(fn, repeats) * 1e3 for name, fn in forms.items()}
+            print(f"  {rows:5d} rows  " + "  ".join(f"{name} {ms:8.1f} ms" for name, ms in results[rows].items()))
+    return results
+
+
 def median_seconds(fn, repeats: int) -> float:
     for _ in range(2):
         fn()
@@ -91,20 +120,27 @@ def main() -> None:
     parser.add_argument("--preset", choices=list(PRESETS), default="medium")
     parser.add_argument("--layers", type=int, help="decoder layers to run (default: all of the preset's)")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--prompt-rows", help="also time prompt-sized matmuls at these row counts, e.g. 16,256,1512")
     args = parser.parse_args()
     layer, head, count = decoder_shapes(args.preset)
-    count = args.layers or count
+    count = count if args.layers is None else args.layers
     matrices = layer * count + [head]
     bandwidth = memory_bandwidth_gb_s("cpu")
     print(f"{args.preset}: {count} layers + lm_head, one token, {torch.get_num_threads()} threads; "
           f"memory read bandwidth {bandwidth:.1f} GB/s")
     results = {}
-    for name, (fn, nbytes) in kernels(matrices).items():
+    for name, (fn, nbytes) in (kernels(matrices).items() if count else ()):
         seconds = median_seconds(fn, args.repeats)
         results[name] = {"ms_per_token": seconds * 1e3, "gb_s": nbytes / seconds / 1e9, "mib": nbytes / 2**20}
         print(f"  {name:12s} {seconds * 1e3:8.2f} ms/token  {nbytes / seconds / 1e9:6.1f} GB/s "
               f"({100 * nbytes / seconds / 1e9 / bandwidth:.0f}% of the bandwidth)  {nbytes / 2**20:8.0f} MiB")
-    print(json.dumps({"preset": args.preset, "layers": count, "bandwidth_gb_s": bandwidth, "results": results}))
+    prompts = {}
+    if args.prompt_rows:
+        print(f"a prompt's matmul on the {'x'.join(map(str, decoder_shapes(args.preset)[0][2]))} gate/up matrix "
+              f"(median of {max(3, args.repeats // 5)}):")
+        prompts = prompt_matmuls(args.preset, [int(r) for r in args.prompt_rows.split(",")], max(3, args.repeats // 5))
+    print(json.dumps({"preset": args.preset, "layers": count, "bandwidth_gb_s": bandwidth, "results": results,
+                      "prompt_matmul_ms": prompts}))
 
 
 if __name__ == "__main__":

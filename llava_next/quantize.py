@@ -37,8 +37,11 @@ from .memory import release_free_memory
 MODES = ("int8", "int4", "w8a8")
 GROUP_SIZES = (32, 64, 128, 256)
 DECODE_ROWS = 8  # up to this many rows, weight-only kernels; above, dequantize and run a float matmul
-# The CPU int4 kernel stays faster than dequantizing up to a few hundred rows (measured on a 7B gate/up matrix: 377 ms
-# against 533 at 256 rows, 2.2 s against 1.3 s at 1512): follow-up turns and 256-token prefill chunks use it.
+# On the CPU the weight-only kernels stay faster than dequantizing a prompt's weights up to more rows than a decoding
+# step has: follow-up turns and (int4) 256-token prefill chunks use them. From `benchmarks/bench_kernels.py --preset
+# mistral-7b --layers 0 --prompt-rows ...` (BENCHMARKS.md): on the 7B gate/up matrix, dequantizing costs ~150 ms
+# (int8) / ~300 ms (int4) whatever the rows, the int8 kernel ~2 ms a row, the int4 kernel ~1.4 ms a row.
+INT8_KERNEL_ROWS = 64
 INT4_KERNEL_ROWS = 256
 QUANTIZE_SLICE_BYTES = 4 * 2**20
 PROMPT_SLICE_BYTES = 16 * 2**20
@@ -79,10 +82,17 @@ def can_pack(weight: torch.Tensor) -> bool:
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def rows_per_slice(budget_bytes: int, row_bytes: int, multiple: int = 1) -> int:
+    """How many rows of `row_bytes` each fit in `budget_bytes` (at least one), a multiple of `multiple`: the slice
+    size of the work below done a slice of a matrix at a time, so that its temporaries stay small."""
+    rows = budget_bytes // max(1, row_bytes)
+    return max(multiple, rows // multiple * multiple)
+
+
 def _row_slices(weight: torch.Tensor):
     """Row ranges of `weight` holding ~QUANTIZE_SLICE_BYTES as float32: quantizing a slice at a time bounds the
     float32 temporaries (a 7B's fused gate/up projection is 470 MB in float32, and the arithmetic makes several)."""
-    rows = max(1, QUANTIZE_SLICE_BYTES // (4 * max(1, weight.shape[1])))
+    rows = rows_per_slice(QUANTIZE_SLICE_BYTES, 4 * weight.shape[1])
     return [slice(i, i + rows) for i in range(0, weight.shape[0], rows)]
 
 
@@ -96,12 +106,6 @@ def matmul_by_output_slices(rows: torch.Tensor, out_features: int, step: int, we
         last = min(first + step, out_features)
         out[:, first:last] = rows @ weight_slice(first, last)
     return out
-
-
-def _prompt_step(in_features: int, dtype: torch.dtype, multiple: int = 1) -> int:
-    """Output features per dequantized slice: ~PROMPT_SLICE_BYTES of weight, a multiple of `multiple`."""
-    step = PROMPT_SLICE_BYTES // (in_features * torch.finfo(dtype).bits // 8)
-    return max(multiple, step // multiple * multiple)
 
 
 def int8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,18 +150,13 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                     dtype: torch.dtype) -> torch.Tensor:
     """Nibble-packed int4 values and their scales -> the (out, in) weight in `dtype`."""
-    q = unpack_nibbles(packed)
-    out_features, in_features = q.shape
-    scales = scales_and_zeros[..., 0].t().unsqueeze(-1).to(dtype)  # (out, groups, 1)
-    zeros = scales_and_zeros[..., 1].t().unsqueeze(-1).to(dtype)
-    w = (q.view(out_features, in_features // group_size, group_size).to(dtype) - 8) * scales + zeros
-    return w.view(out_features, in_features)
+    return dequantize_int4_transposed(unpack_nibbles(packed).t(), scales_and_zeros, group_size, dtype).t()
 
 
 def dequantize_int4_transposed(q_t: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                                dtype: torch.dtype) -> torch.Tensor:
-    """int4 values 0..15 transposed (in, out) and their scales -> the weight transposed, (in, out) in `dtype`:
-    the same numbers as dequantize_int4, laid out for x @ w."""
+    """int4 values 0..15 transposed, (in, out), and their scales -> the weight transposed, (in, out) in `dtype`
+    (laid out for x @ w): w = (q - 8) * scale + zero, per group of `group_size` inputs."""
     in_features, out_features = q_t.shape
     scales = scales_and_zeros[..., 0].unsqueeze(1).to(dtype)  # (groups, 1, out)
     zeros = scales_and_zeros[..., 1].unsqueeze(1).to(dtype)
@@ -226,17 +225,18 @@ class Int8Linear(nn.Module):
             module.bias = linear.bias.detach().clone()
         return module
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.weight.to(dtype) * self.scales.to(dtype)[:, None])
+    def dequantized(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        return self.weight[rows].to(dtype) * self.scales[rows, None].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
-        if rows.shape[0] > DECODE_ROWS and x.device.type == "cpu":
-            step = _prompt_step(self.in_features, x.dtype)
-            out = matmul_by_output_slices(rows, self.out_features, step, lambda first, last: (
-                self.weight[first:last].to(x.dtype) * self.scales[first:last, None].to(x.dtype)).t())
-        elif rows.shape[0] > DECODE_ROWS:
-            out = F.linear(rows, self.dequantized(x.dtype))
+        if rows.shape[0] > (INT8_KERNEL_ROWS if x.device.type == "cpu" else DECODE_ROWS):
+            if x.device.type == "cpu":
+                step = rows_per_slice(PROMPT_SLICE_BYTES, self.in_features * x.element_size())
+                out = matmul_by_output_slices(rows, self.out_features, step,
+                                              lambda first, last: self.dequantized(x.dtype, slice(first, last)).t())
+            else:
+                out = F.linear(rows, self.dequantized(x.dtype))
         elif x.device.type == "cuda":
             # PyTorch's CUDA int8pack kernel is a naive one (a thread per output, uncoalesced): this form instead,
             # which torch.compile fuses into one kernel that reads the int8 weights once (gpt-fast's int8 path)
@@ -284,7 +284,7 @@ class Int4Linear(nn.Module):
         # The CPU kernel's layout takes int32 values (8x the nibbles): converted a slice of rows at a time, whole
         # 64-row blocks of its layout, which pack alike one by one or all together.
         self.packed = torch.empty((self.out_features, self.in_features // 2), dtype=torch.uint8)
-        step = max(CPU_INT4_BLOCK, QUANTIZE_SLICE_BYTES // (4 * self.in_features) // CPU_INT4_BLOCK * CPU_INT4_BLOCK)
+        step = rows_per_slice(QUANTIZE_SLICE_BYTES, 4 * self.in_features, CPU_INT4_BLOCK)
         for first in range(0, self.out_features, step):
             rows = slice(first, first + step)
             q = unpack_nibbles(self.weight[rows]).to(torch.int32)
@@ -309,7 +309,7 @@ class Int4Linear(nn.Module):
                     return dequantize_int4_transposed(q_t, self.scales_and_zeros[:, first:last], self.group_size,
                                                       x.dtype)
 
-                step = _prompt_step(self.in_features, x.dtype, CPU_INT4_BLOCK)
+                step = rows_per_slice(PROMPT_SLICE_BYTES, self.in_features * x.element_size(), CPU_INT4_BLOCK)
                 out = matmul_by_output_slices(rows, self.out_features, step, weight_slice)
             else:
                 out = F.linear(rows, dequantize_int4(self.weight, self.scales_and_zeros, self.group_size, x.dtype))

@@ -12,10 +12,10 @@ import llava_next
 from conftest import smooth_image
 from llava_next.cli import main
 from llava_next.pipeline import save_quantized
-from llava_next.quantize import (DECODE_ROWS, INT4_KERNEL_ROWS, FastLinear, Int4Linear, Int8Linear, QuantizeError,
-                                 W8A8Linear, can_pack, convert_linears, cpu_int4_layout_is_known, dequantize_int4,
-                                 dequantize_int4_transposed, int4_weights, int8_weights, pack_nibbles, quantized_state,
-                                 unpack_cpu_int4_transposed, unpack_nibbles)
+from llava_next.quantize import (DECODE_ROWS, INT4_KERNEL_ROWS, INT8_KERNEL_ROWS, FastLinear, Int4Linear, Int8Linear,
+                                 QuantizeError, W8A8Linear, can_pack, convert_linears, cpu_int4_layout_is_known,
+                                 dequantize_int4, dequantize_int4_transposed, int4_weights, int8_weights, pack_nibbles,
+                                 quantized_state, unpack_cpu_int4_transposed, unpack_nibbles)
 
 
 def linear(in_features=256, out_features=96, bias=True, dtype=torch.float32, seed=0):
@@ -28,7 +28,7 @@ def relative_error(a, b):
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
-@pytest.mark.parametrize("rows", [1, 3, DECODE_ROWS + 5])  # decoding kernels, and the prompt path
+@pytest.mark.parametrize("rows", [1, 3, DECODE_ROWS + 5, INT8_KERNEL_ROWS + 1])  # kernels, and the prompt path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_equals_its_dequantized_weights(rows, dtype):
     base = linear(dtype=dtype)
@@ -279,11 +279,15 @@ def test_an_int4_layer_keeps_one_copy_of_its_weights_on_the_cpu():
     assert torch.equal(quantized_state(module)["weight"], pack_nibbles(q))  # what a quantized checkpoint stores
 
 
-def test_the_transposed_int4_dequantization_gives_the_same_numbers():
+def test_int4_dequantization_in_both_layouts_is_the_formula_written_out():
     q, scales_and_zeros = int4_weights(linear(in_features=256, out_features=80).weight.detach(), 64)
     for dtype in (torch.float32, torch.bfloat16):
-        expected = dequantize_int4(pack_nibbles(q), scales_and_zeros.to(dtype), 64, dtype)
+        # by hand: weight[n, k] = (q[n, k] - 8) * scale[k // 64, n] + zero[k // 64, n], each step in `dtype`
+        scales = scales_and_zeros[..., 0].t().repeat_interleave(64, dim=1).to(dtype)
+        zeros = scales_and_zeros[..., 1].t().repeat_interleave(64, dim=1).to(dtype)
+        expected = (q.to(dtype) - 8) * scales + zeros
         assert torch.equal(dequantize_int4_transposed(q.t(), scales_and_zeros.to(dtype), 64, dtype), expected.t())
+        assert torch.equal(dequantize_int4(pack_nibbles(q), scales_and_zeros.to(dtype), 64, dtype), expected)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
