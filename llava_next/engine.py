@@ -24,7 +24,7 @@ import torch
 from .caches import ImageFeatureCache, PrefixCache, image_key, token_identities
 from .errors import LlavaError
 from .memory import release_free_memory
-from .model.decoder import KVCache
+from .model.decoder import KEY_BLOCK, KVCache
 from .model.llava import ImageTokenMismatch, LlavaModel
 from .prompt import IncrementalDetokenizer, Tokenizer
 
@@ -495,8 +495,12 @@ class Engine:
         if compile:
             # One decoding step through torch.compile: CUDA graphs on a GPU ("reduce-overhead"), inductor's C++
             # kernels on a CPU. Sizes are dynamic, so it compiles once, not once per position or batch size.
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self.decode_step = torch.compile(model, dynamic=True, mode=mode)
+            if self.device.type == "cuda":
+                self.decode_step = torch.compile(model, dynamic=True, mode="reduce-overhead")
+            else:
+                # freezing: the weights become constants of the graph, which lets inductor call oneDNN's matmul on
+                # bfloat16 weights held in its blocked layout (it refuses them as graph inputs)
+                self.decode_step = torch.compile(model, dynamic=True, options={"freezing": True})
 
     @property
     def device(self) -> torch.device:
@@ -525,6 +529,10 @@ class Engine:
                 space.values.zero_()
                 return space
             self._kv_space = None  # the old space goes before the new one is taken
+        elif self.decode_step is not self.model:
+            # A compiled CPU step reads the cache in whole KEY_BLOCKs; a space one slot longer than its last block
+            # is never read whole, so the step's layouts stay those it was compiled for (one graph, not two).
+            capacity = -(-capacity // KEY_BLOCK) * KEY_BLOCK + 1
         shape = (text.num_layers, slots, text.num_kv_heads, capacity, text.head_dim)
         space = KVCache(torch.zeros(shape, dtype=self.model.dtype, device=self.device),
                         torch.zeros(shape, dtype=self.model.dtype, device=self.device))

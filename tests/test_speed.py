@@ -137,6 +137,39 @@ def test_compiled_decoding_gives_the_eager_tokens(tiny):
         assert compiled.engine.decode_step is not compiled.model
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_place(tiny):
+    # bfloat16 and int8 on the CPU: whole key blocks, a masked tail, frozen weights, the KV write as an opaque op.
+    # 70 steps cross a key block's end and reach the space's last block, all on the graph compiled at the first.
+    from llava_next.model.decoder import KVCache
+
+    pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", quantize="int8", progress=False, prefix_cache=False,
+                           compile=True)
+    model, engine = pipe.model, pipe.engine
+    inputs, _ = pipe.prepare(chat("Describe it."), [smooth_image(300, 200)])
+    length, steps = inputs["input_ids"].shape[1], 70
+    compiled_cache = engine.kv_space(1, length + steps)  # rounded past a whole block (one layout for every step)
+    assert compiled_cache.capacity % 64 == 1 and compiled_cache.capacity > length + steps
+    eager_cache = KVCache.allocate(model.cfg.text, 1, length + steps, torch.bfloat16, "cpu")
+    torch._dynamo.utils.counters.clear()
+    with torch.inference_mode():
+        for cache in (compiled_cache, eager_cache):
+            token = model(**inputs, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+        for step in range(steps):
+            position = length + step
+            at = dict(start=position, positions=torch.tensor([[position]]), logits_to_keep=1)
+            got = engine.decode(token, cache=compiled_cache, **at)
+            want = model(token, cache=eager_cache, **at)
+            # inductor rounds fused bfloat16 arithmetic once, eager after every operation: close, not equal
+            assert relative_error(got.float(), want.float()) < 5e-2, step
+            # written in place, in the caller's cache: the next step reads this token's keys
+            written = [cache.keys[:, :, :, position].float() for cache in (compiled_cache, eager_cache)]
+            assert relative_error(*written) < 5e-2, step
+            token = want[:, -1].argmax(-1, keepdim=True)
+    assert engine.decode_step is not model
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.parametrize("family", ["vicuna", "mistral"])
 def test_static_decoding_gives_the_same_tokens_and_reuses_its_kv_space(tiny, family):
     # The decoding form CUDA graphs need (compile on a GPU): whole KV space, masked, kept between requests. Run

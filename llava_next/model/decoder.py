@@ -104,6 +104,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     """
     b, _, heads, dim = q.shape
     kv_heads, capacity = keys.shape[1], keys.shape[2]
+    # (B * KV, capacity, D): rows merged before slicing, so that no reshape depends on the slice's layout, which
+    # torch.compile would guard on (and recompile when `length` reaches the capacity)
+    keys, values = keys.flatten(0, 1), values.flatten(0, 1)
     span = length
     if keys.device.type == "cpu" and keys.dtype != torch.float32:
         # Slots past `length` take part with probability 0, which gives the same floats bit for bit (oneDNN's
@@ -111,23 +114,35 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         span = min(-(-length // KEY_BLOCK) * KEY_BLOCK, capacity)
         # oneDNN copies a cache slice (whose heads lie `capacity` slots apart) itself before the matmul, and for the
         # transposed keys that copy is a slow strided transpose: copying them plainly first is ~3x faster.
-        k = keys[:, :, :span].contiguous()
+        k = keys[:, :span].clone(memory_format=torch.contiguous_format)
     else:
-        k = keys[:, :, :span]
-    k, v = k.reshape(b * kv_heads, span, dim), values[:, :, :span].reshape(b * kv_heads, span, dim)  # views of a cache
+        k = keys[:, :span]
+    v = values[:, :span]
     # query head i uses kv head i // (H / KV): (B * KV, H / KV, D) against (B * KV, span, D)
-    scores = torch.bmm(q.reshape(b * kv_heads, heads // kv_heads, dim), k.transpose(1, 2))
-    scores = scores[..., :length].float().mul_(dim**-0.5)
-    if mask is not None:  # (B * KV, H / KV, S) seen as (B, KV, H / KV, S) against the mask (B, 1, 1, S)
-        scores = torch.where(mask.view(b, 1, 1, length), scores.view(b, kv_heads, -1, length), float("-inf"))
-    probs = scores.softmax(-1).view(b * kv_heads, -1, length)
-    if span == length:
-        probs = probs.to(v.dtype)
-    else:  # zeros on the block's slots past the length
-        padded = torch.zeros((b * kv_heads, heads // kv_heads, span), dtype=v.dtype, device=v.device)
-        padded[..., :length] = probs
-        probs = padded
+    scores = torch.bmm(q.reshape(b * kv_heads, heads // kv_heads, dim), k.transpose(1, 2)).float().mul_(dim**-0.5)
+    # the block's slots past the length: probability exactly 0 (a mask, not a slice: a slice's size, 0 or 1 at some
+    # steps, is what torch.compile would specialise on)
+    scores.masked_fill_(torch.arange(span, device=scores.device) >= length, float("-inf"))
+    if mask is not None:  # (B * KV, H / KV, span) seen as (B, KV, H / KV, span) against the mask (B, 1, 1, length)
+        scores.view(b, kv_heads, -1, span)[..., :length].masked_fill_(~mask.view(b, 1, 1, length), float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype)
     return torch.bmm(probs, v).view(b, 1, heads * dim)
+
+
+def write_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, start: int) -> None:
+    """Stores k, v (B, KV, T, D) at slots start .. start + T of one layer of the cache, in place."""
+    t = k.shape[2]
+    keys[layer, :, :, start : start + t] = k
+    values[layer, :, :, start : start + t] = v
+
+
+# The same write as an operator that torch.compile keeps opaque: traced as plain indexing, a write into a graph input
+# became a copy of the layer's whole cache every step (inductor did not reinplace it), which made compiled decoding
+# on the CPU slower than eager. Declared through torch.library's low-level API, whose call costs what the indexing
+# does (the @custom_op decorator adds ~20 us a call).
+_library = torch.library.Library("llava_next", "DEF")
+_library.define("write_kv(Tensor(a!) keys, Tensor(b!) values, Tensor k, Tensor v, int layer, SymInt start) -> ()")
+_library.impl("write_kv", write_kv, "CompositeExplicitAutograd")
 
 
 class Attention(nn.Module):
@@ -175,8 +190,7 @@ class Attention(nn.Module):
             # the cache may be the whole KV space (static shapes): this batch's rows only
             keys, values, length = cache.keys[self.layer, :b], cache.values[self.layer, :b], mask.shape[-1]
         elif cache is not None:
-            cache.keys[self.layer, :, :, start : start + t] = k
-            cache.values[self.layer, :, :, start : start + t] = v
+            torch.ops.llava_next.write_kv(cache.keys, cache.values, k, v, self.layer, start)
             keys, values, length = cache.keys[self.layer], cache.values[self.layer], start + t
         else:
             keys, values, length = k, v, t

@@ -167,13 +167,13 @@ class LlavaModel(nn.Module):
             embeds = self.language_model.embed_tokens(input_ids)
         else:
             embeds = self.embed(input_ids, image_features)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        attention_mask = attention_mask.bool()
-        if key_mask is None and not bool(attention_mask.all()):
-            key_mask = attention_mask  # padding: attention needs a mask (None lets SDPA run plain causal kernels)
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+            if key_mask is None and not bool(attention_mask.all()):
+                key_mask = attention_mask  # padding: attention needs a mask (None lets SDPA run plain causal kernels)
         if positions is None:
-            positions = positions_from_mask(attention_mask)
+            positions = positions_from_mask(attention_mask if attention_mask is not None
+                                            else torch.ones_like(input_ids, dtype=torch.bool))
         hidden = self.language_model(embeds, positions, key_mask, cache, start)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
