@@ -443,7 +443,10 @@ class Scheduler:
             start, key_mask = lengths[0], None
         else:
             start = positions[:, 0]
-            key_mask = torch.arange(max(lengths) + 1, device=device)[None] <= positions  # (n, S)
+            # keys in whole KEY_BLOCKs (decode_attention reads those anyway), masked past each row's length: the
+            # same layout at every length, which a compiled step would otherwise be compiled again for
+            seen = min(-(-(max(lengths) + 1) // KEY_BLOCK) * KEY_BLOCK, self.cache.capacity)
+            key_mask = torch.arange(seen, device=device)[None] <= positions  # (n, S)
         logits = self.engine.decode(tokens, cache=cache, start=start, positions=positions, key_mask=key_mask,
                                     logits_to_keep=1)
         for seq in running:
@@ -498,6 +501,14 @@ class Engine:
             if self.device.type == "cuda":
                 self.decode_step = torch.compile(model, dynamic=True, mode="reduce-overhead")
             else:
+                # Quantized weights are buffers or plain attributes (Int4Linear.packed), which dynamic=True gives
+                # symbolic sizes; one equal to an activation's size (1536 rows of a projection, a mask 1536 keys
+                # wide) is merged with it and specialised, and the step compiled again at the next length. Weights
+                # never change size.
+                for module in model.modules():
+                    for tensor in [*module.buffers(recurse=False), *vars(module).values()]:
+                        if isinstance(tensor, torch.Tensor):
+                            torch._dynamo.mark_static(tensor)
                 # freezing: the weights become constants of the graph, which lets inductor call oneDNN's matmul on
                 # bfloat16 weights held in its blocked layout (it refuses them as graph inputs).
                 # emulate_precision_casts: fused 16-bit arithmetic rounded after each operation as eager rounds it,

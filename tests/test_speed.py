@@ -170,6 +170,25 @@ def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_plac
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_cpu_decoding_of_rows_at_different_lengths_gives_the_eager_tokens(tiny):
+    # Two prompts of different lengths decode together (each row writes its own slot: the second KV write operator)
+    # for 70 steps, across key blocks, on one graph: int4 kernels' layouts and masks of the same width must not be
+    # merged into one size and specialised.
+    prompts = [chat("Describe it."), chat("What colour is the large shape in the middle of this picture?")]
+    images = [[smooth_image(300, 200)], [smooth_image(120, 260)]]
+    results = []
+    for compile in (False, True):
+        pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", quantize="int4", progress=False,
+                               prefix_cache=False, compile=compile)
+        pipe.engine.eos_token_ids = []
+        torch._dynamo.utils.counters.clear()
+        results.append([g.token_ids for g in pipe.generate(prompts, images, max_new_tokens=70)])
+    assert results[0] == results[1]
+    assert pipe.engine.decode_step is not pipe.model
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.parametrize("family", ["vicuna", "mistral"])
 def test_static_decoding_gives_the_same_tokens_and_reuses_its_kv_space(tiny, family):
     # The decoding form CUDA graphs need (compile on a GPU): whole KV space, masked, kept between requests. Run

@@ -109,9 +109,11 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     keys, values = keys.flatten(0, 1), values.flatten(0, 1)
     span = length
     if keys.device.type == "cpu" and keys.dtype != torch.float32:
-        # Slots past `length` take part with probability 0, which gives the same floats bit for bit (oneDNN's
-        # 16-bit matmuls); they hold numbers (the engine's cache starts zeroed), so 0 x value stays 0.
-        span = min(-(-length // KEY_BLOCK) * KEY_BLOCK, capacity)
+        if mask is None:
+            # Slots past `length` take part with probability 0, which gives the same floats bit for bit (oneDNN's
+            # 16-bit matmuls); they hold numbers (the engine's cache starts zeroed), so 0 x value stays 0. (With a
+            # mask, its width is the span: the engine's masks cover whole blocks.)
+            span = min(-(-length // KEY_BLOCK) * KEY_BLOCK, capacity)
         # oneDNN copies a cache slice (whose heads lie `capacity` slots apart) itself before the matmul, and for the
         # transposed keys that copy is a slow strided transpose: copying them plainly first is ~3x faster.
         k = keys[:, :span].clone(memory_format=torch.contiguous_format)
@@ -120,11 +122,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     v = values[:, :span]
     # query head i uses kv head i // (H / KV): (B * KV, H / KV, D) against (B * KV, span, D)
     scores = torch.bmm(q.reshape(b * kv_heads, heads // kv_heads, dim), k.transpose(1, 2)).float().mul_(dim**-0.5)
-    # the block's slots past the length: probability exactly 0 (a mask, not a slice: a slice's size, 0 or 1 at some
-    # steps, is what torch.compile would specialise on)
-    scores.masked_fill_(torch.arange(span, device=scores.device) >= length, float("-inf"))
-    if mask is not None:  # (B * KV, H / KV, span) seen as (B, KV, H / KV, span) against the mask (B, 1, 1, length)
-        scores.view(b, kv_heads, -1, span)[..., :length].masked_fill_(~mask.view(b, 1, 1, length), float("-inf"))
+    if mask is None:
+        # the block's slots past the length: probability exactly 0 (a mask, not a slice: a slice's size, 0 or 1 at
+        # some steps, is what torch.compile would specialise on)
+        scores.masked_fill_(torch.arange(span, device=scores.device) >= length, float("-inf"))
+    else:  # (B * KV, H / KV, S) seen as (B, KV, H / KV, S) against the mask (B, 1, 1, S)
+        scores.view(b, kv_heads, -1, length).masked_fill_(~mask.view(b, 1, 1, length), float("-inf"))
     probs = scores.softmax(-1).to(v.dtype)
     return torch.bmm(probs, v).view(b, 1, heads * dim)
 
@@ -136,13 +139,23 @@ def write_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch
     values[layer, :, :, start : start + t] = v
 
 
-# The same write as an operator that torch.compile keeps opaque: traced as plain indexing, a write into a graph input
+def write_kv_rows(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+                  slots: torch.Tensor) -> None:
+    """Stores one token per row, k, v (B, KV, 1, D), row b's at slot slots[b] of one layer of the cache, in place."""
+    rows = torch.arange(k.shape[0], device=k.device)
+    keys[layer, rows, :, slots] = k[:, :, 0]
+    values[layer, rows, :, slots] = v[:, :, 0]
+
+
+# The same writes as operators that torch.compile keeps opaque: traced as plain indexing, a write into a graph input
 # became a copy of the layer's whole cache every step (inductor did not reinplace it), which made compiled decoding
 # on the CPU slower than eager. Declared through torch.library's low-level API, whose call costs what the indexing
 # does (the @custom_op decorator adds ~20 us a call).
 _library = torch.library.Library("llava_next", "DEF")
 _library.define("write_kv(Tensor(a!) keys, Tensor(b!) values, Tensor k, Tensor v, int layer, SymInt start) -> ()")
 _library.impl("write_kv", write_kv, "CompositeExplicitAutograd")
+_library.define("write_kv_rows(Tensor(a!) keys, Tensor(b!) values, Tensor k, Tensor v, int layer, Tensor slots) -> ()")
+_library.impl("write_kv_rows", write_kv_rows, "CompositeExplicitAutograd")
 
 
 class Attention(nn.Module):
@@ -184,9 +197,10 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, KV, T, D), the cache's layout
         if isinstance(start, torch.Tensor):  # one query per row, each written at its own slot (its length)
-            rows = torch.arange(b, device=x.device)
-            cache.keys[self.layer, rows, :, start] = k[:, :, 0]
-            cache.values[self.layer, rows, :, start] = v[:, :, 0]
+            if x.device.type == "cpu":
+                torch.ops.llava_next.write_kv_rows(cache.keys, cache.values, k, v, self.layer, start)
+            else:  # traced as plain indexing into the static KV space of CUDA graphs, the form measured on a GPU
+                write_kv_rows(cache.keys, cache.values, k, v, self.layer, start)
             # the cache may be the whole KV space (static shapes): this batch's rows only
             keys, values, length = cache.keys[self.layer, :b], cache.values[self.layer, :b], mask.shape[-1]
         elif cache is not None:
