@@ -24,7 +24,7 @@ import torch
 from .caches import ImageFeatureCache, PrefixCache, image_key, token_identities
 from .errors import LlavaError
 from .memory import release_free_memory
-from .model.decoder import KEY_BLOCK, KVCache
+from .model.decoder import KVCache, whole_key_blocks
 from .model.llava import ImageTokenMismatch, LlavaModel
 from .prompt import IncrementalDetokenizer, Tokenizer
 
@@ -445,7 +445,7 @@ class Scheduler:
             start = positions[:, 0]
             # keys in whole KEY_BLOCKs (decode_attention reads those anyway), masked past each row's length: the
             # same layout at every length, which a compiled step would otherwise be compiled again for
-            seen = min(-(-(max(lengths) + 1) // KEY_BLOCK) * KEY_BLOCK, self.cache.capacity)
+            seen = min(whole_key_blocks(max(lengths) + 1), self.cache.capacity)
             key_mask = torch.arange(seen, device=device)[None] <= positions  # (n, S)
         logits = self.engine.decode(tokens, cache=cache, start=start, positions=positions, key_mask=key_mask,
                                     logits_to_keep=1)
@@ -546,7 +546,7 @@ class Engine:
         elif self.decode_step is not self.model:
             # A compiled CPU step reads the cache in whole KEY_BLOCKs; a space one slot longer than its last block
             # is never read whole, so the step's layouts stay those it was compiled for (one graph, not two).
-            capacity = -(-capacity // KEY_BLOCK) * KEY_BLOCK + 1
+            capacity = whole_key_blocks(capacity) + 1
         shape = (text.num_layers, slots, text.num_kv_heads, capacity, text.head_dim)
         space = KVCache(torch.zeros(shape, dtype=self.model.dtype, device=self.device),
                         torch.zeros(shape, dtype=self.model.dtype, device=self.device))

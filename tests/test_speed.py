@@ -143,7 +143,7 @@ def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_plac
     # bfloat16 on the CPU (weights frozen into the graph: oneDNN's blocked layout, int8, int4): whole key blocks, a
     # masked tail, the KV write as an opaque op. 70 steps cross a key block's end and reach the space's last block,
     # all on the graph compiled at the first.
-    from llava_next.model.decoder import KVCache
+    from llava_next.model.decoder import KEY_BLOCK, KVCache
 
     pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", quantize=quantize, progress=False, prefix_cache=False,
                            compile=True)
@@ -151,7 +151,7 @@ def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_plac
     inputs, _ = pipe.prepare(chat("Describe it."), [smooth_image(300, 200)])
     length, steps = inputs["input_ids"].shape[1], 70
     compiled_cache = engine.kv_space(1, length + steps)  # rounded past a whole block (one layout for every step)
-    assert compiled_cache.capacity % 64 == 1 and compiled_cache.capacity > length + steps
+    assert compiled_cache.capacity % KEY_BLOCK == 1 and compiled_cache.capacity > length + steps
     eager_cache = KVCache.allocate(model.cfg.text, 1, length + steps, torch.bfloat16, "cpu")
     torch._dynamo.utils.counters.clear()
     with torch.inference_mode():

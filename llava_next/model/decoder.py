@@ -93,6 +93,11 @@ def fused_views(fused: nn.Linear, names: tuple[str, ...], widths: list[int]) -> 
 KEY_BLOCK = 64
 
 
+def whole_key_blocks(slots: int) -> int:
+    """`slots` rounded up to whole KEY_BLOCKs."""
+    return -(-slots // KEY_BLOCK) * KEY_BLOCK
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
                      mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of one query per sequence, as two small matmuls over the cache.
@@ -113,7 +118,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
             # Slots past `length` take part with probability 0, which gives the same floats bit for bit (oneDNN's
             # 16-bit matmuls); they hold numbers (the engine's cache starts zeroed), so 0 x value stays 0. (With a
             # mask, its width is the span: the engine's masks cover whole blocks.)
-            span = min(-(-length // KEY_BLOCK) * KEY_BLOCK, capacity)
+            span = min(whole_key_blocks(length), capacity)
         # oneDNN copies a cache slice (whose heads lie `capacity` slots apart) itself before the matmul, and for the
         # transposed keys that copy is a slow strided transpose: copying them plainly first is ~3x faster.
         k = keys[:, :span].clone(memory_format=torch.contiguous_format)
