@@ -14,6 +14,7 @@ from conftest import smooth_image
 from llava_next.checkpoint import CheckpointError, read_safetensors_index
 from llava_next.config import read_config
 from llava_next.pipeline import cpu_has_native_bf16, resolve_dtype
+from llava_next.quantize import FastLinear, can_pack
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -168,6 +169,8 @@ def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_plac
             token = want[:, -1].argmax(-1, keepdim=True)
     assert engine.decode_step is not model
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    if quantize is None:  # compiled with the eager step's oneDNN linears on blocked weights, not plain nn.Linear
+        assert isinstance(model.lm_head, FastLinear) and model.lm_head.weight.is_mkldnn == can_pack(want)
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
