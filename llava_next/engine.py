@@ -509,12 +509,11 @@ class Engine:
                     for tensor in [*module.buffers(recurse=False), *vars(module).values()]:
                         if isinstance(tensor, torch.Tensor):
                             torch._dynamo.mark_static(tensor)
-                # freezing: the weights become constants of the graph, which lets inductor call oneDNN's matmul on
-                # bfloat16 weights held in its blocked layout (it refuses them as graph inputs).
                 # emulate_precision_casts: fused 16-bit arithmetic rounded after each operation as eager rounds it,
-                # so the compiled step's logits are the eager step's bit for bit (measured: no slower).
-                self.decode_step = torch.compile(model, dynamic=True,
-                                                 options={"freezing": True, "emulate_precision_casts": True})
+                # so the compiled step's logits are the eager step's bit for bit (measured: no slower). The float
+                # linears are FastLinear's oneDNN calls, kept opaque (quantize.py). (Inductor's `freezing`, weights
+                # as graph constants, was on before they were: measured without it, same speed and memory.)
+                self.decode_step = torch.compile(model, dynamic=True, options={"emulate_precision_casts": True})
 
     @property
     def device(self) -> torch.device:
