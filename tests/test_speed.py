@@ -170,7 +170,7 @@ def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_plac
     assert engine.decode_step is not model
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     if quantize is None:  # compiled with the eager step's oneDNN linears on blocked weights, not plain nn.Linear
-        assert isinstance(model.lm_head, FastLinear) and model.lm_head.weight.is_mkldnn == can_pack(want)
+        assert isinstance(model.lm_head, FastLinear) and model.lm_head.weight.is_mkldnn == can_pack(torch.empty(0, dtype=torch.bfloat16))
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
