@@ -222,23 +222,30 @@ def reference_attention(q, keys, values, length, mask):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("length", [1, 63, 64, 65, 130, 200])
-def test_decode_attention_reads_whole_key_blocks_without_changing_a_bit(dtype, length):
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 130, 200, 700])
+def test_decode_attention_over_a_cache_slice_is_attention_over_exactly_those_keys(dtype, length):
     from llava_next.model.decoder import decode_attention
 
     torch.manual_seed(length)
-    b, kv_heads, heads, dim, capacity = 3, 2, 6, 16, 200
+    b, kv_heads, heads, dim, capacity = 3, 2, 6, 16, 720
     keys, values = torch.randn(2, b, kv_heads, capacity, dim).to(dtype)  # slots past `length` hold stale numbers
     q = torch.randn(b, 1, heads, dim).to(dtype)
-    lengths = torch.tensor([length, max(1, length - 5), max(1, length // 2)])
-    mask = (torch.arange(length)[None] < lengths[:, None])[:, None, None]  # rows of different lengths
+    # rows of different lengths; at 700 the shortest row's mask leaves whole blocks of SDPA's kernel (512 keys)
+    # with no visible key
+    lengths = torch.tensor([length, max(1, length - 5), max(1, length // 8)])
+    mask = (torch.arange(length)[None] < lengths[:, None])[:, None, None]
     for row_mask in (None, mask):
         got = decode_attention(q, keys, values, length, row_mask)
-        # a cache exactly `length` slots long leaves nothing to pad: the same floats
+        # the same floats as a cache exactly `length` slots long: what a sequence gets does not depend on the size
+        # of the cache it decodes in
         exact = decode_attention(q, keys[:, :, :length].clone(), values[:, :, :length].clone(), length, row_mask)
         assert torch.equal(got, exact)
         expected = reference_attention(q, keys, values, length, row_mask)
         assert relative_error(got.float(), expected) < (1e-5 if dtype == torch.float32 else 2e-2)
+        if row_mask is not None:  # each row as if alone, over its own keys only
+            for row, n in enumerate(lengths.tolist()):
+                alone = reference_attention(q[row : row + 1], keys[row : row + 1], values[row : row + 1], n, None)
+                assert relative_error(got[row : row + 1].float(), alone) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def test_rope_in_fewer_operations_is_the_reference_rotation_bit_for_bit(tiny):

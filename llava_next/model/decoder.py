@@ -88,8 +88,9 @@ def fused_views(fused: nn.Linear, names: tuple[str, ...], widths: list[int]) -> 
     return views
 
 
-# A 16-bit decoding step on the CPU reads the cache in whole blocks of this many slots: oneDNN builds a kernel for each
-# new matmul shape (~1 ms a step at 1.5k keys when the length grows by one every step); blocks reuse one for 64 steps.
+# Rows decoding together read the cache in whole blocks of this many slots, masked past each row's length (the
+# engine): the mask's and the keys' widths change once every 64 steps instead of at every step, which a compiled step
+# would otherwise meet as a new layout.
 KEY_BLOCK = 64
 
 
@@ -100,41 +101,22 @@ def whole_key_blocks(slots: int) -> int:
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
                      mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of one query per sequence, as two small matmuls over the cache.
+    """Attention of one query per sequence over the cache.
 
     q (B, 1, H, D); keys, values (B, KV, capacity, D), of which the first `length` slots count; mask (B, 1, 1, length)
-    or None -> (B, 1, H * D). The query heads that share a kv head form the rows of one matmul; the softmax is in
-    float32. On the CPU this is several times faster than SDPA's kernels for a single query (in bfloat16 about 5x at
-    1.5k keys).
+    or None -> (B, 1, H * D). The H / KV query heads that share a kv head are the query rows of one attention over
+    that head's keys: SDPA's fused kernel with nothing repeated. On the CPU, given as H heads of one query with
+    `enable_gqa`, SDPA runs ~10x slower at 1.5k keys; two matmuls with the softmax between them measured 1.1-3.8x
+    slower than this, in bfloat16 and float32, at 60 to 1.5k keys (one layer of the medium and 7B shapes).
     """
     b, _, heads, dim = q.shape
-    kv_heads, capacity = keys.shape[1], keys.shape[2]
-    # (B * KV, capacity, D): rows merged before slicing, so that no reshape depends on the slice's layout, which
-    # torch.compile would guard on (and recompile when `length` reaches the capacity)
-    keys, values = keys.flatten(0, 1), values.flatten(0, 1)
-    span = length
-    if keys.device.type == "cpu" and keys.dtype != torch.float32:
-        if mask is None:
-            # Slots past `length` take part with probability 0, which gives the same floats bit for bit (oneDNN's
-            # 16-bit matmuls); they hold numbers (the engine's cache starts zeroed), so 0 x value stays 0. (With a
-            # mask, its width is the span: the engine's masks cover whole blocks.)
-            span = min(whole_key_blocks(length), capacity)
-        # oneDNN copies a cache slice (whose heads lie `capacity` slots apart) itself before the matmul, and for the
-        # transposed keys that copy is a slow strided transpose: copying them plainly first is ~3x faster.
-        k = keys[:, :span].clone(memory_format=torch.contiguous_format)
-    else:
-        k = keys[:, :span]
-    v = values[:, :span]
-    # query head i uses kv head i // (H / KV): (B * KV, H / KV, D) against (B * KV, span, D)
-    scores = torch.bmm(q.reshape(b * kv_heads, heads // kv_heads, dim), k.transpose(1, 2)).float().mul_(dim**-0.5)
-    if mask is None:
-        # the block's slots past the length: probability exactly 0 (a mask, not a slice: a slice's size, 0 or 1 at
-        # some steps, is what torch.compile would specialise on)
-        scores.masked_fill_(torch.arange(span, device=scores.device) >= length, float("-inf"))
-    else:  # (B * KV, H / KV, S) seen as (B, KV, H / KV, S) against the mask (B, 1, 1, S)
-        scores.view(b, kv_heads, -1, length).masked_fill_(~mask.view(b, 1, 1, length), float("-inf"))
-    probs = scores.softmax(-1).to(v.dtype)
-    return torch.bmm(probs, v).view(b, 1, heads * dim)
+    kv_heads = keys.shape[1]
+    # query head i uses kv head i // (H / KV): (B, 1, H, D) -> (B, KV, H / KV, D)
+    q = q.view(b, kv_heads, heads // kv_heads, dim)
+    # A slice of exactly `length` slots: padded to a longer span with a mask, the kernel's sums would change order
+    # with the span (different floats for the same sequence in caches of different sizes).
+    out = F.scaled_dot_product_attention(q, keys[:, :, :length], values[:, :, :length], attn_mask=mask)
+    return out.view(b, 1, heads * dim)
 
 
 def write_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, start: int) -> None:
