@@ -23,7 +23,7 @@ import torch
 
 from .caches import ImageFeatureCache, PrefixCache, image_key, token_identities
 from .errors import LlavaError
-from .memory import release_free_memory
+from .memory import keep_freed_memory, release_free_memory
 from .model.decoder import KVCache, whole_key_blocks
 from .model.llava import ImageTokenMismatch, LlavaModel
 from .prompt import IncrementalDetokenizer, Tokenizer
@@ -495,6 +495,8 @@ class Engine:
         # space keeps its address from one request to the next, which a CUDA graph needs to be replayed.
         self.static_decode = compile and self.device.type == "cuda"
         self._kv_space: KVCache | None = None
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a prompt's activations reused, not page-faulted in again (memory.py)
         if compile:
             # One decoding step through torch.compile: CUDA graphs on a GPU ("reduce-overhead"), inductor's C++
             # kernels on a CPU. Sizes are dynamic, so it compiles once, not once per position or batch size.
