@@ -11,6 +11,7 @@ llama.cpp's own quantizer to q8_0 and q4_0. Pairs compared at the same bit width
     llama.cpp q4_0  vs ours int4          (4-bit weights; q4_0 groups of 32, ours --group-size)
 
 Each configuration runs in its own process, interleaved over --rounds rounds, median reported. The last line is JSON.
+--compile runs ours with compile=True (its decoding step through torch.compile; the warm-up compiles it).
 
     pip install llama-cpp-python gguf      # builds llama.cpp from source with cmake
     python benchmarks/bench_llamacpp.py --preset medium --rounds 3
@@ -181,12 +182,13 @@ def run_ours(cache: Path, mode: str, args) -> dict:
     quantize = mode if mode in ("int8", "int4", "w8a8") else None
     dtype = mode if mode in ("float32", "bfloat16") else "bfloat16"
     pipe = llava_next.load(build_checkpoint(cache, args.preset), dtype=dtype, quantize=quantize, progress=False,
-                           prefix_cache=False)  # the warm-up prompt must not shorten the timed prefill
+                           prefix_cache=False, compile=args.compile)  # (no prefix cache: the warm-up prompt must
+    # not shorten the timed prefill)
     pipe.engine.eos_token_ids = []
     ids = torch.tensor([prompt_ids(args.prompt_tokens, pipe.config.text.vocab_size)])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     pipe.engine.generate({"input_ids": ids[:, :16], "attention_mask": inputs["attention_mask"][:, :16]},
-                         SamplingParams(max_new_tokens=2))  # warm-up
+                         SamplingParams(max_new_tokens=2))  # warm-up (and, with --compile, the compilation)
     gen = pipe.engine.generate(inputs, SamplingParams(max_new_tokens=args.new_tokens + 1))[0]
     return {"prefill_tok_s": args.prompt_tokens / gen.prefill_seconds,
             "decode_tok_s": args.new_tokens / gen.decode_seconds, "threads": torch.get_num_threads()}
@@ -199,6 +201,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pairs", default=",".join(k for k, _ in PAIRS), help="llama.cpp kinds: f16, q8_0, q4_0")
+    parser.add_argument("--compile", action="store_true", help="ours with compile=True (decoding compiled)")
     parser.add_argument("--cache", default=os.environ.get("LLAVA_NEXT_BENCH_CACHE", "/tmp/llava-next-bench"))
     parser.add_argument("--run", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -240,7 +243,7 @@ def main() -> None:
     print("ratios (ours / llama.cpp): " + "; ".join(f"{k}: prefill {v['prefill']:.2f}, decode {v['decode']:.2f}"
                                                    for k, v in ratios.items()))
     print(json.dumps({"preset": args.preset, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                      "rounds": args.rounds, "results": medians, "ratios": ratios}))
+                      "rounds": args.rounds, "compile": args.compile, "results": medians, "ratios": ratios}))
 
 
 if __name__ == "__main__":
