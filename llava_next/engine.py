@@ -443,8 +443,8 @@ class Scheduler:
             start, key_mask = lengths[0], None
         else:
             start = positions[:, 0]
-            # keys in whole KEY_BLOCKs (decode_attention reads those anyway), masked past each row's length: the
-            # same layout at every length, which a compiled step would otherwise be compiled again for
+            # keys in whole KEY_BLOCKs, masked past each row's length: the same layout for 64 steps at a time, which
+            # a compiled step would otherwise be compiled again for
             seen = min(whole_key_blocks(max(lengths) + 1), self.cache.capacity)
             key_mask = torch.arange(seen, device=device)[None] <= positions  # (n, S)
         logits = self.engine.decode(tokens, cache=cache, start=start, positions=positions, key_mask=key_mask,
@@ -545,8 +545,9 @@ class Engine:
                 return space
             self._kv_space = None  # the old space goes before the new one is taken
         elif self.decode_step is not self.model:
-            # A compiled CPU step reads the cache in whole KEY_BLOCKs; a space one slot longer than its last block
-            # is never read whole, so the step's layouts stay those it was compiled for (one graph, not two).
+            # A compiled CPU step reads slices of the cache (whole KEY_BLOCKs for rows of different lengths); a space
+            # one slot longer than its last block is never read whole, so the step's layouts stay those it was
+            # compiled for (one graph, not two).
             capacity = whole_key_blocks(capacity) + 1
         shape = (text.num_layers, slots, text.num_kv_heads, capacity, text.head_dim)
         space = KVCache(torch.zeros(shape, dtype=self.model.dtype, device=self.device),
