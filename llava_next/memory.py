@@ -35,7 +35,7 @@ def keep_freed_memory() -> None:
 
     By default glibc returns every large freed block (an activation of a few MB, a new one for each operation of a
     prompt) to the system, and the next operation's output is page-faulted in again, zeroed page by page: 390,000
-    faults and ~0.5 s of a 4 s float32 prompt of the medium benchmark model (BENCHMARKS.md). Kept, the freed blocks
+    faults and ~0.4 s of a 4.1 s float32 prompt of the medium benchmark model (BENCHMARKS.md). Kept, the freed blocks
     are reused and the prompt faults none. The peak is the same memory in use; what differs is that the allocator
     holds on to its free blocks afterwards until `release_free_memory` (the server's engine calls it when idle).
     LLAVA_NEXT_KEEP_FREED_MEMORY=0 leaves the allocator as it was. Once per process.

@@ -142,9 +142,9 @@ def test_compiled_decoding_gives_the_eager_tokens(tiny):
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_place(tiny, quantize):
-    # bfloat16 on the CPU (oneDNN's linears on blocked weights, int8, int4): whole key blocks, a
-    # masked tail, the KV write as an opaque op. 70 steps cross a key block's end and reach the space's last block,
-    # all on the graph compiled at the first.
+    # bfloat16 on the CPU (oneDNN's linears on blocked weights, int8, int4): attention over a cache slice growing by
+    # one key a step, the KV write as an opaque op. 70 steps cross a key block's end and reach the space's last
+    # block, all on the graph compiled at the first.
     from llava_next.model.decoder import KEY_BLOCK, KVCache
 
     pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", quantize=quantize, progress=False, prefix_cache=False,

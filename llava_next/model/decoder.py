@@ -106,8 +106,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     q (B, 1, H, D); keys, values (B, KV, capacity, D), of which the first `length` slots count; mask (B, 1, 1, length)
     or None -> (B, 1, H * D). The H / KV query heads that share a kv head are the query rows of one attention over
     that head's keys: SDPA's fused kernel with nothing repeated. On the CPU, given as H heads of one query with
-    `enable_gqa`, SDPA runs ~10x slower at 1.5k keys; two matmuls with the softmax between them measured 1.1-3.8x
-    slower than this, in bfloat16 and float32, at 60 to 1.5k keys (one layer of the medium and 7B shapes).
+    `enable_gqa`, SDPA runs ~10x slower at 1.5k keys; two matmuls with the softmax between them (the form before
+    this one) measured 1.1-4.4x slower in 15 of 16 cases of benchmarks/bench_decode_attention.py (BENCHMARKS.md).
     """
     b, _, heads, dim = q.shape
     kv_heads = keys.shape[1]
