@@ -249,6 +249,28 @@ def test_decode_attention_over_a_cache_slice_is_attention_over_exactly_those_key
                 assert relative_error(got[row : row + 1].float(), alone) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+def test_decode_attention_takes_sdpa_output_in_the_layout_cuda_returns(monkeypatch):
+    # CUDA's memory-efficient kernel (float32) returns (B, KV, H / KV, D) whose memory is (B, H / KV, KV, D): a
+    # view to (B, 1, H * D) failed on the GPU (found on an H200), so the CPU gets that layout here
+    import llava_next.model.decoder as decoder
+
+    torch.manual_seed(0)
+    b, kv_heads, heads, dim, length = 2, 4, 8, 16, 40
+    keys, values = torch.randn(2, b, kv_heads, length, dim)
+    q = torch.randn(b, 1, heads, dim)
+    expected = decoder.decode_attention(q, keys, values, length, None)
+    sdpa = decoder.F.scaled_dot_product_attention
+
+    def transposed_memory(*args, **kwargs):
+        out = sdpa(*args, **kwargs)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(decoder.F, "scaled_dot_product_attention", transposed_memory)
+    got = decoder.decode_attention(q, keys, values, length, None)
+    assert torch.equal(got, expected)
+    assert relative_error(got, reference_attention(q, keys, values, length, None)) < 1e-5
+
+
 def test_rope_in_fewer_operations_is_the_reference_rotation_bit_for_bit(tiny):
     from llava_next.model.decoder import Decoder, apply_rope
 

@@ -116,7 +116,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     # A slice of exactly `length` slots: padded to a longer span with a mask, the kernel's sums would change order
     # with the span (different floats for the same sequence in caches of different sizes).
     out = F.scaled_dot_product_attention(q, keys[:, :, :length], values[:, :, :length], attn_mask=mask)
-    return out.view(b, 1, heads * dim)
+    # reshape, not view: CUDA's memory-efficient kernel (float32) returns (B, H / KV, KV, D) memory seen transposed
+    return out.reshape(b, 1, heads * dim)
 
 
 def write_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, start: int) -> None:
