@@ -19,7 +19,10 @@ from dataclasses import dataclass
 import typing
 from typing import Callable, Iterator
 
+import contextlib
+
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .caches import ImageFeatureCache, PrefixCache, image_key, token_identities
 from .errors import LlavaError
@@ -418,9 +421,9 @@ class Scheduler:
             features = [seq.feature_rows[seq.rows_used : seq.rows_used + placeholders]]
             seq.rows_used += placeholders
         rows = slice(seq.slot, seq.slot + 1)
-        logits = model(torch.tensor([ids], device=device), image_features=features,
-                       cache=KVCache(self.cache.keys[:, rows], self.cache.values[:, rows]), start=begin,
-                       positions=torch.arange(begin, end, device=device)[None], logits_to_keep=1)
+        logits = self.engine.forward(torch.tensor([ids], device=device), image_features=features,
+                                     cache=KVCache(self.cache.keys[:, rows], self.cache.values[:, rows]), start=begin,
+                                     positions=torch.arange(begin, end, device=device)[None], logits_to_keep=1)
         seq.length = end
         if end < total:
             return
@@ -478,6 +481,22 @@ class Scheduler:
                 changed.append(seq)
 
 
+# The attention kernels for keys whose number changes from call to call: every prompt and every eager decoding step.
+# On Hopper and newer GPUs PyTorch prefers cuDNN's attention, which builds an execution plan for each new key length
+# (PyTorch's TORCH_CUDNN_SDPA_AVOID_RECOMPILE is opt-in). On an H200 (torch 2.11, cuDNN preferred) eager decoding,
+# one key more at every step, ran at 13-16 tokens/s on the medium preset and at 7B alike (64-73 ms a step whatever
+# the model's size, transformers' the same), where the same steps through CUDA graphs, one shape, ran at 300 and 100,
+# and the decoding attention of two matmuls before SDPA ran eagerly at 125 on an H100. Flash attention builds no
+# plan. (Not yet measured on a GPU with this setting.) A compiled step has one shape and keeps PyTorch's choice; the
+# vision tower's crops have one length and keep it too.
+VARYING_LENGTH_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def varying_length_attention(device: torch.device) -> contextlib.AbstractContextManager:
+    """Where the decoder's attention runs on `device` when its key length varies (above); a no-op on the CPU."""
+    return sdpa_kernel(VARYING_LENGTH_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class Engine:
     """Runs requests on the model. It owns the caches: image features by content, and the KV cache of the last
     finished sequence, which the next one reuses for the token ids it shares (the next turn of a conversation).
@@ -521,16 +540,21 @@ class Engine:
     def device(self) -> torch.device:
         return self.model.device
 
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """The model, eagerly: a prompt, or a decoding step that is not compiled."""
+        with varying_length_attention(self.device):
+            return self.model(*args, **kwargs)
+
     def decode(self, *args, **kwargs) -> torch.Tensor:
         if self.decode_step is self.model:
-            return self.model(*args, **kwargs)
+            return self.forward(*args, **kwargs)
         try:
             return self.decode_step(*args, **kwargs)
         except Exception as e:  # torch.compile needs a working C++ (or CUDA) toolchain: run eagerly without one
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "decoding eagerly instead")
             self.decode_step = self.model
-            return self.model(*args, **kwargs)
+            return self.forward(*args, **kwargs)
 
     def kv_space(self, slots: int, capacity: int) -> KVCache:
         """Zeroed keys and values for `slots` rows of `capacity` tokens. With static decoding the space is kept

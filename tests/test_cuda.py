@@ -73,3 +73,20 @@ def test_compiled_cuda_graph_decoding_gives_the_eager_tokens(tiny, quantize):
         else:  # bfloat16 sums in another order: the first tokens agree
             assert [g[:3] for g in got] == [w[:3] for w in want]
     assert compiled.engine.decode_step is not compiled.model  # it ran compiled, no eager fallback
+
+
+
+def test_eager_cuda_decoding_runs_no_cudnn_attention(tiny):
+    # cuDNN's attention builds a plan for every new key length: prompts and eager decoding steps run on flash
+    # attention (engine.VARYING_LENGTH_BACKENDS). A text-only prompt: the vision tower keeps PyTorch's choice.
+    from torch.profiler import ProfilerActivity, profile
+
+    pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", device="cuda", progress=False)
+    pipe.engine.eos_token_ids = []
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "Describe a red square."}]}]
+    pipe.generate(text_only, max_new_tokens=2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        pipe.generate(text_only, max_new_tokens=6)
+    attention = {e.key for e in prof.key_averages()
+                 if "scaled_dot_product" in e.key and e.key != "aten::scaled_dot_product_attention"}
+    assert attention and not any("cudnn" in name for name in attention), attention

@@ -211,6 +211,50 @@ def test_static_decoding_gives_the_same_tokens_and_reuses_its_kv_space(tiny, fam
     assert static.engine._kv_space is space  # the second request reused the first one's space
 
 
+def test_on_cuda_attention_over_varying_key_lengths_leaves_out_cudnn_and_restores_the_settings():
+    from llava_next.engine import varying_length_attention
+
+    cuda = torch.backends.cuda
+    before = (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+              cuda.math_sdp_enabled())
+    assert before[0]  # PyTorch's default, which the test would otherwise not see change
+    with varying_length_attention(torch.device("cuda")):
+        assert not cuda.cudnn_sdp_enabled()
+        assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled() and cuda.math_sdp_enabled()
+    with varying_length_attention(torch.device("cpu")):
+        assert cuda.cudnn_sdp_enabled()
+    assert (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+            cuda.math_sdp_enabled()) == before
+
+
+def test_prompts_and_eager_decoding_steps_run_under_the_varying_length_attention(tiny, monkeypatch):
+    import contextlib
+
+    import llava_next.engine as engine
+
+    pipe = llava_next.load(tiny("mistral"), dtype="float32", progress=False)
+    pipe.engine.eos_token_ids = []
+    entered = []
+
+    @contextlib.contextmanager
+    def recording(device):
+        entered.append(device.type)
+        yield
+
+    monkeypatch.setattr(engine, "varying_length_attention", recording)
+    calls = []
+    model_forward = type(pipe.model).forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(len(entered))
+        return model_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe.model), "forward", counted)
+    pipe.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=5)
+    # the prompt and four decoding steps, each model call inside its own entry
+    assert entered == ["cpu"] * 5 and calls == [1, 2, 3, 4, 5]
+
+
 def reference_attention(q, keys, values, length, mask):
     """One query per row, plainly in float32: q (B, 1, H, D) over the first `length` slots -> (B, 1, H * D)."""
     b, _, heads, dim = q.shape

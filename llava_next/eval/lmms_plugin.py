@@ -260,7 +260,8 @@ class LlavaNextLmms(lmms):
         counts = [len(whole) - common_prefix(processor(p, ims)["input_ids"][0].tolist(), whole)
                   for p, whole, (_, _, ims) in zip(prompts, wholes, items)]
         keep = max(counts) + 1
-        logits = model(**{k: v.to(model.device) for k, v in inputs.items()}, logits_to_keep=keep)  # (B, keep, V)
+        logits = self.pipe.engine.forward(**{k: v.to(model.device) for k, v in inputs.items()},
+                                          logits_to_keep=keep)  # (B, keep, V)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         out = []
         for row, (whole, n) in enumerate(zip(wholes, counts)):
