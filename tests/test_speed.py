@@ -55,6 +55,45 @@ def test_unmasked_attention_equals_the_masked_computation(tiny, load_pipeline):
     assert relative_error(unmasked, masked) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["vicuna", "mistral_window"])
+@pytest.mark.parametrize("keep", [1, 3])
+def test_the_last_positions_alone_give_the_whole_sequences_last_logits(name, keep, tiny, load_pipeline):
+    # the last layer computes its attention output and MLP at the kept positions only: unpadded (causal kernels),
+    # padded rows (masks), a sliding window smaller than the prompt, and a prompt continued in a cache (start > 0)
+    from llava_next.model.decoder import KVCache
+
+    pipe = load_pipeline(tiny(name))
+    model = pipe.model
+    window = model.cfg.text.layer_window(0)
+    inputs, _ = pipe.prepare([chat("Describe it."), chat("What colour is the large shape in the middle?")],
+                             [[smooth_image(300, 200)], [smooth_image(120, 260)]])
+    single, _ = pipe.prepare(chat("Describe it."), [smooth_image(300, 200)])
+    assert window is None or window < single["input_ids"].shape[1]  # the window really cuts the prompt
+    with torch.no_grad():
+        for batch in (single, inputs):
+            whole = model(**batch)[:, -keep:]
+            last = model(**batch, logits_to_keep=keep)
+            assert last.shape == whole.shape
+            assert relative_error(last, whole) < 1e-5
+        # a prompt in two chunks through a cache: the second chunk's last positions
+        text = model.cfg.text
+        ids, total = single["input_ids"], single["input_ids"].shape[1]
+        features = [model.image_features(single["pixel_values"], single["image_sizes"])[0]]
+        shape = (text.num_layers, 1, text.num_kv_heads, total, text.head_dim)
+        cache = KVCache(torch.zeros(shape), torch.zeros(shape))
+        split = total - 40  # the image's placeholders run on into the second chunk
+        first = int((ids[0, :split] == model.cfg.image_token_id).sum())
+        rest = [features[0][first:]]
+        model(ids[:, :split], image_features=[features[0][:first]], cache=cache, start=0,
+              positions=torch.arange(split)[None])
+        positions = torch.arange(split, total)[None]
+        whole = model(ids[:, split:], image_features=rest, cache=cache, start=split, positions=positions)[:, -keep:]
+        last = model(ids[:, split:], image_features=rest, cache=cache, start=split, positions=positions,
+                     logits_to_keep=keep)
+        assert relative_error(last, whole) < 1e-5
+        assert relative_error(last, model(**single)[:, -keep:]) < 1e-4
+
+
 def test_auto_dtype_follows_the_checkpoint_and_the_processor(tiny):
     cfg = read_config(tiny("vicuna") / "config.json")
     cpu, gpu = torch.device("cpu"), torch.device("cuda")

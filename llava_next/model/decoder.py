@@ -180,7 +180,9 @@ class Attention(nn.Module):
         return q, k, self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int | torch.Tensor,
-                is_causal: bool = False) -> torch.Tensor:
+                is_causal: bool = False, queries: int = 0) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C), or with `queries` the outputs of the last `queries` positions only: every
+        position's keys and values are still computed and stored."""
         b, t, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, KV, T, D), the cache's layout
@@ -196,6 +198,13 @@ class Attention(nn.Module):
             keys, values, length = cache.keys[self.layer], cache.values[self.layer], start + t
         else:
             keys, values, length = k, v, t
+        if queries:
+            q, t = q[:, -queries:], queries
+            if mask is not None:
+                mask = mask[:, :, -queries:]
+            elif is_causal and queries > 1:  # causal from the bottom right: SDPA's is_causal aligns the top left
+                mask = torch.ones(queries, length, dtype=torch.bool, device=q.device).tril(length - queries)
+            is_causal = False  # (one last query sees every key)
         if t == 1:
             return self.o_proj(decode_attention(q, keys, values, length, mask))
         # Grouped-query attention: each kv head serves num_heads / num_kv_heads query heads, without copying.
@@ -239,8 +248,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, fused)
 
-    def forward(self, x, cos, sin, masks, cache, start, is_causal=False) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.window], cache, start, is_causal)
+    def forward(self, x, cos, sin, masks, cache, start, is_causal=False, queries: int = 0) -> torch.Tensor:
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, masks[self.window], cache, start, is_causal,
+                                  queries)
+        x = (x[:, -queries:] if queries else x) + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -316,7 +327,8 @@ class Decoder(nn.Module):
         key_mask: torch.Tensor | None,  # (B, S) with S = start + T: which cache slots hold real tokens; None: all
         cache: KVCache | None = None,
         start: int | torch.Tensor = 0,  # cache slot of the first query; (B,): each row's slot of its one query
-    ) -> torch.Tensor:  # hidden states after the final norm: (B, T, C)
+        outputs: int = 0,  # the last positions whose hidden states are wanted (0: all)
+    ) -> torch.Tensor:  # hidden states after the final norm: (B, T, C), or (B, outputs, C)
         t = embeds.shape[1]
         cos, sin = self.rope_tables(positions, embeds.dtype)
         windows = {layer.window for layer in self.layers}
@@ -339,10 +351,14 @@ class Decoder(nn.Module):
             slots = torch.arange(start, start + t, device=embeds.device)
             masks, is_causal = self.attention_masks(slots, key_mask), False
         x = embeds
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            # The last layer's attention output and MLP are needed at the wanted positions only (a prompt's last
+            # token, for its first generated one): 5% of a 12-layer decoder's prompt, which transformers computes
+            # and then drops. Its keys and values are stored for every position as before.
+            queries = outputs if i == len(self.layers) - 1 and 0 < outputs < t else 0
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks, cache, start, is_causal,
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks, cache, start, is_causal, queries,
                                                       use_reentrant=False)
             else:
-                x = layer(x, cos, sin, masks, cache, start, is_causal)
+                x = layer(x, cos, sin, masks, cache, start, is_causal, queries)
         return self.norm(x)

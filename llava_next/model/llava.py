@@ -174,7 +174,7 @@ class LlavaModel(nn.Module):
         if positions is None:
             positions = positions_from_mask(attention_mask if attention_mask is not None
                                             else torch.ones_like(input_ids, dtype=torch.bool))
-        hidden = self.language_model(embeds, positions, key_mask, cache, start)
+        hidden = self.language_model(embeds, positions, key_mask, cache, start, outputs=logits_to_keep)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden)
