@@ -10,6 +10,7 @@ together, and since no row is ever padded, a prompt's answer does not depend on 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -18,8 +19,6 @@ from collections import deque
 from dataclasses import dataclass
 import typing
 from typing import Callable, Iterator
-
-import contextlib
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
