@@ -26,12 +26,14 @@ timeout "${TESTS_S:-150}" python3 -m pytest -p no:cacheprovider -q --durations=5
 echo "exit $?" >> "$OUT/tests.txt"
 tail -25 "$OUT/tests.txt"
 echo "== profile ($SECONDS s)"
-timeout "${PROFILE_S:-75}" python3 benchmarks/profile_first_token.py --device "$DEVICE" --preset "${PROFILE_PRESET:-medium}" \
+timeout "${PROFILE_S:-90}" python3 benchmarks/profile_first_token.py --device "$DEVICE" --preset "${PROFILE_PRESET:-medium}" \
     --dtype bfloat16 --top 15 > "$OUT/profile.txt" 2>&1
 echo "exit $?" >> "$OUT/profile.txt"
 grep -v "^USDT" "$OUT/profile.txt" | grep -E "first token|stage|kernel launches|Synchron|Memcpy|exit"
 echo "== bench ($SECONDS s)"
-timeout $(( ${TOTAL_S:-560} - SECONDS )) python3 benchmarks/bench_generate.py --device "$DEVICE" --preset "${PRESET:-mistral-7b}" \
+left=$(( ${TOTAL_S:-560} - SECONDS ))
+[ "$left" -gt 30 ] || { echo "no time left for the benchmark"; exit 1; }
+timeout "$left" python3 benchmarks/bench_generate.py --device "$DEVICE" --preset "${PRESET:-mistral-7b}" \
     --modes "${MODES:-bfloat16+compile,int8+compile,int4+compile,bfloat16}" --reference bfloat16 \
     --rounds "${ROUNDS:-1}" --new-tokens "${NEW_TOKENS:-64}" > "$OUT/bench.txt" 2>&1
 echo "exit $?" >> "$OUT/bench.txt"

@@ -32,7 +32,6 @@ def synchronize(device: str) -> None:
 
 def profile_counts(run, device: str, top: int) -> str:
     """Kernel launches, synchronisations and the host's costliest operations in one call of `run`."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
@@ -48,7 +47,6 @@ def profile_counts(run, device: str, top: int) -> str:
             counts[e.key] += e.count
     lines = [f"  {k}: {v}" for k, v in sorted(counts.items())]
     lines.append(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48))
-    del torch
     return "\n".join(lines)
 
 
@@ -63,8 +61,6 @@ def report(name: str, answer, args) -> None:
 
 
 def ours(directory: Path, args) -> None:
-    import torch
-
     import llava_next
     from llava_next.engine import Engine, Scheduler
 
@@ -106,7 +102,6 @@ def ours(directory: Path, args) -> None:
         answer()
     for label, times in stages.items():
         print(f"  stage {label:48} {statistics.median(times) * 1e3:8.2f} ms")
-    del torch
 
 
 def transformers_reference(directory: Path, args) -> None:

@@ -69,29 +69,36 @@ def test_the_last_positions_alone_give_the_whole_sequences_last_logits(name, kee
                              [[smooth_image(300, 200)], [smooth_image(120, 260)]])
     single, _ = pipe.prepare(chat("Describe it."), [smooth_image(300, 200)])
     assert window is None or window < single["input_ids"].shape[1]  # the window really cuts the prompt
-    with torch.no_grad():
-        for batch in (single, inputs):
-            whole = model(**batch)[:, -keep:]
-            last = model(**batch, logits_to_keep=keep)
-            assert last.shape == whole.shape
+    seen = []  # the rows the last layer's MLP computes
+    hook = model.language_model.layers[-1].mlp.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            for batch in (single, inputs):
+                whole = model(**batch)[:, -keep:]
+                last = model(**batch, logits_to_keep=keep)
+                assert last.shape == whole.shape
+                assert relative_error(last, whole) < 1e-5
+                assert seen[-2:] == [batch["input_ids"].shape[1], keep]  # all positions, then only the kept ones
+            # a prompt in two chunks through a cache: the second chunk's last positions
+            text = model.cfg.text
+            ids, total = single["input_ids"], single["input_ids"].shape[1]
+            features = [model.image_features(single["pixel_values"], single["image_sizes"])[0]]
+            shape = (text.num_layers, 1, text.num_kv_heads, total, text.head_dim)
+            cache = KVCache(torch.zeros(shape), torch.zeros(shape))
+            split = total - 40  # the image's placeholders run on into the second chunk
+            first = int((ids[0, :split] == model.cfg.image_token_id).sum())
+            rest = [features[0][first:]]
+            model(ids[:, :split], image_features=[features[0][:first]], cache=cache, start=0,
+                  positions=torch.arange(split)[None])
+            positions = torch.arange(split, total)[None]
+            whole = model(ids[:, split:], image_features=rest, cache=cache, start=split, positions=positions)[:, -keep:]
+            last = model(ids[:, split:], image_features=rest, cache=cache, start=split, positions=positions,
+                         logits_to_keep=keep)
             assert relative_error(last, whole) < 1e-5
-        # a prompt in two chunks through a cache: the second chunk's last positions
-        text = model.cfg.text
-        ids, total = single["input_ids"], single["input_ids"].shape[1]
-        features = [model.image_features(single["pixel_values"], single["image_sizes"])[0]]
-        shape = (text.num_layers, 1, text.num_kv_heads, total, text.head_dim)
-        cache = KVCache(torch.zeros(shape), torch.zeros(shape))
-        split = total - 40  # the image's placeholders run on into the second chunk
-        first = int((ids[0, :split] == model.cfg.image_token_id).sum())
-        rest = [features[0][first:]]
-        model(ids[:, :split], image_features=[features[0][:first]], cache=cache, start=0,
-              positions=torch.arange(split)[None])
-        positions = torch.arange(split, total)[None]
-        whole = model(ids[:, split:], image_features=rest, cache=cache, start=split, positions=positions)[:, -keep:]
-        last = model(ids[:, split:], image_features=rest, cache=cache, start=split, positions=positions,
-                     logits_to_keep=keep)
-        assert relative_error(last, whole) < 1e-5
-        assert relative_error(last, model(**single)[:, -keep:]) < 1e-4
+            assert relative_error(last, model(**single)[:, -keep:]) < 1e-4
+    finally:
+        hook.remove()
 
 
 def test_auto_dtype_follows_the_checkpoint_and_the_processor(tiny):
@@ -277,21 +284,21 @@ def test_prompts_and_eager_decoding_steps_run_under_the_varying_length_attention
 
     @contextlib.contextmanager
     def recording(device):
-        entered.append(device.type)
+        entered.append(f"enter {device.type}")
         yield
+        entered.append("exit")
 
     monkeypatch.setattr(engine, "varying_length_attention", recording)
-    calls = []
     model_forward = type(pipe.model).forward
 
     def counted(self, *args, **kwargs):
-        calls.append(len(entered))
+        entered.append("model")
         return model_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(type(pipe.model), "forward", counted)
     pipe.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=5)
     # the prompt and four decoding steps, each model call inside its own entry
-    assert entered == ["cpu"] * 5 and calls == [1, 2, 3, 4, 5]
+    assert entered == ["enter cpu", "model", "exit"] * 5
 
 
 def reference_attention(q, keys, values, length, mask):

@@ -116,7 +116,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     # A slice of exactly `length` slots: padded to a longer span with a mask, the kernel's sums would change order
     # with the span (different floats for the same sequence in caches of different sizes).
     out = F.scaled_dot_product_attention(q, keys[:, :, :length], values[:, :, :length], attn_mask=mask)
-    # reshape, not view: CUDA's memory-efficient kernel (float32) returns (B, H / KV, KV, D) memory seen transposed
+    # reshape, not view: CUDA's flash and memory-efficient kernels return (B, KV, H / KV, D) whose memory is laid out
+    # (B, H / KV, KV, D) (a view failed on an H200 in float32)
     return out.reshape(b, 1, heads * dim)
 
 
@@ -328,7 +329,7 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         start: int | torch.Tensor = 0,  # cache slot of the first query; (B,): each row's slot of its one query
         outputs: int = 0,  # the last positions whose hidden states are wanted (0: all)
-    ) -> torch.Tensor:  # hidden states after the final norm: (B, T, C), or (B, outputs, C)
+    ) -> torch.Tensor:  # hidden states after the final norm: (B, T, C); (B, outputs, C) when 0 < outputs < T
         t = embeds.shape[1]
         cos, sin = self.rope_tables(positions, embeds.dtype)
         windows = {layer.window for layer in self.layers}
