@@ -181,9 +181,9 @@ def run_ours(cache: Path, mode: str, args) -> dict:
 
     quantize = mode if mode in ("int8", "int4", "w8a8") else None
     dtype = mode if mode in ("float32", "bfloat16") else "bfloat16"
+    # no prefix cache: the warm-up prompt must not shorten the timed prefill
     pipe = llava_next.load(build_checkpoint(cache, args.preset), dtype=dtype, quantize=quantize, progress=False,
-                           prefix_cache=False, compile=args.compile)  # (no prefix cache: the warm-up prompt must
-    # not shorten the timed prefill)
+                           prefix_cache=False, compile=args.compile)
     pipe.engine.eos_token_ids = []
     ids = torch.tensor([prompt_ids(args.prompt_tokens, pipe.config.text.vocab_size)])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -482,15 +482,13 @@ class Scheduler:
 
 # The attention kernels for keys whose number changes from call to call: every prompt and every eager decoding step.
 # On Hopper and Blackwell GPUs with a cuDNN newer than 9.15 (PyTorch's CUDA 13 builds) PyTorch prefers cuDNN's
-# attention, which builds an execution plan for each new key length (PyTorch's TORCH_CUDNN_SDPA_AVOID_RECOMPILE is
-# opt-in). On an H200 (torch 2.11+cu130) eager decoding,
-# one key more at every step, ran at 13-16 tokens/s on the medium preset and at 7B alike (64-73 ms a step whatever
-# the model's size, transformers' the same), where the same steps through CUDA graphs, one shape, ran at 300 and 100,
-# and the decoding attention of two matmuls before SDPA ran eagerly at 125 on an H100. Flash attention builds no
-# plan. (Not yet measured on a GPU with this setting.) A compiled step has one shape and keeps PyTorch's choice; the
-# vision tower's crops have one length and keep it too, except in lmms-eval's scoring, which runs the whole model in
-# one call. PyTorch's backend settings are process-wide: a second thread running attention meanwhile (another
-# pipeline) runs under them too, which changes which kernel runs, not what it computes.
+# attention, which builds an execution plan for each new key length (TORCH_CUDNN_SDPA_AVOID_RECOMPILE is opt-in). On
+# an H200 (torch 2.11+cu130) eager decoding, one key more at every step, ran at 13-16 tokens/s on the medium preset
+# and at 7B alike (64-73 ms a step whatever the size; transformers' the same), where CUDA graphs (one shape) ran at
+# 300 and 100. Flash attention builds no plan. (Not yet measured on a GPU with this setting.) A compiled step keeps
+# PyTorch's choice, and so does the vision tower (one crop length) except in lmms-eval's scoring, which runs the
+# whole model in one call. The settings are process-wide: another thread's attention meanwhile runs under them too,
+# which changes its kernel, not what it computes.
 VARYING_LENGTH_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

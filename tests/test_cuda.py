@@ -75,7 +75,6 @@ def test_compiled_cuda_graph_decoding_gives_the_eager_tokens(tiny, quantize):
     assert compiled.engine.decode_step is not compiled.model  # it ran compiled, no eager fallback
 
 
-
 def test_eager_cuda_decoding_runs_no_cudnn_attention(tiny):
     # cuDNN's attention builds a plan for every new key length: prompts and eager decoding steps run on flash
     # attention (engine.VARYING_LENGTH_BACKENDS). PyTorch prefers cuDNN only on some GPUs and builds, so cuDNN is put

@@ -340,7 +340,7 @@ def test_decode_attention_over_a_cache_slice_is_attention_over_exactly_those_key
 
 
 def test_decode_attention_takes_sdpa_output_in_the_layout_cuda_returns(monkeypatch):
-    # CUDA's memory-efficient kernel (float32) returns (B, KV, H / KV, D) whose memory is (B, H / KV, KV, D): a
+    # CUDA's flash and memory-efficient kernels return (B, KV, H / KV, D) whose memory is (B, H / KV, KV, D): a
     # view to (B, 1, H * D) failed on the GPU (found on an H200), so the CPU gets that layout here
     import llava_next.model.decoder as decoder
 

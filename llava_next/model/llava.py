@@ -174,9 +174,8 @@ class LlavaModel(nn.Module):
         if positions is None:
             positions = positions_from_mask(attention_mask if attention_mask is not None
                                             else torch.ones_like(input_ids, dtype=torch.bool))
+        # (B, T, C), or the last logits_to_keep positions only: the decoder computes no more
         hidden = self.language_model(embeds, positions, key_mask, cache, start, outputs=logits_to_keep)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden)
 
 
