@@ -3,6 +3,8 @@ checkpoints written once and read back."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,8 @@ import llava_next
 from conftest import smooth_image
 from llava_next.cli import main
 from llava_next.pipeline import save_quantized
-from llava_next.quantize import (DECODE_ROWS, INT4_KERNEL_ROWS, INT8_KERNEL_ROWS, FastLinear, Int4Linear, Int8Linear,
+from llava_next.quantize import (BLOCKED_ROWS, DECODE_ROWS, INT4_KERNEL_ROWS, INT8_KERNEL_ROWS, FastLinear, Int4Linear,
+                                 Int8Linear,
                                  QuantizeError, W8A8Linear, can_pack, convert_linears, cpu_int4_layout_is_known,
                                  dequantize_int4, dequantize_int4_transposed, int4_weights, int8_weights, pack_nibbles,
                                  quantized_state, unpack_cpu_int4_transposed, unpack_nibbles)
@@ -305,3 +308,53 @@ def test_a_prompts_matmul_a_slice_of_output_features_at_a_time_equals_the_whole_
         expected = F.linear(x, weight, base.bias)
         monkeypatch.setattr(quantize, "PROMPT_SLICE_BYTES", 256 * 4 * 50)  # 50 features a slice (int4: 64)
         assert relative_error(module(x), expected) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_int8_layer_in_column_blocks_gives_the_plain_layers_values_eagerly(dtype, monkeypatch):
+    import llava_next.quantize as quantize
+
+    base = linear(in_features=256, out_features=208, dtype=dtype)  # 13 blocks of 16 columns
+    plain, blocked = Int8Linear.from_linear(base), Int8Linear.from_linear(base)
+    blocked.block_columns()
+    assert blocked.blocked and blocked.weight.shape == (13, 256, 16)
+    assert torch.equal(blocked.weight[2, :, 3], plain.weight[2 * 16 + 3])  # block b, column c: output 16 b + c
+    assert torch.equal(blocked.values(), plain.weight)
+    assert torch.equal(blocked.values(slice(5, 37)), plain.weight[5:37])  # rows across block boundaries
+    assert torch.equal(blocked.dequantized(dtype, slice(16, 48)), plain.dequantized(dtype, slice(16, 48)))
+    assert torch.equal(quantized_state(blocked)["weight"], plain.weight)  # saved as the plain layout
+    # eagerly, few rows: PyTorch's kernel on 48 output features unblocked at a time (five slices, the last short)
+    monkeypatch.setattr(quantize, "QUANTIZE_SLICE_BYTES", 256 * 48)
+    with torch.inference_mode():
+        for rows in (1, BLOCKED_ROWS + 1, INT8_KERNEL_ROWS + 1):  # the kernel, then the prompt path
+            x = torch.randn(2, rows, 256).to(dtype)
+            torch.testing.assert_close(blocked(x), plain(x), rtol=0, atol=0)
+    blocked.unblock_columns()
+    assert not blocked.blocked and torch.equal(blocked.weight, plain.weight)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_compiled_step_multiplies_column_blocks_as_pytorchs_int8_kernel_does(dtype, monkeypatch):
+    import llava_next.quantize as quantize
+
+    traced = []
+
+    def blocked_int8_matmul(*args):
+        traced.append(args[0].shape[0])
+        return quantize_blocked(*args)
+
+    quantize_blocked = quantize.blocked_int8_matmul
+    monkeypatch.setattr(quantize, "blocked_int8_matmul", blocked_int8_matmul)
+    base = linear(in_features=256, out_features=208, dtype=dtype)
+    plain, blocked = Int8Linear.from_linear(base), Int8Linear.from_linear(base)
+    blocked.block_columns()
+    norm = nn.RMSNorm(256).to(dtype)  # a producer of the rows, which inductor would fuse into the matmul's loop
+    step = torch.compile(lambda x: blocked(norm(x)), dynamic=True)
+    with torch.inference_mode():
+        for rows in (1, 2, BLOCKED_ROWS, BLOCKED_ROWS + 1):
+            x = torch.randn(rows, 256).to(dtype)
+            got, want = step(x), plain(norm(x))
+            assert got.dtype == dtype and got.shape == (rows, 208)
+            assert relative_error(got, want) < (1e-6 if dtype == torch.float32 else 8e-3), rows
+    assert traced and max(traced) <= BLOCKED_ROWS  # the column-blocked form was compiled in, for few rows only

@@ -15,7 +15,7 @@ from llava_next.checkpoint import CheckpointError, read_safetensors_index
 from llava_next.config import read_config
 from llava_next.memory import libc
 from llava_next.pipeline import cpu_has_native_bf16, resolve_dtype
-from llava_next.quantize import FastLinear, can_pack
+from llava_next.quantize import BLOCK_COLUMNS, FastLinear, Int8Linear, can_pack
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -216,8 +216,46 @@ def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_plac
             token = want[:, -1].argmax(-1, keepdim=True)
     assert engine.decode_step is not model
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    # int8 layers (int4's fallbacks too) in column blocks; the tiny vocabulary, not a multiple of 16, keeps the
+    # lm_head plain
+    int8_layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert all(m.blocked == (m.out_features % BLOCK_COLUMNS == 0) for m in int8_layers)
+    if quantize == "int8":
+        assert sum(m.blocked for m in int8_layers) == len(pipe.quantization["layers"]) - 1
     if quantize is None:  # compiled with the eager step's oneDNN linears on blocked weights, not plain nn.Linear
         assert isinstance(model.lm_head, FastLinear) and model.lm_head.weight.is_mkldnn == can_pack(torch.empty(0, dtype=torch.bfloat16))
+
+
+def test_int8_weights_leave_the_column_blocks_for_a_server_and_for_eager_decoding(tiny):
+    # Compiled CPU steps of one row multiply int8 weights in column blocks; a server's steps carry many rows, which
+    # PyTorch's kernel multiplies in one pass over the weights; eager decoding (the compile failed) runs that kernel.
+    from llava_next.engine import BackgroundEngine
+
+    expected = llava_next.load(tiny("mistral"), dtype="bfloat16", quantize="int8", progress=False,
+                               prefix_cache=False).generate(chat("Describe it."), [smooth_image(300, 200)],
+                                                            max_new_tokens=5).token_ids
+
+    def compiled_int8():
+        pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", quantize="int8", progress=False, prefix_cache=False,
+                               compile=True)
+        layers = [m for m in pipe.model.modules() if isinstance(m, Int8Linear)]
+        assert sum(m.blocked for m in layers) == len(layers) - 1  # all but the lm_head (a tiny vocabulary)
+        return pipe, layers
+
+    pipe, layers = compiled_int8()
+    server = BackgroundEngine(pipe.engine, slots=4, capacity=512)
+    server.shutdown()
+    assert not any(m.blocked for m in layers)
+
+    pipe, layers = compiled_int8()
+
+    def compile_failed(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    pipe.engine.decode_step = compile_failed
+    with pytest.warns(UserWarning, match="decoding eagerly instead"):
+        got = pipe.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=5).token_ids
+    assert not any(m.blocked for m in layers) and got == expected
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
