@@ -10,6 +10,12 @@ bandwidth. Kernels, each at its mode's bytes per weight:
   int8            torch._weight_int8pack_mm: int8 weights, bfloat16 row (the int8 mode)
   int8 x int8     torch._int_mm on an int8 row (what w8a8 would run to decode; its prompts already do)
   int4            torch._weight_int4pack_mm_for_cpu, groups of 128 (the int4 mode)
+  int8 blocks     the int8 weights in column blocks through inductor's loop (llava_next.quantize.
+                  blocked_int8_matmul, what a compiled CPU step runs; one compiled graph over all the matrices)
+
+`--step-rows` times the int8 forms at decoding steps of several rows (many requests decoded together): PyTorch's
+kernel, the column blocks compiled, and dequantizing a slice at a time (what an int8 layer does above a kernel's rows);
+what sets quantize.BLOCKED_ROWS.
 
 `--prompt-rows` adds what a prompt's matmul costs on the preset's gate/up matrix at those row counts: the
 package's int8 and int4 layers (`llava_next.quantize`, as they run: weight-only kernels up to a few rows, int4's
@@ -17,6 +23,7 @@ kernel up to INT4_KERNEL_ROWS, above that the weights dequantized a slice at a t
 bfloat16 as the floor.
 
     python benchmarks/bench_kernels.py --preset medium
+    python benchmarks/bench_kernels.py --preset medium --step-rows 1,2,4,8,16
     python benchmarks/bench_kernels.py --preset mistral-7b --layers 8   # 8 of its 32 layers: 1.6 GB in bf16
     python benchmarks/bench_kernels.py --preset mistral-7b --layers 0 --prompt-rows 16,64,256,512,1512
 """
@@ -77,8 +84,52 @@ def kernels(matrices: list[tuple[int, int]]) -> dict:
         for (w, sz), (_, k) in zip(int4, matrices):
             torch._weight_int4pack_mm_for_cpu(rows[k], w, 128, sz)
 
+    run_int8_blocks = int8_forms(matrices, int8, rows)["column blocks, compiled"]
     return {"bfloat16": (run_bf16, 2 * weights), "int8": (run_int8, weights),
-            "int8 x int8": (run_int8_int8, weights), "int4": (run_int4, weights // 2)}
+            "int8 x int8": (run_int8_int8, weights), "int4": (run_int4, weights // 2),
+            "int8 blocks": (run_int8_blocks, weights)}
+
+
+def int8_forms(matrices: list[tuple[int, int]], int8: list[tuple[torch.Tensor, torch.Tensor]],
+               rows: dict[int, torch.Tensor]) -> dict:
+    """{form: a function multiplying `rows` (by input width) by every int8 matrix}: PyTorch's kernel, the package's
+    int8 layers in column blocks through one compiled graph, and dequantized a slice at a time."""
+    from llava_next.quantize import BLOCK_COLUMNS, PROMPT_SLICE_BYTES, Int8Linear, blocked_int8_matmul, \
+        matmul_by_output_slices, rows_per_slice
+
+    layers = []
+    for (n, k), (w, s) in zip(matrices, int8):
+        layer = Int8Linear(k, n, False, torch.bfloat16, "meta")
+        layer.weight, layer.scales = w, s
+        layers.append(layer)
+    blocks = [w.view(-1, BLOCK_COLUMNS, w.shape[1]).transpose(1, 2).contiguous() for w, _ in int8]
+    compiled = torch.compile(lambda: [blocked_int8_matmul(rows[b.shape[1]], b, s) for b, (_, s) in zip(blocks, int8)],
+                             dynamic=True)
+
+    def dequantized():
+        for layer in layers:
+            x = rows[layer.in_features]
+            step = rows_per_slice(PROMPT_SLICE_BYTES, layer.in_features * 2, BLOCK_COLUMNS)
+            matmul_by_output_slices(x, layer.out_features, step,
+                                    lambda first, last: layer.dequantized(x.dtype, slice(first, last)).t())
+
+    return {"PyTorch's kernel": lambda: [torch._weight_int8pack_mm(rows[w.shape[1]], w, s) for w, s in int8],
+            "column blocks, compiled": compiled, "dequantized": dequantized}
+
+
+def step_matmuls(matrices: list[tuple[int, int]], row_counts: list[int], repeats: int) -> dict:
+    """Milliseconds of a decoding step's int8 matmuls at each row count, per form."""
+    generator = torch.Generator().manual_seed(0)
+    int8 = [(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator), torch.rand(n).bfloat16())
+            for n, k in matrices]
+    results = {}
+    with torch.inference_mode():
+        for count in row_counts:
+            rows = {k: torch.randn(count, k, generator=generator).bfloat16() for _, k in matrices}
+            forms = int8_forms(matrices, int8, rows)
+            results[count] = {name: median_seconds(fn, repeats) * 1e3 for name, fn in forms.items()}
+            print(f"  {count:3d} rows  " + "  ".join(f"{name} {ms:7.1f} ms" for name, ms in results[count].items()))
+    return results
 
 
 def prompt_matmuls(preset: str, row_counts: list[int], repeats: int) -> dict:
@@ -120,6 +171,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=list(PRESETS), default="medium")
     parser.add_argument("--layers", type=int, help="decoder layers to run (default: all of the preset's)")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--step-rows", help="also time the int8 forms at decoding steps of these rows, e.g. 1,2,4,8")
     parser.add_argument("--prompt-rows", help="also time prompt-sized matmuls at these row counts, e.g. 16,256,1512")
     args = parser.parse_args()
     layer, head, count = decoder_shapes(args.preset)
@@ -139,8 +191,12 @@ def main() -> None:
         print(f"a prompt's matmul on the {'x'.join(map(str, decoder_shapes(args.preset)[0][2]))} gate/up matrix "
               f"(median of {max(3, args.repeats // 5)}):")
         prompts = prompt_matmuls(args.preset, [int(r) for r in args.prompt_rows.split(",")], max(3, args.repeats // 5))
+    steps = {}
+    if args.step_rows and count:
+        print(f"a decoding step's int8 matmuls at several rows (median of {max(3, args.repeats // 3)}):")
+        steps = step_matmuls(matrices, [int(r) for r in args.step_rows.split(",")], max(3, args.repeats // 3))
     print(json.dumps({"preset": args.preset, "layers": count, "bandwidth_gb_s": bandwidth, "results": results,
-                      "prompt_matmul_ms": prompts}))
+                      "step_matmul_ms": steps, "prompt_matmul_ms": prompts}))
 
 
 if __name__ == "__main__":

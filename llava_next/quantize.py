@@ -45,11 +45,11 @@ DECODE_ROWS = 8  # up to this many rows, weight-only kernels; above, dequantize 
 # (int8) / ~300 ms (int4) whatever the rows, the int8 kernel ~2 ms a row, the int4 kernel ~1.4 ms a row.
 INT8_KERNEL_ROWS = 64
 INT4_KERNEL_ROWS = 256
-# Compiled CPU decoding steps hold int8 weights in column blocks (Int8Linear.block_columns): BLOCK_COLUMNS outputs
-# side by side, and up to BLOCKED_ROWS rows through them (each row is its own pass over the weights; beyond that,
-# dequantizing is cheaper). Measured in BENCHMARKS.md ("int8 in column blocks").
+# Compiled CPU decoding steps hold int8 weights in column blocks (Int8Linear.block_columns), BLOCK_COLUMNS outputs
+# side by side, and multiply up to BLOCKED_ROWS rows through them: each row is its own pass over the weights, which
+# up to 8 rows still beats dequantizing them (`benchmarks/bench_kernels.py --step-rows`, BENCHMARKS.md).
 BLOCK_COLUMNS = 16
-BLOCKED_ROWS = 6
+BLOCKED_ROWS = 8
 QUANTIZE_SLICE_BYTES = 4 * 2**20
 PROMPT_SLICE_BYTES = 16 * 2**20
 
