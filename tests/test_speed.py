@@ -3,6 +3,7 @@ tower, reading weights straight into parameters, and the dtype that `auto` picks
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -201,6 +202,7 @@ def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_plac
     compiled_cache = engine.kv_space(1, length + steps)  # rounded past a whole block (one layout for every step)
     assert compiled_cache.capacity % KEY_BLOCK == 1 and compiled_cache.capacity > length + steps
     eager_cache = KVCache.allocate(model.cfg.text, 1, length + steps, torch.bfloat16, "cpu")
+    blocked_int8 = any(isinstance(m, Int8Linear) and m.blocked for m in model.modules())
     torch._dynamo.utils.counters.clear()
     with torch.inference_mode():
         for cache in (compiled_cache, eager_cache):
@@ -210,9 +212,13 @@ def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_plac
             at = dict(start=position, positions=torch.tensor([[position]]), logits_to_keep=1)
             got = engine.decode(token, cache=compiled_cache, **at)
             want = model(token, cache=eager_cache, **at)
-            assert torch.equal(got, want), step  # fused arithmetic rounded as eager rounds it: the same floats
+            # fused arithmetic rounded as eager rounds it: the same floats. int8 layers excepted (int4's fallbacks
+            # too): a compiled step multiplies their column blocks exactly (float32 sums of int8 x bfloat16
+            # products, then the scales), an eager step on them the weights dequantized to bfloat16 (each rounded)
+            same = torch.equal if not blocked_int8 else functools.partial(torch.allclose, rtol=2e-2, atol=4e-3)
+            assert same(got, want), step
             # written in place, in the caller's cache: the next step reads this token's keys
-            assert torch.equal(compiled_cache.keys[:, :, :, position], eager_cache.keys[:, :, :, position]), step
+            assert same(compiled_cache.keys[:, :, :, position], eager_cache.keys[:, :, :, position]), step
             token = want[:, -1].argmax(-1, keepdim=True)
     assert engine.decode_step is not model
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
@@ -242,10 +248,17 @@ def test_int8_weights_leave_the_column_blocks_for_a_server_and_for_eager_decodin
         assert sum(m.blocked for m in layers) == len(layers) - 1  # all but the lm_head (a tiny vocabulary)
         return pipe, layers
 
+    def answer(pipe):
+        return pipe.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=5).token_ids
+
     pipe, layers = compiled_int8()
+    assert answer(pipe) == expected
     server = BackgroundEngine(pipe.engine, slots=4, capacity=512)
     server.shutdown()
     assert not any(m.blocked for m in layers)
+    assert answer(pipe) == expected  # the step compiled for the blocks, compiled again for the plain layout
+    if shutil.which("g++") or shutil.which("c++"):
+        assert pipe.engine.decode_step is not pipe.model
 
     pipe, layers = compiled_int8()
 
@@ -254,7 +267,7 @@ def test_int8_weights_leave_the_column_blocks_for_a_server_and_for_eager_decodin
 
     pipe.engine.decode_step = compile_failed
     with pytest.warns(UserWarning, match="decoding eagerly instead"):
-        got = pipe.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=5).token_ids
+        got = answer(pipe)
     assert not any(m.blocked for m in layers) and got == expected
 
 
