@@ -36,7 +36,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="int8 / int4: weight-only (smaller, faster decoding); w8a8: int8 weights and activations "
                         "(faster prompts on CPUs with VNNI). Default: none")
     p.add_argument("--compile", action="store_true",
-                   help="run decoding steps through torch.compile (CUDA graphs on a GPU; on a CPU 1.1-1.8x faster "
+                   help="run decoding steps through torch.compile (CUDA graphs on a GPU; on a CPU 1.1-2x faster "
                         "decoding after a compile of 5-40 s, most with --quantize int8)")
     p.add_argument("--group-size", type=int, default=default_of(load, "group_size"), choices=list(GROUP_SIZES),
                    help=f"inputs per int4 scale (default {default_of(load, 'group_size')})")
