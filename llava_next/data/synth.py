@@ -11,7 +11,6 @@ writes DIR/images/*.png, DIR/captions.json (stage 1) and DIR/qa.json (stage 2, K
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
