@@ -13,9 +13,9 @@ bandwidth. Kernels, each at its mode's bytes per weight:
   int8 blocks     the int8 weights in column blocks through inductor's loop (llava_next.quantize.
                   blocked_int8_matmul, what a compiled CPU step runs; one compiled graph over all the matrices)
 
-`--step-rows` times the int8 forms at decoding steps of several rows (many requests decoded together): PyTorch's
-kernel, the column blocks compiled, and dequantizing a slice at a time (what an int8 layer does above a kernel's rows);
-what sets quantize.BLOCKED_ROWS.
+`--step-rows` times the int8 layers' forms at several rows (a decoding step of many requests; a prompt at ~1.5k):
+plain (PyTorch's kernel up to 64 rows, dequantized above), in column blocks compiled, and in column blocks eagerly
+(dequantized); what sets quantize.BLOCKED_ROWS, and what the blocks cost a prompt.
 
 `--prompt-rows` adds what a prompt's matmul costs on the preset's gate/up matrix at those row counts: the
 package's int8 and int4 layers (`llava_next.quantize`, as they run: weight-only kernels up to a few rows, int4's
@@ -23,7 +23,7 @@ kernel up to INT4_KERNEL_ROWS, above that the weights dequantized a slice at a t
 bfloat16 as the floor.
 
     python benchmarks/bench_kernels.py --preset medium
-    python benchmarks/bench_kernels.py --preset medium --step-rows 1,2,4,8,16
+    python benchmarks/bench_kernels.py --preset medium --step-rows 1,2,4,6,8,16,1512
     python benchmarks/bench_kernels.py --preset mistral-7b --layers 8   # 8 of its 32 layers: 1.6 GB in bf16
     python benchmarks/bench_kernels.py --preset mistral-7b --layers 0 --prompt-rows 16,64,256,512,1512
 """
@@ -92,29 +92,27 @@ def kernels(matrices: list[tuple[int, int]]) -> dict:
 
 def int8_forms(matrices: list[tuple[int, int]], int8: list[tuple[torch.Tensor, torch.Tensor]],
                rows: dict[int, torch.Tensor]) -> dict:
-    """{form: a function multiplying `rows` (by input width) by every int8 matrix}: PyTorch's kernel, the package's
-    int8 layers in column blocks through one compiled graph, and dequantized a slice at a time."""
-    from llava_next.quantize import BLOCK_COLUMNS, PROMPT_SLICE_BYTES, Int8Linear, blocked_int8_matmul, \
-        matmul_by_output_slices, rows_per_slice
+    """{form: a function multiplying `rows` (by input width) by every int8 matrix}, as the package's int8 layers run
+    them: plain (PyTorch's kernel up to INT8_KERNEL_ROWS rows, dequantized a slice at a time above), in column blocks
+    through one compiled graph (blocked_int8_matmul, whatever the rows; left out above INT8_KERNEL_ROWS, a pass over
+    the weights per row), and in column blocks eagerly (dequantized a slice at a time)."""
+    from llava_next.quantize import INT8_KERNEL_ROWS, Int8Linear, blocked_int8_matmul
 
-    layers = []
+    plain, blocked = [], []
     for (n, k), (w, s) in zip(matrices, int8):
-        layer = Int8Linear(k, n, False, torch.bfloat16, "meta")
-        layer.weight, layer.scales = w, s
-        layers.append(layer)
-    blocks = [w.view(-1, BLOCK_COLUMNS, w.shape[1]).transpose(1, 2).contiguous() for w, _ in int8]
-    compiled = torch.compile(lambda: [blocked_int8_matmul(rows[b.shape[1]], b, s) for b, (_, s) in zip(blocks, int8)],
-                             dynamic=True)
-
-    def dequantized():
-        for layer in layers:
-            x = rows[layer.in_features]
-            step = rows_per_slice(PROMPT_SLICE_BYTES, layer.in_features * 2, BLOCK_COLUMNS)
-            matmul_by_output_slices(x, layer.out_features, step,
-                                    lambda first, last: layer.dequantized(x.dtype, slice(first, last)).t())
-
-    return {"PyTorch's kernel": lambda: [torch._weight_int8pack_mm(rows[w.shape[1]], w, s) for w, s in int8],
-            "column blocks, compiled": compiled, "dequantized": dequantized}
+        for layers in (plain, blocked):
+            layer = Int8Linear(k, n, False, torch.bfloat16, "meta")
+            layer.weight, layer.scales = w, s
+            layers.append(layer)
+        blocked[-1].block_columns()
+    forms = {"int8 layer": lambda: [layer(rows[layer.in_features]) for layer in plain],
+             "column blocks, compiled": torch.compile(
+                 lambda: [blocked_int8_matmul(rows[layer.in_features], layer.weight, layer.scales) for layer in blocked],
+                 dynamic=True),
+             "column blocks, eager": lambda: [layer(rows[layer.in_features]) for layer in blocked]}
+    if next(iter(rows.values())).shape[0] > INT8_KERNEL_ROWS:
+        del forms["column blocks, compiled"]
+    return forms
 
 
 def step_matmuls(matrices: list[tuple[int, int]], row_counts: list[int], repeats: int) -> dict:

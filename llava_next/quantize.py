@@ -47,9 +47,9 @@ INT8_KERNEL_ROWS = 64
 INT4_KERNEL_ROWS = 256
 # Compiled CPU decoding steps hold int8 weights in column blocks (Int8Linear.block_columns), BLOCK_COLUMNS outputs
 # side by side, and multiply up to BLOCKED_ROWS rows through them: each row is its own pass over the weights, which
-# up to 8 rows still beats dequantizing them (`benchmarks/bench_kernels.py --step-rows`, BENCHMARKS.md).
+# up to 16 rows still beats dequantizing the blocks (`benchmarks/bench_kernels.py --step-rows`, BENCHMARKS.md).
 BLOCK_COLUMNS = 16
-BLOCKED_ROWS = 8
+BLOCKED_ROWS = 16
 QUANTIZE_SLICE_BYTES = 4 * 2**20
 PROMPT_SLICE_BYTES = 16 * 2**20
 
@@ -289,49 +289,43 @@ class Int8Linear(nn.Module):
 
     def unblock_columns(self) -> None:
         if self.blocked:
-            self.weight = self.values()
+            self.weight = self.values().contiguous()
 
-    def values(self, rows: slice = slice(None)) -> torch.Tensor:
-        """The int8 weights of these output rows, (rows, in)."""
+    def values_t(self, first: int, last: int) -> torch.Tensor:
+        """The int8 weights of output features first .. last, transposed: (in, last - first). From column blocks a
+        copy of the blocks holding them, reordered in runs of BLOCK_COLUMNS bytes (taken out element by element
+        instead, the copy ran at ~2 GB/s); from the plain layout a view."""
         if not self.blocked:
-            return self.weight[rows]
-        first, last, _ = rows.indices(self.out_features)
+            return self.weight[first:last].t()
         blocks = self.weight[first // BLOCK_COLUMNS : -(-last // BLOCK_COLUMNS)]
         skip = first % BLOCK_COLUMNS
-        return blocks.transpose(1, 2).reshape(-1, self.in_features)[skip : skip + last - first]
+        return blocks.permute(1, 0, 2).reshape(self.in_features, -1)[:, skip : skip + last - first]
+
+    def values(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The int8 weights of these output rows, (rows, in); a view, not contiguous from column blocks."""
+        first, last, _ = rows.indices(self.out_features)
+        return self.values_t(first, last).t()
 
     def dequantized(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
         return self.values(rows).to(dtype) * self.scales[rows, None].to(dtype)
 
     def dequantized_t(self, dtype: torch.dtype, first: int, last: int) -> torch.Tensor:
-        """Output features first .. last dequantized, transposed: (in, last - first), what a prompt's matmul takes.
-        From column blocks, whole blocks: reordering them moves runs of BLOCK_COLUMNS bytes (taking the rows out
-        element by element, as `values` does, runs at ~2 GB/s)."""
-        if self.blocked:
-            blocks = self.weight[first // BLOCK_COLUMNS : -(-last // BLOCK_COLUMNS)]
-            skip = first % BLOCK_COLUMNS
-            weight = blocks.permute(1, 0, 2).reshape(self.in_features, -1)[:, skip : skip + last - first]
-        else:
-            weight = self.weight[first:last].t()
-        return weight.to(dtype) * self.scales[first:last].to(dtype)
+        """Output features first .. last dequantized, (in, last - first): what a prompt's matmul takes."""
+        return self.values_t(first, last).to(dtype) * self.scales[first:last].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
+        cpu = x.device.type == "cpu"
         if self.blocked and rows.shape[0] <= BLOCKED_ROWS and torch.compiler.is_compiling():
             out = blocked_int8_matmul(rows, self.weight, self.scales)
-        elif rows.shape[0] > (INT8_KERNEL_ROWS if x.device.type == "cpu" else DECODE_ROWS):
-            if x.device.type == "cpu":
-                step = rows_per_slice(PROMPT_SLICE_BYTES, self.in_features * x.element_size(), BLOCK_COLUMNS)
-                out = matmul_by_output_slices(rows, self.out_features, step,
-                                              lambda first, last: self.dequantized_t(x.dtype, first, last))
-            else:
-                out = F.linear(rows, self.dequantized(x.dtype))
-        elif self.blocked:
-            # Eagerly (a prompt's last position, a short follow-up; PyTorch's kernel wants the plain layout) or more
-            # rows than the blocks are fast for: dequantized, a slice at a time (~3x the kernel's time for one row)
+        elif cpu and (rows.shape[0] > INT8_KERNEL_ROWS or self.blocked):
+            # A prompt; or column blocks eagerly (a prompt's last position, a short follow-up: PyTorch's kernel
+            # wants the plain layout) or with more rows than they are fast for: dequantized, a slice at a time
             step = rows_per_slice(PROMPT_SLICE_BYTES, self.in_features * x.element_size(), BLOCK_COLUMNS)
             out = matmul_by_output_slices(rows, self.out_features, step,
                                           lambda first, last: self.dequantized_t(x.dtype, first, last))
+        elif not cpu and rows.shape[0] > DECODE_ROWS:
+            out = F.linear(rows, self.dequantized(x.dtype))
         elif x.device.type == "cuda":
             # PyTorch's CUDA int8pack kernel is a naive one (a thread per output, uncoalesced): this form instead,
             # which torch.compile fuses into one kernel that reads the int8 weights once (gpt-fast's int8 path)
@@ -594,5 +588,5 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, Int4Linear) and module.weight is None:  # kept only in the CPU kernel's layout
             state[f"{name}.weight" if name else "weight"] = pack_nibbles(module.values())
         if isinstance(module, Int8Linear) and module.blocked:  # laid out for compiled steps
-            state[f"{name}.weight" if name else "weight"] = module.values()
+            state[f"{name}.weight" if name else "weight"] = module.values().contiguous()
     return state
