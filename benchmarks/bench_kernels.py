@@ -19,8 +19,9 @@ plain (PyTorch's kernel up to 64 rows, dequantized above), in column blocks comp
 
 `--prompt-rows` adds what a prompt's matmul costs on the preset's gate/up matrix at those row counts: the
 package's int8 and int4 layers (`llava_next.quantize`, as they run: weight-only kernels up to a few rows, int4's
-kernel up to INT4_KERNEL_ROWS, above that the weights dequantized a slice at a time), the int4 kernel alone, and
-bfloat16 as the floor.
+kernel up to INT4_KERNEL_ROWS, above that the weights dequantized a slice at a time), the int4 kernel alone,
+bfloat16 as the floor, and the w8a8 layer on its plain weights and in column blocks (as a compiled engine holds
+them: its prompts multiply an int8 copy of the weights laid out for torch._int_mm).
 
     python benchmarks/bench_kernels.py --preset medium
     python benchmarks/bench_kernels.py --preset medium --step-rows 1,2,4,6,8,16,1512
@@ -134,20 +135,23 @@ def prompt_matmuls(preset: str, row_counts: list[int], repeats: int) -> dict:
     """Milliseconds of one prompt-sized matmul on the preset's gate/up matrix, per row count and form."""
     from torch import nn
 
-    from llava_next.quantize import Int4Linear, Int8Linear
+    from llava_next.quantize import Int4Linear, Int8Linear, W8A8Linear
 
     layer, _, _ = decoder_shapes(preset)
     out_features, in_features = layer[2]
     torch.manual_seed(0)
     linear = nn.Linear(in_features, out_features, bias=False).bfloat16()
     int8, int4 = Int8Linear.from_linear(linear), Int4Linear.from_linear(linear, 128)
+    w8a8, w8a8_blocks = W8A8Linear.from_linear(linear), W8A8Linear.from_linear(linear)
+    w8a8_blocks.block_columns()  # as a compiled engine holds it
     results = {}
     with torch.inference_mode():
         for rows in row_counts:
             x = torch.randn(rows, in_features).bfloat16()
             forms = {"bfloat16": lambda: linear(x), "int8 layer": lambda: int8(x), "int4 layer": lambda: int4(x),
                      "int4 kernel": lambda: torch._weight_int4pack_mm_for_cpu(x, int4.packed, 128,
-                                                                             int4.scales_and_zeros)}
+                                                                             int4.scales_and_zeros),
+                     "w8a8 layer": lambda: w8a8(x), "w8a8 layer, column blocks": lambda: w8a8_blocks(x)}
             results[rows] = {name: median_seconds(fn, repeats) * 1e3 for name, fn in forms.items()}
             print(f"  {rows:5d} rows  " + "  ".join(f"{name} {ms:8.1f} ms" for name, ms in results[rows].items()))
     return results

@@ -340,6 +340,21 @@ def test_an_int8_layer_in_column_blocks_gives_the_plain_layers_values(dtype, mon
     assert not blocked.blocked and torch.equal(blocked.weight, plain.weight)
 
 
+def test_a_w8a8_layer_in_column_blocks_multiplies_a_prompt_as_the_plain_layer_does():
+    # A compiled engine lays w8a8's decoder weights out in column blocks too; its prompts still multiply int8 rows
+    # by int8 weights (torch._int_mm, on a copy of the weights laid out for it): the same integers, the same floats
+    base = linear(in_features=256, out_features=208, dtype=torch.bfloat16)
+    plain, blocked = W8A8Linear.from_linear(base), W8A8Linear.from_linear(base)
+    blocked.block_columns()
+    assert blocked.blocked and torch.equal(quantized_state(blocked)["weight"], plain.weight)
+    with torch.inference_mode():
+        for rows in (DECODE_ROWS + 1, INT8_KERNEL_ROWS + 1):
+            x = torch.randn(rows, 256).bfloat16()
+            assert torch.equal(blocked(x), plain(x)), rows
+        x = torch.randn(1, 256).bfloat16()  # a decoding step's rows: weight-only, as int8's blocks (bfloat16 rounding)
+        assert relative_error(blocked(x), F.linear(x.float(), plain.dequantized(torch.float32), base.bias.float())) < 1e-2
+
+
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_compiled_step_multiplies_column_blocks_as_pytorchs_int8_kernel_does(dtype, monkeypatch):

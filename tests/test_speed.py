@@ -187,7 +187,7 @@ def test_compiled_decoding_gives_the_eager_tokens(tiny):
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
-@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4", "w8a8"])
 def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_place(tiny, quantize):
     # bfloat16 on the CPU (oneDNN's linears on blocked weights, int8, int4): attention over a cache slice growing by
     # one key a step, the KV write as an opaque op. 70 steps cross a key block's end and reach the space's last
@@ -222,12 +222,14 @@ def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_plac
             token = want[:, -1].argmax(-1, keepdim=True)
     assert engine.decode_step is not model
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-    # int8 layers (int4's fallbacks too) in column blocks; the tiny vocabulary, not a multiple of 16, keeps the
-    # lm_head plain
-    int8_layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    # the decoder's int8 layers (int4's fallbacks and w8a8's too) in column blocks; the tiny vocabulary, not a
+    # multiple of 16, keeps the lm_head plain; w8a8's vision tower and projector, which only see prompts, stay plain
+    int8_layers = [m for m in model.language_model.modules() if isinstance(m, Int8Linear)]
     assert all(m.blocked == (m.out_features % BLOCK_COLUMNS == 0) for m in int8_layers)
-    if quantize == "int8":
-        assert sum(m.blocked for m in int8_layers) == len(pipe.quantization["layers"]) - 1
+    assert not any(isinstance(m, Int8Linear) and m.blocked
+                   for m in [*model.vision_tower.modules(), *model.multi_modal_projector.modules(), model.lm_head])
+    if quantize in ("int8", "w8a8"):
+        assert sum(m.blocked for m in int8_layers) == len(int8_layers) > 0
     if quantize is None:  # compiled with the eager step's oneDNN linears on blocked weights, not plain nn.Linear
         assert isinstance(model.lm_head, FastLinear) and model.lm_head.weight.is_mkldnn == can_pack(torch.empty(0, dtype=torch.bfloat16))
 
