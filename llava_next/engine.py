@@ -533,11 +533,12 @@ class Engine:
             if self.device.type == "cuda":
                 self.decode_step = torch.compile(model, dynamic=True, mode="reduce-overhead")
             else:
-                block_int8_columns(model)  # int8 steps of one row ~1.5x faster (quantize.blocked_int8_matmul)
+                # int8 and w8a8 steps of one row ~1.5x faster (quantize.blocked_int8_matmul)
+                block_int8_columns(model)
                 mark_weights_static(model)
                 # emulate_precision_casts: fused 16-bit arithmetic rounded after each operation as eager rounds it,
-                # so the compiled step's logits are the eager step's bit for bit (measured: no slower; int8 layers
-                # excepted, whose eager calls dequantize the column blocks to 16 bits). The float
+                # so the compiled step's logits are the eager step's bit for bit (measured: no slower; int8 and w8a8
+                # layers excepted, whose eager calls dequantize the column blocks to 16 bits). The float
                 # linears are FastLinear's oneDNN calls, kept opaque (quantize.py). (Inductor's `freezing`, weights
                 # as graph constants, was on before they were: measured without it, same speed and memory.)
                 self.decode_step = torch.compile(model, dynamic=True, options={"emulate_precision_casts": True})
