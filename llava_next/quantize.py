@@ -49,6 +49,7 @@ INT4_KERNEL_ROWS = 256
 # Compiled CPU decoding steps hold int8 weights in column blocks (Int8Linear.block_columns), BLOCK_COLUMNS outputs
 # side by side, and multiply up to BLOCKED_ROWS rows through them: each row is its own pass over the weights, which
 # up to 16 rows still beats dequantizing the blocks (`benchmarks/bench_kernels.py --step-rows`, BENCHMARKS.md).
+# (w8a8's blocked layers take them up to DECODE_ROWS rows, where its weight-only forms end and _int_mm begins.)
 BLOCK_COLUMNS = 16
 BLOCKED_ROWS = 16
 QUANTIZE_SLICE_BYTES = 4 * 2**20
@@ -145,15 +146,22 @@ def _row_slices(weight: torch.Tensor):
     return [slice(i, i + rows) for i in range(0, weight.shape[0], rows)]
 
 
-def matmul_by_output_slices(rows: torch.Tensor, out_features: int, step: int, weight_slice) -> torch.Tensor:
-    """rows (M, in) times a quantized weight, dequantized `step` output features at a time: `weight_slice(first,
-    last)` gives those features' weight, (in, last - first). Dequantizing a whole 7B matrix at once takes longer
-    than its matmul (a pass over memory per operation, fresh pages for each temporary); slices of a few MB stay in
-    the cache. The same numbers as one matmul on the whole dequantized weight, up to float summation order."""
-    out = torch.empty((rows.shape[0], out_features), dtype=rows.dtype, device=rows.device)
+def matmul_by_output_slices(rows: torch.Tensor, out_features: int, step: int, weight_slice,
+                            multiply=torch.matmul) -> torch.Tensor:
+    """rows (M, in) times a quantized weight, dequantized (or laid out for `multiply`, e.g. torch._int_mm on int8
+    rows) `step` output features at a time: `weight_slice(first, last)` gives those features' weight, (in, last -
+    first). Dequantizing a whole 7B matrix at once takes longer than its matmul (a pass over memory per operation,
+    fresh pages for each temporary); slices of a few MB stay in the cache. The same numbers as one matmul on the
+    whole dequantized weight, up to float summation order."""
+    out = None
     for first in range(0, out_features, step):
         last = min(first + step, out_features)
-        out[:, first:last] = rows @ weight_slice(first, last)
+        product = multiply(rows, weight_slice(first, last))
+        if last - first == out_features:
+            return product  # one slice: no copy
+        if out is None:
+            out = product.new_empty((rows.shape[0], out_features))
+        out[:, first:last] = product
     return out
 
 
@@ -424,10 +432,14 @@ class W8A8Linear(Int8Linear):
             return super().forward(x)
         x_scales = rows.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-8) / 127
         xq = (rows / x_scales).round_().clamp_(-127, 127).to(torch.int8)
-        # (rows, out) int32. From the plain layout the weight's transposed view, the fast one; from column blocks
-        # one int8 copy laid out (in, out), as fast with the copy included (measured: 5.7 against 5.5 ms on
-        # 1512 x 1024 x 1536, 61 against 62 ms on 1512 x 4096 x 4096)
-        acc = torch._int_mm(xq, self.values_t(0, self.out_features))
+        if self.blocked:
+            # (rows, out) int32 from column blocks (a compiled engine's): a copy of ~PROMPT_SLICE_BYTES of them at a
+            # time laid out (in, n) for _int_mm, which at a prompt's rows costs what the plain layout does
+            # (bench_kernels.py --prompt-rows, BENCHMARKS.md); at 9-16 rows the copy doubles the time
+            step = rows_per_slice(PROMPT_SLICE_BYTES, self.in_features, BLOCK_COLUMNS)
+            acc = matmul_by_output_slices(xq, self.out_features, step, self.values_t, torch._int_mm)
+        else:
+            acc = torch._int_mm(xq, self.weight.t())  # (rows, out) int32; the transposed view is the fast layout
         out = acc.to(x.dtype).mul_(x_scales.to(x.dtype)).mul_(self.scales.to(x.dtype))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
@@ -570,8 +582,8 @@ def empty_converted(model: nn.Module, converted: dict[str, str]) -> None:
 def block_int8_columns(model: nn.Module, blocked: bool = True) -> int:
     """Lays the weights of a LlavaModel's CPU int8 layers that decoding steps run (the decoder's, the lm_head's;
     w8a8's vision tower and projector only ever see prompts) out for compiled steps of few rows
-    (blocked_int8_matmul), or back (`blocked=False`: steps of many rows, which PyTorch's int8 kernel multiplies in
-    one pass over the weights). Layer by layer, so the model's memory grows by one layer at most. Returns the number
+    (blocked_int8_matmul), or back (`blocked=False`: steps of many rows, which PyTorch's kernels, int8's or
+    w8a8's _int_mm, multiply in one pass over the plain weights). Layer by layer, so the model's memory grows by one layer at most. Returns the number
     of layers changed."""
     changed = 0
     for name, module in model.named_modules():

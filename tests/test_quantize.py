@@ -15,10 +15,10 @@ from conftest import smooth_image
 from llava_next.cli import main
 from llava_next.pipeline import save_quantized
 from llava_next.quantize import (BLOCKED_ROWS, DECODE_ROWS, INT4_KERNEL_ROWS, INT8_KERNEL_ROWS, FastLinear, Int4Linear,
-                                 Int8Linear,
-                                 QuantizeError, W8A8Linear, can_pack, convert_linears, cpu_int4_layout_is_known,
-                                 dequantize_int4, dequantize_int4_transposed, int4_weights, int8_weights, pack_nibbles,
-                                 quantized_state, unpack_cpu_int4_transposed, unpack_nibbles)
+                                 Int8Linear, QuantizeError, W8A8Linear, block_int8_columns, can_pack, convert_linears,
+                                 cpu_int4_layout_is_known, dequantize_int4, dequantize_int4_transposed, int4_weights,
+                                 int8_weights, pack_nibbles, quantized_state, unpack_cpu_int4_transposed,
+                                 unpack_nibbles)
 
 
 def linear(in_features=256, out_features=96, bias=True, dtype=torch.float32, seed=0):
@@ -340,24 +340,41 @@ def test_an_int8_layer_in_column_blocks_gives_the_plain_layers_values(dtype, mon
     assert not blocked.blocked and torch.equal(blocked.weight, plain.weight)
 
 
-def test_a_w8a8_layer_in_column_blocks_multiplies_a_prompt_as_the_plain_layer_does():
+def test_the_layers_a_decoding_step_runs_are_the_ones_laid_out_in_column_blocks():
+    model = nn.Module()  # a LlavaModel's parts, by name
+    model.language_model, model.lm_head = nn.Module(), Int8Linear.from_linear(linear(out_features=64))
+    model.language_model.proj = W8A8Linear.from_linear(linear(out_features=32))
+    model.language_model.odd = Int8Linear.from_linear(linear(out_features=40))  # not whole blocks: stays plain
+    model.vision_tower = W8A8Linear.from_linear(linear(out_features=32))  # prompts only
+    assert block_int8_columns(model) == 2
+    assert model.lm_head.blocked and model.language_model.proj.blocked
+    assert not model.language_model.odd.blocked and not model.vision_tower.blocked
+    assert block_int8_columns(model, blocked=False) == 2 and not model.lm_head.blocked
+
+
+def test_a_w8a8_layer_in_column_blocks_multiplies_a_prompt_as_the_plain_layer_does(monkeypatch):
+    import llava_next.quantize as quantize
+
     # A compiled engine lays w8a8's decoder weights out in column blocks too; its prompts still multiply int8 rows
-    # by int8 weights (torch._int_mm, on a copy of the weights laid out for it): the same integers, the same floats
+    # by int8 weights (torch._int_mm, on copies of the blocks laid out for it): the same integers, the same floats
     base = linear(in_features=256, out_features=208, dtype=torch.bfloat16)
     plain, blocked = W8A8Linear.from_linear(base), W8A8Linear.from_linear(base)
     blocked.block_columns()
     assert blocked.blocked and torch.equal(quantized_state(blocked)["weight"], plain.weight)
     with torch.inference_mode():
-        for rows in (DECODE_ROWS + 1, INT8_KERNEL_ROWS + 1):
-            x = torch.randn(rows, 256).bfloat16()
-            assert torch.equal(blocked(x), plain(x)), rows
+        for slice_bytes in (quantize.PROMPT_SLICE_BYTES, 256 * 40):  # one copy; 32 features a copy, the last short
+            monkeypatch.setattr(quantize, "PROMPT_SLICE_BYTES", slice_bytes)
+            for rows in (DECODE_ROWS + 1, INT8_KERNEL_ROWS + 1):
+                x = torch.randn(rows, 256).bfloat16()
+                assert torch.equal(blocked(x), plain(x)), (slice_bytes, rows)
         x = torch.randn(1, 256).bfloat16()  # a decoding step's rows: weight-only, as int8's blocks (bfloat16 rounding)
         assert relative_error(blocked(x), F.linear(x.float(), plain.dequantized(torch.float32), base.bias.float())) < 1e-2
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_compiled_step_multiplies_column_blocks_as_pytorchs_int8_kernel_does(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype, kind", [(torch.float32, Int8Linear), (torch.bfloat16, Int8Linear),
+                                         (torch.bfloat16, W8A8Linear)])
+def test_a_compiled_step_multiplies_column_blocks_as_pytorchs_int8_kernel_does(dtype, kind, monkeypatch):
     import llava_next.quantize as quantize
 
     traced = []
@@ -370,16 +387,18 @@ def test_a_compiled_step_multiplies_column_blocks_as_pytorchs_int8_kernel_does(d
     monkeypatch.setattr(quantize, "blocked_int8_matmul", blocked_int8_matmul)
     # Two layers, the second as wide in as out, its rows an intermediate of the graph (which an output aliasing its
     # input, or a buffer reused too early, would overwrite while the matmul reads it)
-    plain = [Int8Linear.from_linear(linear(256, 208, dtype=dtype)), Int8Linear.from_linear(linear(208, 208, seed=1,
-                                                                                                  dtype=dtype))]
-    blocked = [Int8Linear.from_linear(linear(256, 208, dtype=dtype)), Int8Linear.from_linear(linear(208, 208, seed=1,
-                                                                                                    dtype=dtype))]
+    plain = [kind.from_linear(linear(256, 208, dtype=dtype)), kind.from_linear(linear(208, 208, seed=1, dtype=dtype))]
+    blocked = [kind.from_linear(linear(256, 208, dtype=dtype)), kind.from_linear(linear(208, 208, seed=1, dtype=dtype))]
     for layer in blocked:
         layer.block_columns()
     norm = nn.RMSNorm(256).to(dtype)  # a producer of the rows, which inductor would fuse into the matmul's loop
+    torch._dynamo.reset()  # (the lambda's code is the same in every parametrization: a fresh cache for each)
     step = torch.compile(lambda x: blocked[1](torch.relu(blocked[0](norm(x)))), dynamic=True)
+    # w8a8 multiplies more than DECODE_ROWS rows with _int_mm, from copies of the blocks (compiled, its activations'
+    # quantization rounds differently from eager's: within bfloat16 rounding, not bit for bit)
+    blocked_rows = BLOCKED_ROWS if kind is Int8Linear else DECODE_ROWS
     with torch.inference_mode():
-        for rows in (1, 2, BLOCKED_ROWS, BLOCKED_ROWS + 1):
+        for rows in (1, 2, blocked_rows, blocked_rows + 1, BLOCKED_ROWS + 1):
             x = torch.randn(rows, 256).to(dtype)
             traced_before = len(traced)
             got, want = step(x), plain[1](torch.relu(plain[0](norm(x))))
@@ -387,4 +406,5 @@ def test_a_compiled_step_multiplies_column_blocks_as_pytorchs_int8_kernel_does(d
             assert relative_error(got, want) < (1e-6 if dtype == torch.float32 else 2e-2), rows
             if rows == 1:
                 assert len(traced) == 2  # the column-blocked form compiled in, for both layers
-    assert len(traced) == traced_before  # beyond BLOCKED_ROWS rows the graph compiled for them does not use it
+            if rows > blocked_rows:  # beyond its rows the graph compiled for them does not use it
+                assert len(traced) == traced_before, rows
