@@ -498,6 +498,9 @@ def varying_length_attention(device: torch.device) -> contextlib.AbstractContext
     return sdpa_kernel(VARYING_LENGTH_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
+COMPILED_GRAPHS_LIMIT = 64  # compiled pipelines in one process, ~1-3 graphs each (see Engine.__init__)
+
+
 def mark_weights_static(model: torch.nn.Module) -> None:
     """Quantized weights are buffers or plain attributes (Int4Linear.packed), which a step compiled with dynamic=True
     would give symbolic sizes; one equal to an activation's size (1536 rows of a projection, a mask 1536 keys wide)
@@ -530,6 +533,10 @@ class Engine:
         if compile:
             # One decoding step through torch.compile: CUDA graphs on a GPU ("reduce-overhead"), inductor's C++
             # kernels on a CPU. Sizes are dynamic, so it compiles once, not once per position or batch size.
+            # Every engine's graphs are entries of the same function (LlavaModel.forward), which PyTorch stops
+            # compiling after recompile_limit entries (8) and runs eagerly from then on, for every model in the
+            # process: the ninth compiled pipeline of a notebook or an evaluation script would decode eagerly.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_LIMIT)
             if self.device.type == "cuda":
                 self.decode_step = torch.compile(model, dynamic=True, mode="reduce-overhead")
             else:
@@ -549,8 +556,9 @@ class Engine:
 
     def expect_many_rows(self) -> None:
         """Decoding steps will mostly carry many rows (a server's concurrent requests): compiled CPU steps then
-        multiply int8 weights with PyTorch's kernel, which reads them once for all the rows, instead of the
-        column-blocked form, which is faster for one row but reads them once per row."""
+        multiply int8 weights with PyTorch's kernels (int8's; w8a8's _int_mm above DECODE_ROWS), which read the plain
+        weights once for all the rows, instead of the column-blocked form, which is faster for one row but reads them
+        once per row (and which w8a8's _int_mm would take a copy of)."""
         if self.decode_step is not self.model and block_int8_columns(self.model, blocked=False):
             mark_weights_static(self.model)
 
