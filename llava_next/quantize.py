@@ -45,6 +45,9 @@ DECODE_ROWS = 8  # up to this many rows, weight-only kernels; above, dequantize 
 # mistral-7b --layers 0 --prompt-rows ...` (BENCHMARKS.md): on the 7B gate/up matrix, dequantizing costs ~150 ms
 # (int8) / ~300 ms (int4) whatever the rows, the int8 kernel ~2 ms a row, the int4 kernel ~1.4 ms a row.
 INT8_KERNEL_ROWS = 64
+# PyTorch's CPU int8 kernel takes the inputs 16 at a time: at other widths (8, 24, 40) it returns wrong numbers, at
+# some (20) it crashes (torch 2.13). Layers of other widths dequantize instead.
+INT8_KERNEL_INPUTS = 16
 INT4_KERNEL_ROWS = 256
 # Compiled CPU decoding steps hold int8 weights in column blocks (Int8Linear.block_columns), BLOCK_COLUMNS outputs
 # side by side, and multiply up to BLOCKED_ROWS rows through them: each row is its own pass over the weights, which
@@ -327,9 +330,10 @@ class Int8Linear(nn.Module):
         cpu = x.device.type == "cpu"
         if self.blocked and rows.shape[0] <= BLOCKED_ROWS and torch.compiler.is_compiling():
             out = blocked_int8_matmul(rows, self.weight, self.scales)
-        elif cpu and (rows.shape[0] > INT8_KERNEL_ROWS or self.blocked):
+        elif cpu and (rows.shape[0] > INT8_KERNEL_ROWS or self.blocked or self.in_features % INT8_KERNEL_INPUTS):
             # A prompt; or column blocks eagerly (a prompt's last position, a short follow-up: PyTorch's kernel
-            # wants the plain layout) or with more rows than they are fast for: dequantized, a slice at a time
+            # wants the plain layout) or with more rows than they are fast for; or a width PyTorch's kernel gets
+            # wrong: dequantized, a slice at a time
             step = rows_per_slice(PROMPT_SLICE_BYTES, self.in_features * x.element_size(), BLOCK_COLUMNS)
             out = matmul_by_output_slices(rows, self.out_features, step,
                                           lambda first, last: self.dequantized_t(x.dtype, first, last))

@@ -340,6 +340,20 @@ def test_an_int8_layer_in_column_blocks_gives_the_plain_layers_values(dtype, mon
     assert not blocked.blocked and torch.equal(blocked.weight, plain.weight)
 
 
+@pytest.mark.parametrize("kind", [Int8Linear, W8A8Linear])
+def test_int8_layers_of_widths_pytorchs_kernel_gets_wrong_give_the_dequantized_values(kind):
+    # PyTorch's CPU kernel gives wrong numbers at these widths, or crashes the process (as at 20)
+    for in_features in (24, 40):
+        base = linear(in_features=in_features, out_features=33, dtype=torch.bfloat16)
+        module = kind.from_linear(base)
+        weight = module.weight.float() * module.scales.float()[:, None]
+        with torch.inference_mode():
+            for rows in (1, 3, DECODE_ROWS + 1):
+                x = torch.randn(rows, in_features).bfloat16()
+                expected = F.linear(x.float(), weight, base.bias.float())
+                assert relative_error(module(x), expected) < 0.03, (in_features, rows)
+
+
 def test_the_layers_a_decoding_step_runs_are_the_ones_laid_out_in_column_blocks():
     model = nn.Module()  # a LlavaModel's parts, by name
     model.language_model, model.lm_head = nn.Module(), Int8Linear.from_linear(linear(out_features=64))
