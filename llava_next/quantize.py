@@ -439,7 +439,7 @@ class W8A8Linear(Int8Linear):
         if self.blocked:
             # (rows, out) int32 from column blocks (a compiled engine's): a copy of ~PROMPT_SLICE_BYTES of them at a
             # time laid out (in, n) for _int_mm, which at a prompt's rows costs what the plain layout does
-            # (bench_kernels.py --prompt-rows, BENCHMARKS.md); at 9-16 rows the copy doubles the time
+            # (bench_kernels.py --prompt-rows, BENCHMARKS.md); at 16 rows the copy makes it 1.5-2.4x slower
             step = rows_per_slice(PROMPT_SLICE_BYTES, self.in_features, BLOCK_COLUMNS)
             acc = matmul_by_output_slices(xq, self.out_features, step, self.values_t, torch._int_mm)
         else:
@@ -586,9 +586,9 @@ def empty_converted(model: nn.Module, converted: dict[str, str]) -> None:
 def block_int8_columns(model: nn.Module, blocked: bool = True) -> int:
     """Lays the weights of a LlavaModel's CPU int8 layers that decoding steps run (the decoder's, the lm_head's;
     w8a8's vision tower and projector only ever see prompts) out for compiled steps of few rows
-    (blocked_int8_matmul), or back (`blocked=False`: steps of many rows, which PyTorch's kernels, int8's or
-    w8a8's _int_mm, multiply in one pass over the plain weights). Layer by layer, so the model's memory grows by one layer at most. Returns the number
-    of layers changed."""
+    (blocked_int8_matmul), or back (`blocked=False`: steps of many rows, which PyTorch's kernels, int8's or w8a8's
+    _int_mm, multiply in one pass over the plain weights). Layer by layer, so the model's memory grows by one layer
+    at most. Returns the number of layers changed."""
     changed = 0
     for name, module in model.named_modules():
         if (isinstance(module, Int8Linear) and runs_in_decoding(name) and module.can_block()
