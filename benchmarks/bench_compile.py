@@ -44,8 +44,7 @@ def decode_rates(pipe, prompts, images, new_tokens: int) -> float:
 
 def run_mode(directory: Path, mode: str, args) -> dict:
     import llava_next
-    from llava_next.engine import mark_weights_static
-    from llava_next.quantize import block_int8_columns
+    from llava_next.engine import lay_out_int8_weights
 
     quantize = mode if mode in ("int8", "int4", "w8a8") else None
     pipe = llava_next.load(directory, dtype="bfloat16" if quantize else mode, progress=False, quantize=quantize,
@@ -66,8 +65,7 @@ def run_mode(directory: Path, mode: str, args) -> dict:
         for step, decode_step in (("eager", pipe.model), ("compiled", compiled)):
             pipe.engine.decode_step = decode_step
             # each step on the int8 layout it runs with: column blocks compiled, PyTorch's kernel's layout eagerly
-            if block_int8_columns(pipe.model, blocked=step == "compiled"):
-                mark_weights_static(pipe.model)
+            lay_out_int8_weights(pipe.model, blocked=step == "compiled")
             rates["one row", step].append(decode_rates(pipe, *one, args.new_tokens))
             rates["two rows", step].append(decode_rates(pipe, *two, args.new_tokens))
     result = {"compile_s": compile_s}

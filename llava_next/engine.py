@@ -511,6 +511,13 @@ def mark_weights_static(model: torch.nn.Module) -> None:
                 torch._dynamo.mark_static(tensor)
 
 
+def lay_out_int8_weights(model: torch.nn.Module, blocked: bool) -> None:
+    """Puts the CPU int8 layers' weights in column blocks (compiled steps of few rows) or in the plain layout (steps
+    of many rows, eager calls), marking the new tensors static for the compiled step (mark_weights_static)."""
+    if block_int8_columns(model, blocked=blocked):
+        mark_weights_static(model)
+
+
 class Engine:
     """Runs requests on the model. It owns the caches: image features by content, and the KV cache of the last
     finished sequence, which the next one reuses for the token ids it shares (the next turn of a conversation).
@@ -559,8 +566,8 @@ class Engine:
         multiply int8 weights with PyTorch's kernels (int8's; w8a8's _int_mm above DECODE_ROWS), which read the plain
         weights once for all the rows, instead of the column-blocked form, which is faster for one row but reads them
         once per row (and which w8a8's _int_mm would take a copy of)."""
-        if self.decode_step is not self.model and block_int8_columns(self.model, blocked=False):
-            mark_weights_static(self.model)
+        if self.decode_step is not self.model:
+            lay_out_int8_weights(self.model, blocked=False)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         """The model, eagerly: a prompt, or a decoding step that is not compiled."""
@@ -576,7 +583,7 @@ class Engine:
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "decoding eagerly instead")
             self.decode_step = self.model
-            block_int8_columns(self.model, blocked=False)  # (eagerly, PyTorch's int8 kernel is the fast one)
+            lay_out_int8_weights(self.model, blocked=False)  # (eagerly, PyTorch's int8 kernel is the fast one)
             return self.forward(*args, **kwargs)
 
     def kv_space(self, slots: int, capacity: int) -> KVCache:
