@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import time
 import warnings
@@ -29,7 +30,7 @@ from .memory import keep_freed_memory, release_free_memory
 from .model.decoder import KVCache, whole_key_blocks
 from .model.llava import ImageTokenMismatch, LlavaModel
 from .prompt import IncrementalDetokenizer, Tokenizer
-from .quantize import block_int8_columns
+from .quantize import block_int8_columns, time_int8_layouts
 
 
 class GenerationError(LlavaError, ValueError):
@@ -511,6 +512,24 @@ def mark_weights_static(model: torch.nn.Module) -> None:
                 torch._dynamo.mark_static(tensor)
 
 
+# The int8 layout a compiled CPU step multiplies one row in: "measure" (each compiled engine times both on its own
+# weights once, quantize.time_int8_layouts, and keeps the faster), "blocks" or "plain". From the environment, for
+# users who know their processor's answer and would skip the ~1-5 s it takes to measure.
+INT8_LAYOUT = os.environ.get("LLAVA_NEXT_INT8_LAYOUT", "measure")
+INT8_LAYOUTS = ("measure", "blocks", "plain")
+
+
+def int8_layout_for_compiled_steps(model: torch.nn.Module) -> tuple[bool, dict[str, float]]:
+    """(whether a compiled CPU step should hold the int8 weights in column blocks, the timings that decided it)."""
+    if INT8_LAYOUT not in INT8_LAYOUTS:
+        raise LlavaError(f"LLAVA_NEXT_INT8_LAYOUT={INT8_LAYOUT!r} is not one of {', '.join(INT8_LAYOUTS)}: unset it to "
+                         "let compiled engines measure which int8 layout is faster here")
+    if INT8_LAYOUT != "measure":
+        return INT8_LAYOUT == "blocks", {}
+    times = time_int8_layouts(model)
+    return bool(times) and times["column blocks"] < times["plain"], times
+
+
 def lay_out_int8_weights(model: torch.nn.Module, blocked: bool) -> None:
     """Puts the CPU int8 layers' weights in column blocks (compiled steps of few rows) or in the plain layout (steps
     of many rows, eager calls), marking the new tensors static for the compiled step (mark_weights_static)."""
@@ -531,6 +550,8 @@ class Engine:
         self.image_cache = ImageFeatureCache(image_cache_bytes)
         self.prefix_cache = PrefixCache(enabled=prefix_cache)
         self.decode_step = model
+        self.int8_blocks = False  # (whether the CPU int8 layers' weights are in column blocks, for compiled steps)
+        self.int8_layout_seconds: dict[str, float] = {}
         # Static decoding: every step has the same shapes (the whole KV space, a mask over all of it) and the KV
         # space keeps its address from one request to the next, which a CUDA graph needs to be replayed.
         self.static_decode = compile and self.device.type == "cuda"
@@ -547,8 +568,10 @@ class Engine:
             if self.device.type == "cuda":
                 self.decode_step = torch.compile(model, dynamic=True, mode="reduce-overhead")
             else:
-                # int8 and w8a8 steps of one row ~1.5x faster (quantize.blocked_int8_matmul)
-                block_int8_columns(model)
+                # int8 and w8a8 steps of one row in column blocks (quantize.blocked_int8_matmul) where that is the
+                # faster layout on this processor (~1.5x PyTorch's kernel on some, slower on others)
+                self.int8_blocks, self.int8_layout_seconds = int8_layout_for_compiled_steps(model)
+                block_int8_columns(model, blocked=self.int8_blocks)
                 mark_weights_static(model)
                 # emulate_precision_casts: fused 16-bit arithmetic rounded after each operation as eager rounds it,
                 # so the compiled step's logits are the eager step's bit for bit (measured: no slower; int8 and w8a8
@@ -568,6 +591,7 @@ class Engine:
         once per row (and which w8a8's _int_mm would take a copy of)."""
         if self.decode_step is not self.model:
             lay_out_int8_weights(self.model, blocked=False)
+            self.int8_blocks = False
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         """The model, eagerly: a prompt, or a decoding step that is not compiled."""
@@ -584,6 +608,7 @@ class Engine:
                           "decoding eagerly instead")
             self.decode_step = self.model
             lay_out_int8_weights(self.model, blocked=False)  # (eagerly, PyTorch's int8 kernel is the fast one)
+            self.int8_blocks = False
             return self.forward(*args, **kwargs)
 
     def kv_space(self, slots: int, capacity: int) -> KVCache:

@@ -11,8 +11,10 @@ As gpt-fast's `convert_for_runtime`: `convert_linears(model, mode)` replaces nn.
             `torch._weight_int8pack_mm` on the int8 weights on the CPU, and on CUDA a matmul on the weights
             converted in the same expression (fused into one kernel under `compile=True`); a prompt (many rows,
             where those are slow) runs a float matmul on the weights dequantized one layer at a time. Compiled
-            CPU steps hold the weights in column blocks instead (`block_int8_columns`): inductor's loop over
-            them reads a one-row step's weights ~1.7x faster than PyTorch's kernel.
+            CPU steps may hold the weights in column blocks instead (`block_int8_columns`): inductor's loop over
+            them reads a one-row step's weights ~1.7x faster than PyTorch's kernel on some processors (an AMD
+            EPYC) and slower on others (an Intel Xeon with AMX), so a compiled engine times both
+            (`time_int8_layouts`) and keeps the faster.
   int4      weight-only int4, asymmetric, one scale and zero point per `group_size` inputs, through the int4
             kernels (`_weight_int4pack_mm_for_cpu` on the CPU, tinygemm's `_weight_int4pack_mm` on CUDA).
   w8a8      int8 weights (per output channel) and int8 activations (per token, computed on the fly), multiplied
@@ -28,6 +30,8 @@ out_features by 16) is converted to int8 instead, and `describe()` says so.
 
 from __future__ import annotations
 
+import math
+import time
 from collections import Counter
 
 import torch
@@ -123,7 +127,9 @@ def blocked_int8_matmul(rows: torch.Tensor, blocks: torch.Tensor, scales: torch.
     """rows (M, in) times int8 weights in column blocks, (out / BLOCK_COLUMNS, in, BLOCK_COLUMNS), scaled per output
     -> (M, out). Written for inductor, which compiles it into one loop that reads each weight once per row and
     multiplies BLOCK_COLUMNS outputs at a time in vector registers: ~1.7x PyTorch's int8 kernel for one row (which
-    takes the weights row by row). Eagerly it would build an (M, out, in) temporary: compiled steps only."""
+    takes the weights row by row) on an AMD EPYC, 0.55-0.7x at 7B widths on an Intel Xeon with AMX
+    (time_int8_layouts).
+    Eagerly it would build an (M, out, in) temporary: compiled steps only."""
     x = torch.ops.llava_next.float_rows(rows)
     acc = (x[:, None, :, None] * blocks.float()[None]).sum(2)  # (M, out / BLOCK_COLUMNS, BLOCK_COLUMNS) float32
     return (acc.view(rows.shape[0], -1) * scales.float()).to(rows.dtype)
@@ -596,6 +602,74 @@ def block_int8_columns(model: nn.Module, blocked: bool = True) -> int:
             module.block_columns() if blocked else module.unblock_columns()
             changed += 1
     return changed
+
+
+def _decoding_int8_layers(model: nn.Module) -> list[Int8Linear]:
+    return [module for name, module in model.named_modules()
+            if isinstance(module, Int8Linear) and runs_in_decoding(name) and module.can_block()]
+
+
+def _blocked_matmuls(rows: list[torch.Tensor], blocks: list[torch.Tensor], scales: list[torch.Tensor]):
+    return [blocked_int8_matmul(x, w, s) for x, w, s in zip(rows, blocks, scales)]
+
+
+_compiled_blocked_matmuls = None
+LAYOUT_PROBE_GROUP = 4  # layers per compiled call: a decoder layer's int8 matmuls (fused q/k/v, o, gate/up, down)
+# Enough weights to come from memory, not the caches (several times a server processor's L3), while laying them out
+# twice stays short: all of a mid-size model's, 5 of a 7B's 32 layers (timing all 7 GB took 43 s, mostly layouts).
+LAYOUT_PROBE_BYTES = 2**30
+
+
+def time_int8_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
+    """Seconds one row takes through the int8 layers a decoding step runs (block_int8_columns' choice of layers, the
+    first LAYOUT_PROBE_BYTES of them) in each layout a compiled CPU step can multiply them in: {"plain": PyTorch's
+    kernel (`_weight_int8pack_mm`), "column blocks": blocked_int8_matmul compiled}; the fastest of the passes over
+    them, each reading the model's own weights from memory as a step does. Which is faster depends on the processor
+    (the blocks 1.1-1.7x the kernel on an AMD EPYC, 0.55-0.7x at 7B widths on an Intel Xeon with AMX), so a compiled
+    engine asks (engine.INT8_LAYOUT). The layers timed end in the plain layout; {} when there are none."""
+    global _compiled_blocked_matmuls
+    layers, weight_bytes = [], 0
+    for layer in _decoding_int8_layers(model):  # the first ~LAYOUT_PROBE_BYTES of them, whole groups
+        if weight_bytes >= LAYOUT_PROBE_BYTES and len(layers) % LAYOUT_PROBE_GROUP == 0:
+            break
+        layers.append(layer)
+        weight_bytes += layer.weight.numel()
+    if not layers:
+        return {}
+
+    def lay_out(blocked: bool):
+        for layer in layers:
+            layer.block_columns() if blocked else layer.unblock_columns()
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randn(1, layer.in_features, generator=generator).to(layer.scales.dtype) for layer in layers]
+    groups = [slice(i, i + LAYOUT_PROBE_GROUP) for i in range(0, len(layers), LAYOUT_PROBE_GROUP)]
+    if _compiled_blocked_matmuls is None:
+        # (groups of a few layers: one graph per pattern of shapes, called once per decoder layer, where one graph
+        # over all of them would take about as long to compile as the model's step)
+        _compiled_blocked_matmuls = torch.compile(_blocked_matmuls, dynamic=True)
+
+    def plain():
+        for x, layer in zip(rows, layers):
+            layer(x)
+
+    def blocked():
+        for group in groups:
+            _compiled_blocked_matmuls(rows[group], [layer.weight for layer in layers[group]],
+                                      [layer.scales for layer in layers[group]])
+
+    # plain, blocks, plain again: a shared machine's slow spell during one of the plain passes (measured: a min of 5
+    # passes of 21 ms in one call, 43 ms in the next) does not decide alone
+    times = {}
+    for name, run, layout in (("plain", plain, False), ("column blocks", blocked, True), ("plain", plain, False)):
+        lay_out(layout)
+        with torch.inference_mode():
+            run()  # (the blocks' first call compiles)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                times[name] = min(times.get(name, math.inf), time.perf_counter() - start)
+    return times
 
 
 def pack_all(model: nn.Module) -> None:

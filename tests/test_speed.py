@@ -201,13 +201,16 @@ def test_a_process_compiles_more_pipelines_than_pytorchs_recompile_limit(tiny):
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
-@pytest.mark.parametrize("quantize", [None, "int8", "int4", "w8a8"])
-def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_place(tiny, quantize):
+@pytest.mark.parametrize("quantize, int8_layout", [(None, "blocks"), ("int8", "blocks"), ("int8", "plain"),
+                                                   ("int4", "blocks"), ("w8a8", "blocks"), ("w8a8", "plain")])
+def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_place(tiny, quantize, int8_layout,
+                                                                                   monkeypatch):
     # bfloat16 on the CPU (oneDNN's linears on blocked weights, int8, int4): attention over a cache slice growing by
     # one key a step, the KV write as an opaque op. 70 steps cross a key block's end and reach the space's last
-    # block, all on the graph compiled at the first.
+    # block, all on the graph compiled at the first. int8 layers in either layout a compiled engine may choose.
     from llava_next.model.decoder import KEY_BLOCK, KVCache
 
+    monkeypatch.setattr(llava_next.engine, "INT8_LAYOUT", int8_layout)
     pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", quantize=quantize, progress=False, prefix_cache=False,
                            compile=True)
     model, engine = pipe.model, pipe.engine
@@ -239,22 +242,25 @@ def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_plac
     # the decoder's int8 layers (int4's fallbacks and w8a8's too) in column blocks; the tiny vocabulary, not a
     # multiple of 16, keeps the lm_head plain; w8a8's vision tower and projector, which only see prompts, stay plain
     int8_layers = [m for m in model.language_model.modules() if isinstance(m, Int8Linear)]
-    assert all(m.blocked == (m.out_features % BLOCK_COLUMNS == 0) for m in int8_layers)
+    assert all(m.blocked == (int8_layout == "blocks" and m.out_features % BLOCK_COLUMNS == 0) for m in int8_layers)
+    assert engine.int8_blocks == (int8_layout == "blocks") and engine.int8_layout_seconds == {}
     assert not any(isinstance(m, Int8Linear) and m.blocked
                    for m in [*model.vision_tower.modules(), *model.multi_modal_projector.modules(), model.lm_head])
-    if quantize in ("int8", "w8a8"):
+    if quantize in ("int8", "w8a8") and int8_layout == "blocks":
         assert sum(m.blocked for m in int8_layers) == len(int8_layers) > 0
     if quantize is None:  # compiled with the eager step's oneDNN linears on blocked weights, not plain nn.Linear
         assert isinstance(model.lm_head, FastLinear) and model.lm_head.weight.is_mkldnn == can_pack(torch.empty(0, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("quantize", ["int8", "w8a8"])
-def test_int8_weights_leave_the_column_blocks_for_a_server_and_for_eager_decoding(tiny, quantize):
-    # Compiled CPU steps of one row multiply int8 weights in column blocks; a server's steps carry many rows, which
-    # PyTorch's kernels multiply in one pass over the weights; eager decoding (the compile failed) runs them.
-    # The tokens are the plain eager pipeline's throughout (w8a8: its prompts on copies of the blocks too).
+def test_int8_weights_leave_the_column_blocks_for_a_server_and_for_eager_decoding(tiny, quantize, monkeypatch):
+    # Compiled CPU steps of one row multiply int8 weights in column blocks (where they are the faster layout); a
+    # server's steps carry many rows, which PyTorch's kernels multiply in one pass over the weights; eager decoding
+    # (the compile failed) runs them. The tokens are the plain eager pipeline's throughout (w8a8: its prompts on
+    # copies of the blocks too).
     from llava_next.engine import BackgroundEngine
 
+    monkeypatch.setattr(llava_next.engine, "INT8_LAYOUT", "blocks")
     expected = llava_next.load(tiny("mistral"), dtype="bfloat16", quantize=quantize, progress=False,
                                prefix_cache=False).generate(chat("Describe it."), [smooth_image(300, 200)],
                                                             max_new_tokens=5).token_ids
@@ -288,6 +294,41 @@ def test_int8_weights_leave_the_column_blocks_for_a_server_and_for_eager_decodin
     with pytest.warns(UserWarning, match="decoding eagerly instead"):
         got = answer(pipe)
     assert not any(m.blocked for m in layers) and got == expected
+
+
+def test_a_compiled_engine_measures_which_int8_layout_is_faster_and_keeps_it(tiny, monkeypatch):
+    # Which layout multiplies one row faster depends on the processor (BENCHMARKS.md): a compiled CPU engine times
+    # both on its own layers and keeps the faster; the timing leaves every layer as it was and changes no output.
+    import llava_next.engine as engine_module
+    from llava_next.quantize import time_int8_layouts
+
+    pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", quantize="int8", progress=False, prefix_cache=False)
+    layers = [m for m in pipe.model.language_model.modules() if isinstance(m, Int8Linear)]
+    x = torch.randn(3, 64, layers[0].in_features).bfloat16()
+    before = [layer.weight.clone() for layer in layers], layers[0](x)
+    times = time_int8_layouts(pipe.model, repeats=2)
+    assert set(times) == {"plain", "column blocks"} and all(t > 0 for t in times.values())
+    assert not any(m.blocked for m in layers)
+    assert all(torch.equal(a, m.weight) for a, m in zip(before[0], layers)) and torch.equal(layers[0](x), before[1])
+
+    for seconds, blocked in (({"plain": 2.0, "column blocks": 1.0}, True), ({"plain": 1.0, "column blocks": 2.0}, False)):
+        monkeypatch.setattr(engine_module, "time_int8_layouts", lambda model, seconds=seconds: dict(seconds))
+        pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", quantize="int8", progress=False,
+                               prefix_cache=False, compile=True)
+        layers = [m for m in pipe.model.language_model.modules() if isinstance(m, Int8Linear)]
+        assert pipe.engine.int8_blocks is blocked and pipe.engine.int8_layout_seconds == seconds
+        assert layers and all(m.blocked is blocked for m in layers)
+
+    # a model without int8 layers has nothing to time and nothing to block
+    monkeypatch.setattr(engine_module, "time_int8_layouts", time_int8_layouts)
+    pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False, prefix_cache=False, compile=True)
+    assert pipe.engine.int8_blocks is False and pipe.engine.int8_layout_seconds == {}
+
+
+def test_an_unknown_int8_layout_in_the_environment_is_refused_by_name(tiny, monkeypatch):
+    monkeypatch.setattr(llava_next.engine, "INT8_LAYOUT", "columns")
+    with pytest.raises(llava_next.errors.LlavaError, match="LLAVA_NEXT_INT8_LAYOUT='columns'.*measure, blocks, plain"):
+        llava_next.load(tiny("mistral"), dtype="bfloat16", quantize="int8", progress=False, compile=True)
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
