@@ -12,6 +12,10 @@ same inputs), rounds interleaved: the ratio is the compiler's alone. Two decodin
 Each figure is the median over the rounds of decoding tokens/s (two rows: steps/s, each step a token per row);
 compile s is the first generation's time, compiling included, with inductor's on-disk cache as found.
 
+int8 and w8a8 also time the compiled step with the int8 weights in the plain layout (PyTorch's kernel inside the
+graph) beside the column blocks (the "compiled" column), and print the layout the engine chose for itself by timing
+its layers (engine.INT8_LAYOUT, "measure"): which of the two is faster depends on the processor.
+
     python benchmarks/bench_compile.py --preset medium
 """
 
@@ -53,6 +57,7 @@ def run_mode(directory: Path, mode: str, args) -> dict:
     one = (messages(QUESTION), [image()])
     second_image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (420, 300, 3), dtype=np.uint8))
     two = ([messages(QUESTION), messages(SECOND_QUESTION)], [[image()], [second_image]])
+    engine_blocks, layout_seconds = pipe.engine.int8_blocks, pipe.engine.int8_layout_seconds
     start = time.perf_counter()
     decode_rates(pipe, *one, 2)
     compile_s = time.perf_counter() - start
@@ -60,15 +65,28 @@ def run_mode(directory: Path, mode: str, args) -> dict:
     compiled = pipe.engine.decode_step
     if compiled is pipe.model:
         raise SystemExit("torch.compile fell back to eager decoding (no C++ compiler?): nothing to compare")
-    rates = {(form, step): [] for form in ("one row", "two rows") for step in ("eager", "compiled")}
+    # (step, its decoding function, whether the int8 weights are in column blocks): each step on the int8 layout it
+    # runs with, column blocks compiled and PyTorch's kernel's layout eagerly; int8 modes also time the compiled step
+    # on the plain layout (PyTorch's kernel inside the graph, what a server's many-row steps run), since which of the
+    # two is faster depends on the processor
+    steps = [("eager", pipe.model, False), ("compiled", compiled, True)]
+    if quantize in ("int8", "w8a8"):
+        steps.append(("compiled, plain", compiled, False))
+        for blocked in (True, False):  # each layout's graphs compiled before the rounds, whichever the engine chose
+            lay_out_int8_weights(pipe.model, blocked=blocked)
+            decode_rates(pipe, *one, 2)
+            decode_rates(pipe, *two, 2)
+    rates = {(form, step): [] for form in ("one row", "two rows") for step, _, _ in steps}
     for _ in range(args.rounds):
-        for step, decode_step in (("eager", pipe.model), ("compiled", compiled)):
+        for step, decode_step, blocked in steps:
             pipe.engine.decode_step = decode_step
-            # each step on the int8 layout it runs with: column blocks compiled, PyTorch's kernel's layout eagerly
-            lay_out_int8_weights(pipe.model, blocked=step == "compiled")
+            lay_out_int8_weights(pipe.model, blocked=blocked)
             rates["one row", step].append(decode_rates(pipe, *one, args.new_tokens))
             rates["two rows", step].append(decode_rates(pipe, *two, args.new_tokens))
     result = {"compile_s": compile_s}
+    if quantize in ("int8", "w8a8"):  # the layout the engine chose for its compiled steps, and its timings
+        result["engine's int8 layout"] = "column blocks" if engine_blocks else "plain"
+        result["engine's int8 layout timings (ms)"] = {k: round(v * 1e3, 2) for k, v in layout_seconds.items()}
     for (form, step), values in rates.items():
         result[f"{form}: {step}"] = statistics.median(values)
         result[f"{form}: {step} (all)"] = [round(v, 1) for v in values]
@@ -88,13 +106,16 @@ def main() -> None:
     for mode in args.modes.split(","):
         results[mode] = run_mode(directory, mode, args)
         print(mode, json.dumps(results[mode]), flush=True)
-    print("\n| mode | compile (s) | one row: eager | compiled | ratio | two rows: eager | compiled | ratio |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| mode | compile (s) | one row: eager | compiled | ratio | compiled, plain int8 | two rows: eager | "
+          "compiled | ratio | compiled, plain int8 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for mode, r in results.items():
         cells = [f"{r['compile_s']:.0f}"]
         for form in ("one row", "two rows"):
             eager, compiled = r[f"{form}: eager"], r[f"{form}: compiled"]
-            cells += [f"{eager:.1f}", f"{compiled:.1f}", f"{compiled / eager:.2f}x"]
+            plain = r.get(f"{form}: compiled, plain")
+            cells += [f"{eager:.1f}", f"{compiled:.1f}", f"{compiled / eager:.2f}x",
+                      "" if plain is None else f"{plain:.1f}"]
         print(f"| {mode} | " + " | ".join(cells) + " |")
     print(f"\n(tokens/s, two rows: steps/s; median of {args.rounds} interleaved rounds, {args.new_tokens} new tokens)")
 
