@@ -37,7 +37,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "(faster prompts on CPUs with VNNI). Default: none")
     p.add_argument("--compile", action="store_true",
                    help="run decoding steps through torch.compile (CUDA graphs on a GPU; on a CPU 1.1-2x faster "
-                        "decoding after a compile of 5-40 s, most with --quantize int8)")
+                        "decoding after a compile of 5-40 s, most with --quantize int8; `info --compile` shows the "
+                        "int8 layout the engine measured to be faster here)")
     p.add_argument("--group-size", type=int, default=default_of(load, "group_size"), choices=list(GROUP_SIZES),
                    help=f"inputs per int4 scale (default {default_of(load, 'group_size')})")
     p.add_argument("--vision-tower", help="original-layout checkpoints: the CLIP tower's directory or Hub id, instead "
@@ -202,6 +203,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         "eos_token_ids": pipe.engine.eos_token_ids,
         "quantization": {"mode": pipe.quantization["mode"], "group_size": pipe.quantization["group_size"],
                          "layers": describe(pipe.quantization["layers"])} if pipe.quantization else None,
+        # a compiled CPU engine's choice for its int8 layers (and the timings it chose by, when it measured)
+        "int8_layout": {"layout": "column blocks" if pipe.engine.int8_blocks else "plain",
+                        "ms_per_row": {k: round(v * 1e3, 2) for k, v in pipe.engine.int8_layout_seconds.items()}}
+        if pipe.engine.int8_blocks or pipe.engine.int8_layout_seconds else None,
         "layout": "original" if pipe.original else "llava-hf",
         "rules": pipe.original.rules() if pipe.original else {
             "pinpoints": "(height, width), transformers' reading", "unpad": "int(round(x, 7)), transformers'"},
@@ -234,6 +239,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     if info["quantization"]:
         print(f"  quantized: {info['quantization']['mode']} ({info['quantization']['layers']}; the vision tower, "
               "projector and embeddings stay float unless w8a8)")
+    if info["int8_layout"]:
+        timed = info["int8_layout"]["ms_per_row"]
+        print(f"  compiled int8 steps: {info['int8_layout']['layout']} layout"
+              + (f" (one row through the first layers: plain {timed['plain']} ms, column blocks "
+                 f"{timed['column blocks']} ms)" if timed else " (LLAVA_NEXT_INT8_LAYOUT)"))
     for c in info.get("images", []):
         print(f"  {c['image']}: {c['width']}x{c['height']} px costs {c['tokens']} tokens")
     return 0

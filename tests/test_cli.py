@@ -76,6 +76,20 @@ def test_info_reports_the_image_token_cost(tiny, picture, capsys):
     assert "costs 576 tokens" in out and "llava, llama text model" in out
 
 
+def test_info_shows_the_int8_layout_a_compiled_engine_measured_and_chose(tiny, capsys, monkeypatch):
+    import llava_next.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "time_int8_layouts", lambda model: {"plain": 0.002, "column blocks": 0.001})
+    args = ["info", "--model", tiny("mistral"), "--quantize", "int8", "--compile", "--dtype", "bfloat16"]
+    info = json.loads(run_cli([*args, "--json"], capsys)[1])
+    assert info["int8_layout"] == {"layout": "column blocks", "ms_per_row": {"plain": 2.0, "column blocks": 1.0}}
+    out = run_cli(args, capsys)[1]
+    assert "compiled int8 steps: column blocks layout (one row through the first layers: plain 2.0 ms" in out
+    monkeypatch.setattr(engine_module, "INT8_LAYOUT", "plain")
+    assert json.loads(run_cli([*args, "--json"], capsys)[1])["int8_layout"] is None
+    assert json.loads(run_cli(["info", "--model", tiny("mistral"), "--json"], capsys)[1])["int8_layout"] is None
+
+
 def test_chat_keeps_the_conversation_and_its_images(tiny, picture, load_pipeline, monkeypatch):
     directory = tiny("vicuna")
     stdin = io.StringIO(f"/image {picture}\nWhat is it?\nAnd the colours?\n/reset\nNew topic.\n")
