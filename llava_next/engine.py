@@ -526,7 +526,11 @@ def int8_layout_for_compiled_steps(model: torch.nn.Module) -> tuple[bool, dict[s
                          "let compiled engines measure which int8 layout is faster here")
     if INT8_LAYOUT != "measure":
         return INT8_LAYOUT == "blocks", {}
-    times = time_int8_layouts(model)
+    try:
+        times = time_int8_layouts(model)
+    except Exception:  # the blocks' loop did not compile (no C++ compiler): the step's own compile will say so
+        block_int8_columns(model, blocked=False)
+        return False, {}
     return bool(times) and times["column blocks"] < times["plain"], times
 
 

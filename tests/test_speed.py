@@ -319,6 +319,18 @@ def test_a_compiled_engine_measures_which_int8_layout_is_faster_and_keeps_it(tin
         assert pipe.engine.int8_blocks is blocked and pipe.engine.int8_layout_seconds == seconds
         assert layers and all(m.blocked is blocked for m in layers)
 
+    # without a working compiler the timing fails at the blocks: the engine is still built, its layers plain (and
+    # its first step warns and decodes eagerly, as before)
+    def no_compiler(model):  # (failing halfway: one layer already in blocks)
+        next(m for m in model.language_model.modules() if isinstance(m, Int8Linear)).block_columns()
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(engine_module, "time_int8_layouts", no_compiler)
+    pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", quantize="int8", progress=False, prefix_cache=False,
+                           compile=True)
+    layers = [m for m in pipe.model.language_model.modules() if isinstance(m, Int8Linear)]
+    assert pipe.engine.int8_blocks is False and not any(m.blocked for m in layers)
+
     # a model without int8 layers has nothing to time and nothing to block
     monkeypatch.setattr(engine_module, "time_int8_layouts", time_int8_layouts)
     pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False, prefix_cache=False, compile=True)
