@@ -530,8 +530,7 @@ def int8_layout_for_compiled_steps(model: torch.nn.Module) -> tuple[bool, dict[s
     try:
         times = time_int8_layouts(model)
     except Exception:  # the blocks' loop did not compile (no C++ compiler): the step's own compile will say so
-        block_int8_columns(model, blocked=False)
-        return False, {}
+        return False, {}  # (the caller lays every layer out plain, any the timing left in blocks included)
     return bool(times) and times["column blocks"] < times["plain"], times
 
 
@@ -595,8 +594,11 @@ class Engine:
         weights once for all the rows, instead of the column-blocked form, which is faster for one row but reads them
         once per row (and which w8a8's _int_mm would take a copy of)."""
         if self.decode_step is not self.model:
-            lay_out_int8_weights(self.model, blocked=False)
-            self.int8_blocks = False
+            self._plain_int8_weights()
+
+    def _plain_int8_weights(self) -> None:
+        lay_out_int8_weights(self.model, blocked=False)
+        self.int8_blocks = False
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         """The model, eagerly: a prompt, or a decoding step that is not compiled."""
@@ -612,8 +614,7 @@ class Engine:
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "decoding eagerly instead")
             self.decode_step = self.model
-            lay_out_int8_weights(self.model, blocked=False)  # (eagerly, PyTorch's int8 kernel is the fast one)
-            self.int8_blocks = False
+            self._plain_int8_weights()  # (eagerly, PyTorch's int8 kernel is the fast one)
             return self.forward(*args, **kwargs)
 
     def kv_space(self, slots: int, capacity: int) -> KVCache:

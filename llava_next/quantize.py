@@ -589,6 +589,13 @@ def empty_converted(model: nn.Module, converted: dict[str, str]) -> None:
         setattr(parent, attr, new)
 
 
+def decoding_int8_layers(model: nn.Module) -> list[Int8Linear]:
+    """A LlavaModel's CPU int8 layers that decoding steps run and that can take column blocks (whole blocks of
+    outputs): the layers block_int8_columns lays out and time_int8_layouts times."""
+    return [module for name, module in model.named_modules()
+            if isinstance(module, Int8Linear) and runs_in_decoding(name) and module.can_block()]
+
+
 def block_int8_columns(model: nn.Module, blocked: bool = True) -> int:
     """Lays the weights of a LlavaModel's CPU int8 layers that decoding steps run (the decoder's, the lm_head's;
     w8a8's vision tower and projector only ever see prompts) out for compiled steps of few rows
@@ -596,17 +603,11 @@ def block_int8_columns(model: nn.Module, blocked: bool = True) -> int:
     _int_mm, multiply in one pass over the plain weights). Layer by layer, so the model's memory grows by one layer
     at most. Returns the number of layers changed."""
     changed = 0
-    for name, module in model.named_modules():
-        if (isinstance(module, Int8Linear) and runs_in_decoding(name) and module.can_block()
-                and module.blocked != blocked):
+    for module in decoding_int8_layers(model):
+        if module.blocked != blocked:
             module.block_columns() if blocked else module.unblock_columns()
             changed += 1
     return changed
-
-
-def _decoding_int8_layers(model: nn.Module) -> list[Int8Linear]:
-    return [module for name, module in model.named_modules()
-            if isinstance(module, Int8Linear) and runs_in_decoding(name) and module.can_block()]
 
 
 def _blocked_matmuls(rows: list[torch.Tensor], blocks: list[torch.Tensor], scales: list[torch.Tensor]):
@@ -621,15 +622,15 @@ LAYOUT_PROBE_BYTES = 2**30
 
 
 def time_int8_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
-    """Seconds one row takes through the int8 layers a decoding step runs (block_int8_columns' choice of layers, the
-    first LAYOUT_PROBE_BYTES of them) in each layout a compiled CPU step can multiply them in: {"plain": PyTorch's
+    """Seconds one row takes through the int8 layers a decoding step runs (decoding_int8_layers, the first
+    LAYOUT_PROBE_BYTES of them) in each layout a compiled CPU step can multiply them in: {"plain": PyTorch's
     kernel (`_weight_int8pack_mm`), "column blocks": blocked_int8_matmul compiled}; the fastest of the passes over
     them, each reading the model's own weights from memory as a step does. Which is faster depends on the processor
     (the blocks 1.1-1.7x the kernel on an AMD EPYC, 0.55-0.7x at 7B widths on an Intel Xeon with AMX), so a compiled
     engine asks (engine.INT8_LAYOUT). The layers timed end in the plain layout; {} when there are none."""
     global _compiled_blocked_matmuls
     layers, weight_bytes = [], 0
-    for layer in _decoding_int8_layers(model):  # the first ~LAYOUT_PROBE_BYTES of them, whole groups
+    for layer in decoding_int8_layers(model):  # the first ~LAYOUT_PROBE_BYTES of them, whole groups
         if weight_bytes >= LAYOUT_PROBE_BYTES and len(layers) % LAYOUT_PROBE_GROUP == 0:
             break
         layers.append(layer)
