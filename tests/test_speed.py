@@ -310,6 +310,19 @@ def test_a_compiled_engine_measures_which_int8_layout_is_faster_and_keeps_it(tin
     assert set(times) == {"plain", "column blocks"} and all(t > 0 for t in times.values())
     assert not any(m.blocked for m in layers)
     assert all(torch.equal(a, m.weight) for a, m in zip(before[0], layers)) and torch.equal(layers[0](x), before[1])
+    # past LAYOUT_PROBE_BYTES of weights it stops at the end of a group (a decoder layer's four): the rest of a 7B
+    # model is never laid out twice
+    import llava_next.quantize as quantize_module
+
+    laid_out = []
+    block_columns = Int8Linear.block_columns
+    monkeypatch.setattr(Int8Linear, "block_columns", lambda self: (laid_out.append(self), block_columns(self))[1])
+    monkeypatch.setattr(quantize_module, "LAYOUT_PROBE_BYTES", 1)
+    time_int8_layouts(pipe.model, repeats=1)
+    decoding = quantize_module.decoding_int8_layers(pipe.model)
+    assert len(decoding) > quantize_module.LAYOUT_PROBE_GROUP
+    assert laid_out == decoding[:quantize_module.LAYOUT_PROBE_GROUP] and not any(m.blocked for m in decoding)
+    monkeypatch.undo()
 
     for seconds, blocked in (({"plain": 2.0, "column blocks": 1.0}, True), ({"plain": 1.0, "column blocks": 2.0}, False)):
         monkeypatch.setattr(engine_module, "time_int8_layouts", lambda model, seconds=seconds: dict(seconds))
