@@ -203,10 +203,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         "eos_token_ids": pipe.engine.eos_token_ids,
         "quantization": {"mode": pipe.quantization["mode"], "group_size": pipe.quantization["group_size"],
                          "layers": describe(pipe.quantization["layers"])} if pipe.quantization else None,
-        # a compiled CPU engine's choice for its int8 layers (and the timings it chose by, when it measured)
+        # a compiled CPU engine's choice for its int8 layers, how it chose, and the timings it chose by if it measured
         "int8_layout": {"layout": "column blocks" if pipe.engine.int8_blocks else "plain",
+                        "reason": pipe.engine.int8_layout_reason,
                         "ms_per_row": {k: round(v * 1e3, 2) for k, v in pipe.engine.int8_layout_seconds.items()}}
-        if pipe.engine.int8_blocks or pipe.engine.int8_layout_seconds else None,
+        if pipe.engine.int8_layout_reason else None,
         "layout": "original" if pipe.original else "llava-hf",
         "rules": pipe.original.rules() if pipe.original else {
             "pinpoints": "(height, width), transformers' reading", "unpad": "int(round(x, 7)), transformers'"},
@@ -241,9 +242,9 @@ def cmd_info(args: argparse.Namespace) -> int:
               "projector and embeddings stay float unless w8a8)")
     if info["int8_layout"]:
         timed = info["int8_layout"]["ms_per_row"]
-        print(f"  compiled int8 steps: {info['int8_layout']['layout']} layout"
-              + (f" (one row through the first layers: plain {timed['plain']} ms, column blocks "
-                 f"{timed['column blocks']} ms)" if timed else " (LLAVA_NEXT_INT8_LAYOUT)"))
+        print(f"  compiled int8 steps: {info['int8_layout']['layout']} layout ({info['int8_layout']['reason']}"
+              + (f"; one row through the first layers: plain {timed['plain']} ms, column blocks "
+                 f"{timed['column blocks']} ms" if timed else "") + ")")
     for c in info.get("images", []):
         print(f"  {c['image']}: {c['width']}x{c['height']} px costs {c['tokens']} tokens")
     return 0

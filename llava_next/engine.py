@@ -30,7 +30,7 @@ from .memory import keep_freed_memory, release_free_memory
 from .model.decoder import KVCache, whole_key_blocks
 from .model.llava import ImageTokenMismatch, LlavaModel
 from .prompt import IncrementalDetokenizer, Tokenizer
-from .quantize import block_int8_columns, time_int8_layouts
+from .quantize import block_int8_columns, decoding_int8_layers, time_int8_layouts
 
 
 class GenerationError(LlavaError, ValueError):
@@ -520,18 +520,30 @@ INT8_LAYOUT = os.environ.get("LLAVA_NEXT_INT8_LAYOUT", "measure")
 INT8_LAYOUTS = ("measure", "blocks", "plain")
 
 
-def int8_layout_for_compiled_steps(model: torch.nn.Module) -> tuple[bool, dict[str, float]]:
-    """(whether a compiled CPU step should hold the int8 weights in column blocks, the timings that decided it)."""
+# The blocks are kept only when they are clearly faster for one row: in a tie (the noise of a shared machine, or
+# weights that fit in the cache) the plain layout wins, being the faster one for steps of two rows and more (1.4-1.6x
+# on the medium preset on an Intel Xeon, BENCHMARKS.md) and for eager calls, which dequantize the blocks.
+INT8_BLOCKS_MIN_SPEEDUP = 1.05
+
+
+def int8_layout_for_compiled_steps(model: torch.nn.Module) -> tuple[bool, dict[str, float], str | None]:
+    """(whether a compiled CPU step should hold the int8 weights in column blocks, the timings that decided it, and
+    how it was decided; None for a model without int8 layers that could take blocks)."""
     if INT8_LAYOUT not in INT8_LAYOUTS:
         raise LlavaError(f"LLAVA_NEXT_INT8_LAYOUT={INT8_LAYOUT!r} is not one of {', '.join(INT8_LAYOUTS)}: unset it to "
                          "let compiled engines measure which int8 layout is faster here")
+    if not decoding_int8_layers(model):
+        return False, {}, None
     if INT8_LAYOUT != "measure":
-        return INT8_LAYOUT == "blocks", {}
+        return INT8_LAYOUT == "blocks", {}, f"set by LLAVA_NEXT_INT8_LAYOUT={INT8_LAYOUT}"
     try:
         times = time_int8_layouts(model)
-    except Exception:  # the blocks' loop did not compile (no C++ compiler): the step's own compile will say so
-        return False, {}  # (the caller lays every layer out plain, any the timing left in blocks included)
-    return bool(times) and times["column blocks"] < times["plain"], times
+    except Exception as e:  # the blocks' loop did not compile (no C++ compiler): the step's own compile will say so
+        # (the caller lays every layer out plain, any the timing left in blocks included)
+        return False, {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    blocked = times["column blocks"] * INT8_BLOCKS_MIN_SPEEDUP < times["plain"]
+    return blocked, times, (f"measured; column blocks are kept when at least {INT8_BLOCKS_MIN_SPEEDUP}x as fast "
+                            "for one row")
 
 
 def lay_out_int8_weights(model: torch.nn.Module, blocked: bool) -> None:
@@ -556,6 +568,7 @@ class Engine:
         self.decode_step = model
         self.int8_blocks = False  # (whether the CPU int8 layers' weights are in column blocks, for compiled steps)
         self.int8_layout_seconds: dict[str, float] = {}
+        self.int8_layout_reason: str | None = None  # how a compiled CPU engine with int8 layers chose their layout
         # Static decoding: every step has the same shapes (the whole KV space, a mask over all of it) and the KV
         # space keeps its address from one request to the next, which a CUDA graph needs to be replayed.
         self.static_decode = compile and self.device.type == "cuda"
@@ -574,7 +587,8 @@ class Engine:
             else:
                 # int8 and w8a8 steps of one row in column blocks (quantize.blocked_int8_matmul) where that is the
                 # faster layout on this processor (~1.5x PyTorch's kernel on some, slower on others)
-                self.int8_blocks, self.int8_layout_seconds = int8_layout_for_compiled_steps(model)
+                self.int8_blocks, self.int8_layout_seconds, self.int8_layout_reason = (
+                    int8_layout_for_compiled_steps(model))
                 block_int8_columns(model, blocked=self.int8_blocks)
                 mark_weights_static(model)
                 # emulate_precision_casts: fused 16-bit arithmetic rounded after each operation as eager rounds it,
@@ -594,11 +608,13 @@ class Engine:
         weights once for all the rows, instead of the column-blocked form, which is faster for one row but reads them
         once per row (and which w8a8's _int_mm would take a copy of)."""
         if self.decode_step is not self.model:
-            self._plain_int8_weights()
+            self._plain_int8_weights("plain for steps of many rows")
 
-    def _plain_int8_weights(self) -> None:
+    def _plain_int8_weights(self, reason: str) -> None:
         lay_out_int8_weights(self.model, blocked=False)
         self.int8_blocks = False
+        if self.int8_layout_reason is not None:
+            self.int8_layout_reason = reason
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         """The model, eagerly: a prompt, or a decoding step that is not compiled."""
@@ -614,7 +630,7 @@ class Engine:
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "decoding eagerly instead")
             self.decode_step = self.model
-            self._plain_int8_weights()  # (eagerly, PyTorch's int8 kernel is the fast one)
+            self._plain_int8_weights("plain: decoding eagerly")  # (eagerly, PyTorch's int8 kernel is the fast one)
             return self.forward(*args, **kwargs)
 
     def kv_space(self, slots: int, capacity: int) -> KVCache:

@@ -82,11 +82,15 @@ def test_info_shows_the_int8_layout_a_compiled_engine_measured_and_chose(tiny, c
     monkeypatch.setattr(engine_module, "time_int8_layouts", lambda model: {"plain": 0.002, "column blocks": 0.001})
     args = ["info", "--model", tiny("mistral"), "--quantize", "int8", "--compile", "--dtype", "bfloat16"]
     info = json.loads(run_cli([*args, "--json"], capsys)[1])
+    assert info["int8_layout"].pop("reason").startswith("measured")
     assert info["int8_layout"] == {"layout": "column blocks", "ms_per_row": {"plain": 2.0, "column blocks": 1.0}}
     out = run_cli(args, capsys)[1]
-    assert "compiled int8 steps: column blocks layout (one row through the first layers: plain 2.0 ms" in out
-    monkeypatch.setattr(engine_module, "INT8_LAYOUT", "plain")
-    assert json.loads(run_cli([*args, "--json"], capsys)[1])["int8_layout"] is None
+    assert "compiled int8 steps: column blocks layout (measured; column blocks are kept when at least 1.05x" in out
+    assert "one row through the first layers: plain 2.0 ms, column blocks 1.0 ms)" in out
+    monkeypatch.setattr(engine_module, "INT8_LAYOUT", "plain")  # chosen by the user: said so, nothing timed
+    assert json.loads(run_cli([*args, "--json"], capsys)[1])["int8_layout"] == {
+        "layout": "plain", "reason": "set by LLAVA_NEXT_INT8_LAYOUT=plain", "ms_per_row": {}}
+    assert "compiled int8 steps: plain layout (set by LLAVA_NEXT_INT8_LAYOUT=plain)" in run_cli(args, capsys)[1]
     assert json.loads(run_cli(["info", "--model", tiny("mistral"), "--json"], capsys)[1])["int8_layout"] is None
 
 

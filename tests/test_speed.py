@@ -243,7 +243,7 @@ def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_plac
     # multiple of 16, keeps the lm_head plain; w8a8's vision tower and projector, which only see prompts, stay plain
     int8_layers = [m for m in model.language_model.modules() if isinstance(m, Int8Linear)]
     assert all(m.blocked == (int8_layout == "blocks" and m.out_features % BLOCK_COLUMNS == 0) for m in int8_layers)
-    assert engine.int8_blocks == (int8_layout == "blocks") and engine.int8_layout_seconds == {}
+    assert engine.int8_blocks == (int8_layout == "blocks" and bool(int8_layers)) and engine.int8_layout_seconds == {}
     assert not any(isinstance(m, Int8Linear) and m.blocked
                    for m in [*model.vision_tower.modules(), *model.multi_modal_projector.modules(), model.lm_head])
     if quantize in ("int8", "w8a8") and int8_layout == "blocks":
@@ -271,6 +271,7 @@ def test_int8_weights_leave_the_column_blocks_for_a_server_and_for_eager_decodin
         # the decoder's layers; not the lm_head (a tiny vocabulary, not a multiple of 16) nor w8a8's vision layers
         layers = [m for m in pipe.model.language_model.modules() if isinstance(m, Int8Linear)]
         assert layers and all(m.blocked for m in layers)
+        assert pipe.engine.int8_layout_reason == "set by LLAVA_NEXT_INT8_LAYOUT=blocks"
         return pipe, layers
 
     def answer(pipe):
@@ -280,7 +281,7 @@ def test_int8_weights_leave_the_column_blocks_for_a_server_and_for_eager_decodin
     assert answer(pipe) == expected
     server = BackgroundEngine(pipe.engine, slots=4, capacity=512)
     server.shutdown()
-    assert not any(m.blocked for m in layers)
+    assert not any(m.blocked for m in layers) and pipe.engine.int8_layout_reason == "plain for steps of many rows"
     assert answer(pipe) == expected  # the step compiled for the blocks, compiled again for the plain layout
     if shutil.which("g++") or shutil.which("c++"):
         assert pipe.engine.decode_step is not pipe.model
@@ -294,6 +295,7 @@ def test_int8_weights_leave_the_column_blocks_for_a_server_and_for_eager_decodin
     with pytest.warns(UserWarning, match="decoding eagerly instead"):
         got = answer(pipe)
     assert not any(m.blocked for m in layers) and got == expected
+    assert pipe.engine.int8_layout_reason == "plain: decoding eagerly"
 
 
 def test_a_compiled_engine_measures_which_int8_layout_is_faster_and_keeps_it(tiny, monkeypatch):
@@ -324,12 +326,18 @@ def test_a_compiled_engine_measures_which_int8_layout_is_faster_and_keeps_it(tin
     assert laid_out == decoding[:quantize_module.LAYOUT_PROBE_GROUP] and not any(m.blocked for m in decoding)
     monkeypatch.undo()
 
-    for seconds, blocked in (({"plain": 2.0, "column blocks": 1.0}, True), ({"plain": 1.0, "column blocks": 2.0}, False)):
+    # the blocks are kept only when clearly faster (INT8_BLOCKS_MIN_SPEEDUP): a tie goes to the plain layout
+    margin = engine_module.INT8_BLOCKS_MIN_SPEEDUP
+    assert margin > 1
+    for seconds, blocked in (({"plain": 2.0, "column blocks": 1.0}, True), ({"plain": 1.0, "column blocks": 2.0}, False),
+                             ({"plain": 1.0, "column blocks": 1.0 / margin * 1.01}, False),
+                             ({"plain": 1.0, "column blocks": 1.0 / margin * 0.99}, True)):
         monkeypatch.setattr(engine_module, "time_int8_layouts", lambda model, seconds=seconds: dict(seconds))
         pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", quantize="int8", progress=False,
                                prefix_cache=False, compile=True)
         layers = [m for m in pipe.model.language_model.modules() if isinstance(m, Int8Linear)]
         assert pipe.engine.int8_blocks is blocked and pipe.engine.int8_layout_seconds == seconds
+        assert pipe.engine.int8_layout_reason.startswith("measured")
         assert layers and all(m.blocked is blocked for m in layers)
 
     # without a working compiler the timing fails at the blocks: the engine is still built, its layers plain (and
@@ -343,11 +351,13 @@ def test_a_compiled_engine_measures_which_int8_layout_is_faster_and_keeps_it(tin
                            compile=True)
     layers = [m for m in pipe.model.language_model.modules() if isinstance(m, Int8Linear)]
     assert pipe.engine.int8_blocks is False and not any(m.blocked for m in layers)
+    assert pipe.engine.int8_layout_reason == "not measured: RuntimeError: no C++ compiler"
 
     # a model without int8 layers has nothing to time and nothing to block
     monkeypatch.setattr(engine_module, "time_int8_layouts", time_int8_layouts)
     pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False, prefix_cache=False, compile=True)
     assert pipe.engine.int8_blocks is False and pipe.engine.int8_layout_seconds == {}
+    assert pipe.engine.int8_layout_reason is None
 
 
 def test_an_unknown_int8_layout_in_the_environment_is_refused_by_name(tiny, monkeypatch):
