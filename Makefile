@@ -51,6 +51,8 @@ demo-model: $(VENV)/.runtime
 
 # speed and memory against transformers on the same weights and inputs (BENCHMARKS.md); the llama.cpp comparison
 # needs the bench extra: $(VENV)/bin/pip install -e '.[bench]' (compiles llama.cpp, ~10 minutes on 2 cores)
+# (where that llama.cpp dies on an illegal instruction, benchmarks/bench_llamacpp.py prints the command that
+# rebuilds it without the instructions it died on)
 bench: $(VENV)/.test
 	$(VENV)/bin/python benchmarks/bench_generate.py $(BENCH_ARGS)
 

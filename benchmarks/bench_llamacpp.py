@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -194,6 +195,29 @@ def run_ours(cache: Path, mode: str, args) -> dict:
             "decode_tok_s": args.new_tokens / gen.decode_seconds, "threads": torch.get_num_threads()}
 
 
+# On an Intel Xeon with AMX, llama.cpp built with GGML_NATIVE (its AMX backend included) died at its first matmul
+# with SIGILL (BENCHMARKS.md); built without AMX instructions it ran.
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def failure(key: str, out: subprocess.CompletedProcess) -> str:
+    """What a failed run says: its last line of errors, or for llama.cpp killed by an illegal instruction, why and
+    what to do."""
+    if key.startswith("llama.cpp") and out.returncode == -signal.SIGILL:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = f"=={version('llama-cpp-python')}"
+        except PackageNotFoundError:
+            installed = ""
+        return ("llama.cpp died on an illegal instruction (SIGILL): its build uses instructions this processor does "
+                "not run for it (its AMX backend, on the one Intel Xeon with AMX tried). Rebuild it without them: "
+                f"CMAKE_ARGS=\"-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='{NO_AMX_FLAGS}' -DCMAKE_CXX_FLAGS='{NO_AMX_FLAGS}'\" "
+                "pip install --force-reinstall --no-deps --no-cache-dir "
+                f"llama-cpp-python{installed}")
+    return (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), default="medium")
@@ -220,7 +244,7 @@ def main() -> None:
                 out = subprocess.run([sys.executable, __file__, "--run", key, *sys.argv[1:]], capture_output=True,
                                      text=True)
                 result = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else \
-                    {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
+                    {"error": failure(key, out)}
                 runs.setdefault(key, []).append(result)
                 print(f"round {r + 1} {key:16} {json.dumps(result)}", file=sys.stderr, flush=True)
     medians = {}

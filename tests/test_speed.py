@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -569,3 +570,20 @@ def test_a_cpu_engine_keeps_freed_activations_for_the_next_prompt(tiny, keep):
         assert faults[-1] < 100 and sum(faults[1:]) < 10000, faults
     else:  # glibc's own sliding thresholds settle at some point, but later than this
         assert sum(faults[1:]) > 20000, faults
+
+
+def test_the_llama_cpp_benchmark_says_why_llama_cpp_died_on_an_illegal_instruction_and_how_to_rebuild_it():
+    import importlib.util
+    import signal
+    import subprocess
+
+    spec = importlib.util.spec_from_file_location("bench_llamacpp", Path(__file__).parents[1] / "benchmarks" /
+                                                  "bench_llamacpp.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    died = subprocess.CompletedProcess([], -signal.SIGILL, "", "")
+    said = bench.failure("llama.cpp:q8_0", died)
+    assert "illegal instruction (SIGILL)" in said and "-mno-amx-tile" in said and "--force-reinstall" in said
+    # any other failure, or ours, gives its last line of errors
+    assert bench.failure("ours:int8", died) == f"exit {-signal.SIGILL}"
+    assert bench.failure("llama.cpp:q4_0", subprocess.CompletedProcess([], 1, "", "x\nno such file")) == "no such file"
