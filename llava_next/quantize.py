@@ -45,14 +45,15 @@ MODES = ("int8", "int4", "w8a8")
 GROUP_SIZES = (32, 64, 128, 256)
 DECODE_ROWS = 8  # up to this many rows, weight-only kernels; above, dequantize and run a float matmul
 # On the CPU the weight-only kernels stay faster than dequantizing a prompt's weights up to more rows than a decoding
-# step has: follow-up turns and (int4) 256-token prefill chunks use them. From `benchmarks/bench_kernels.py --preset
-# mistral-7b --layers 0 --prompt-rows ...` (BENCHMARKS.md): on the 7B gate/up matrix, dequantizing costs ~150 ms
-# (int8) / ~300 ms (int4) whatever the rows, the int8 kernel ~2 ms a row, the int4 kernel ~1.4 ms a row.
+# step has: follow-up turns use them. From `benchmarks/bench_kernels.py --preset mistral-7b --layers 0 --prompt-rows
+# ...` (BENCHMARKS.md): on the 7B gate/up matrix, dequantizing costs ~150 ms (int8) / ~250 ms (int4) whatever the
+# rows; the int8 kernel takes ~2-3 ms a row, the int4 kernel ~1.4 ms a row on an AMD EPYC and ~3.2 ms on an Intel Xeon
+# (where bfloat16 matmuls, on AMX, take ~0.5 ms a row after dequantizing).
 INT8_KERNEL_ROWS = 64
 # PyTorch's CPU int8 kernel takes the inputs 16 at a time: at other widths (8, 24, 40) it returns wrong numbers, at
 # some (20) it crashes (torch 2.13). Layers of other widths dequantize instead.
 INT8_KERNEL_INPUTS = 16
-INT4_KERNEL_ROWS = 256
+INT4_KERNEL_ROWS = 128
 # Compiled CPU decoding steps hold int8 weights in column blocks (Int8Linear.block_columns), BLOCK_COLUMNS outputs
 # side by side, and multiply up to BLOCKED_ROWS rows through them: each row is its own pass over the weights, which
 # up to 16 rows still beats dequantizing the blocks (`benchmarks/bench_kernels.py --step-rows`, BENCHMARKS.md).
@@ -224,8 +225,10 @@ def dequantize_int4_transposed(q_t: torch.Tensor, scales_and_zeros: torch.Tensor
     """int4 values 0..15 transposed, (in, out), and their scales -> the weight transposed, (in, out) in `dtype`
     (laid out for x @ w): w = (q - 8) * scale + zero, per group of `group_size` inputs."""
     in_features, out_features = q_t.shape
-    scales = scales_and_zeros[..., 0].unsqueeze(1).to(dtype)  # (groups, 1, out)
-    zeros = scales_and_zeros[..., 1].unsqueeze(1).to(dtype)
+    # (groups, 1, out), contiguous: broadcast from the strided views (every other element of scales_and_zeros) the
+    # two operations below took ~6x as long (25 against 4 ms on a 16 MB slice of a 7B matrix, measured)
+    scales = scales_and_zeros[..., 0].to(dtype).contiguous().unsqueeze(1)
+    zeros = scales_and_zeros[..., 1].to(dtype).contiguous().unsqueeze(1)
     w = (q_t.view(in_features // group_size, group_size, out_features).to(dtype) - 8) * scales + zeros
     return w.view(in_features, out_features)
 
