@@ -208,6 +208,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                         "reason": pipe.engine.int8_layout_reason,
                         "ms_per_row": {k: round(v * 1e3, 2) for k, v in pipe.engine.int8_layout_seconds.items()}}
         if pipe.engine.int8_layout_reason else None,
+        # a CPU engine's layout for its bfloat16 decoding layers, how it chose, and the timings if it measured
+        "bf16_layout": {"layout": pipe.engine.bf16_layout, "reason": pipe.engine.bf16_layout_reason,
+                        "ms_per_row": {k: round(v * 1e3, 2) for k, v in pipe.engine.bf16_layout_seconds.items()}}
+        if pipe.engine.bf16_layout else None,
         "layout": "original" if pipe.original else "llava-hf",
         "rules": pipe.original.rules() if pipe.original else {
             "pinpoints": "(height, width), transformers' reading", "unpad": "int(round(x, 7)), transformers'"},
@@ -245,6 +249,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  compiled int8 steps: {info['int8_layout']['layout']} layout ({info['int8_layout']['reason']}"
               + (f"; one row through the first layers: plain {timed['plain']} ms, column blocks "
                  f"{timed['column blocks']} ms" if timed else "") + ")")
+    if info["bf16_layout"]:
+        timed = info["bf16_layout"]["ms_per_row"]
+        print(f"  bfloat16 decoding weights: {info['bf16_layout']['layout']} layout ({info['bf16_layout']['reason']}"
+              + (f"; one row through the first layers: blocked {timed['blocked']} ms, plain {timed['plain']} ms"
+                 if timed else "") + ")")
     for c in info.get("images", []):
         print(f"  {c['image']}: {c['width']}x{c['height']} px costs {c['tokens']} tokens")
     return 0

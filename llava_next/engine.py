@@ -30,7 +30,8 @@ from .memory import keep_freed_memory, release_free_memory
 from .model.decoder import KVCache, whole_key_blocks
 from .model.llava import ImageTokenMismatch, LlavaModel
 from .prompt import IncrementalDetokenizer, Tokenizer
-from .quantize import block_int8_columns, decoding_int8_layers, time_int8_layouts
+from .quantize import (block_int8_columns, decoding_bf16_layers, decoding_int8_layers, lay_out_bf16_weights,
+                       time_bf16_layouts, time_int8_layouts)
 
 
 class GenerationError(LlavaError, ValueError):
@@ -546,6 +547,34 @@ def int8_layout_for_compiled_steps(model: torch.nn.Module) -> tuple[bool, dict[s
                             "for one row")
 
 
+# The layout a CPU engine holds its bfloat16 decoding layers' weights in: "measure" (each engine times both on its
+# own weights once, quantize.time_bf16_layouts), "blocked" (oneDNN's reordered layout, as loaded) or "plain"
+# (torch.mv for one row). From the environment, as INT8_LAYOUT.
+BF16_LAYOUT = os.environ.get("LLAVA_NEXT_BF16_LAYOUT", "measure")
+BF16_LAYOUTS = ("measure", "blocked", "plain")
+# The plain layout replaces the loaded one only when clearly faster: laying a 7B model's weights out again takes ~8 s.
+BF16_PLAIN_MIN_SPEEDUP = 1.05
+
+
+def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[str, float], str | None]:
+    """Lays a CPU model's bfloat16 decoding layers out in the layout they multiply one row fastest in; returns (the
+    layout, the timings that decided it, how it was decided), or (None, {}, None) for a model without such layers."""
+    if BF16_LAYOUT not in BF16_LAYOUTS:
+        raise LlavaError(f"LLAVA_NEXT_BF16_LAYOUT={BF16_LAYOUT!r} is not one of {', '.join(BF16_LAYOUTS)}: unset it to "
+                         "let the engine measure which bfloat16 layout is faster here")
+    layers = decoding_bf16_layers(model)
+    if not layers:
+        return None, {}, None
+    if BF16_LAYOUT != "measure":
+        layout, times, reason = BF16_LAYOUT, {}, f"set by LLAVA_NEXT_BF16_LAYOUT={BF16_LAYOUT}"
+    else:
+        times = time_bf16_layouts(model)
+        layout = "plain" if times["plain"] * BF16_PLAIN_MIN_SPEEDUP < times["blocked"] else "blocked"
+        reason = f"measured; the plain layout is taken when at least {BF16_PLAIN_MIN_SPEEDUP}x as fast for one row"
+    lay_out_bf16_weights(layers, packed=layout == "blocked")
+    return layout, times, reason
+
+
 def lay_out_int8_weights(model: torch.nn.Module, blocked: bool) -> None:
     """Puts the CPU int8 layers' weights in column blocks (compiled steps of few rows) or in the plain layout (steps
     of many rows, eager calls), marking the new tensors static for the compiled step (mark_weights_static)."""
@@ -569,12 +598,17 @@ class Engine:
         self.int8_blocks = False  # (whether the CPU int8 layers' weights are in column blocks, for compiled steps)
         self.int8_layout_seconds: dict[str, float] = {}
         self.int8_layout_reason: str | None = None  # how a compiled CPU engine with int8 layers chose their layout
+        # (the layout of a CPU model's bfloat16 decoding layers, the timings and how it was chosen)
+        self.bf16_layout: str | None = None
+        self.bf16_layout_seconds: dict[str, float] = {}
+        self.bf16_layout_reason: str | None = None
         # Static decoding: every step has the same shapes (the whole KV space, a mask over all of it) and the KV
         # space keeps its address from one request to the next, which a CUDA graph needs to be replayed.
         self.static_decode = compile and self.device.type == "cuda"
         self._kv_space: KVCache | None = None
         if self.device.type == "cpu":
             keep_freed_memory()  # a prompt's activations reused, not page-faulted in again (memory.py)
+            self.bf16_layout, self.bf16_layout_seconds, self.bf16_layout_reason = bf16_layout_for_decoding(model)
         if compile:
             # One decoding step through torch.compile: CUDA graphs on a GPU ("reduce-overhead"), inductor's C++
             # kernels on a CPU. Sizes are dynamic, so it compiles once, not once per position or batch size.

@@ -74,16 +74,30 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 class FastLinear(nn.Module):
     """A float linear through oneDNN on the CPU (nn.Linear's own path elsewhere). `packed`: the weight is held in
-    oneDNN's blocked layout (an mkldnn tensor), reordered once here; the dense one is freed."""
+    oneDNN's blocked layout (an mkldnn tensor), reordered once here; the dense one is freed. A plain bfloat16 weight
+    multiplies one row with torch.mv instead (onednn_linear), which on some processors reads it faster than oneDNN
+    reads either layout: the engine times the two layouts on a model's decoding layers (time_bf16_layouts)."""
 
     def __init__(self, linear: nn.Linear, packed: bool = False):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
-        if packed:
-            # The layout is chosen for one row (a decoding step); prompts of any length run on it as fast.
-            self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1),
-                                       requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        if packed:
+            self.pack()
+
+    @property
+    def packed(self) -> bool:
+        return self.weight.is_mkldnn
+
+    def pack(self) -> None:
+        # The layout is chosen for one row (a decoding step); prompts run on it about as fast as on the plain weight.
+        if not self.packed:
+            self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1),
+                                       requires_grad=False)
+
+    def unpack(self) -> None:
+        if self.packed:
+            self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or torch.is_grad_enabled():
@@ -94,6 +108,10 @@ class FastLinear(nn.Module):
 
 
 def onednn_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if rows.shape[0] == 1 and weight.dtype == torch.bfloat16 and not weight.is_mkldnn:
+        # PyTorch's bfloat16 matrix-vector kernel (float32 sums, rounded once, as oneDNN's): on an Intel Xeon with
+        # AMX it read a 7B matrix at 19 GB/s where oneDNN read the reordered one at 7.6 and the plain one at 12.8
+        return torch.mv(weight, rows[0]).unsqueeze(0) if bias is None else torch.addmv(bias, weight, rows[0]).unsqueeze(0)
     return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
 
 
@@ -669,6 +687,52 @@ def time_int8_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
         lay_out(layout)
         with torch.inference_mode():
             run()  # (the blocks' first call compiles)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                times[name] = min(times.get(name, math.inf), time.perf_counter() - start)
+    return times
+
+
+def decoding_bf16_layers(model: nn.Module) -> list[FastLinear]:
+    """A LlavaModel's bfloat16 FastLinear layers that decoding steps run (the decoder's, the lm_head's) and that can
+    take oneDNN's blocked layout: the layers time_bf16_layouts times and lay_out_bf16_weights lays out."""
+    return [module for name, module in model.named_modules()
+            if isinstance(module, FastLinear) and runs_in_decoding(name) and can_pack(module.weight)]
+
+
+def lay_out_bf16_weights(layers: list[FastLinear], packed: bool) -> None:
+    for layer in layers:  # one at a time: the model's memory grows by one layer at most
+        layer.pack() if packed else layer.unpack()
+
+
+def time_bf16_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
+    """Seconds one row takes through the bfloat16 layers a decoding step runs (decoding_bf16_layers, the first
+    LAYOUT_PROBE_BYTES of them) in each layout: {"blocked": oneDNN on the reordered weights, "plain": torch.mv on
+    the plain ones}; the fastest of the passes. Which is faster depends on the processor (on an Intel Xeon with AMX,
+    plain 1.3-2.5x; on the AMD EPYC oneDNN's blocked layout read 77% of the bandwidth at 7B). The layers timed end
+    in the blocked layout; {} when there are none."""
+    layers, weight_bytes = [], 0
+    for layer in decoding_bf16_layers(model):
+        if weight_bytes >= LAYOUT_PROBE_BYTES:
+            break
+        layers.append(layer)
+        weight_bytes += layer.in_features * layer.out_features * 2
+    if not layers:
+        return {}
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randn(1, layer.in_features, generator=generator).bfloat16() for layer in layers]
+
+    def run():
+        for x, layer in zip(rows, layers):
+            torch.ops.llava_next.onednn_linear(x, layer.weight, layer.bias)
+
+    # blocked, plain, blocked again: a shared machine's slow spell during one pass does not decide alone
+    times = {}
+    for name, packed in (("blocked", True), ("plain", False), ("blocked", True)):
+        lay_out_bf16_weights(layers, packed)
+        with torch.inference_mode():
+            run()
             for _ in range(repeats):
                 start = time.perf_counter()
                 run()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import reference_model, reference_processor, smooth_image
 from llava_next import cli
@@ -92,6 +93,25 @@ def test_info_shows_the_int8_layout_a_compiled_engine_measured_and_chose(tiny, c
         "layout": "plain", "reason": "set by LLAVA_NEXT_INT8_LAYOUT=plain", "ms_per_row": {}}
     assert "compiled int8 steps: plain layout (set by LLAVA_NEXT_INT8_LAYOUT=plain)" in run_cli(args, capsys)[1]
     assert json.loads(run_cli(["info", "--model", tiny("mistral"), "--json"], capsys)[1])["int8_layout"] is None
+
+
+def test_info_shows_the_bfloat16_layout_the_engine_measured_and_chose(tiny, capsys, monkeypatch):
+    import llava_next.engine as engine_module
+    from llava_next.quantize import can_pack
+
+    monkeypatch.setattr(engine_module, "time_bf16_layouts", lambda model: {"blocked": 0.003, "plain": 0.001})
+    args = ["info", "--model", tiny("mistral"), "--dtype", "bfloat16"]
+    info = json.loads(run_cli([*args, "--json"], capsys)[1])
+    if not can_pack(torch.empty(0, dtype=torch.bfloat16)):  # (nothing to lay out without native bfloat16)
+        assert info["bf16_layout"] is None
+        return
+    assert info["bf16_layout"].pop("reason").startswith("measured")
+    assert info["bf16_layout"] == {"layout": "plain", "ms_per_row": {"blocked": 3.0, "plain": 1.0}}
+    out = run_cli(args, capsys)[1]
+    assert "bfloat16 decoding weights: plain layout (measured; the plain layout is taken when at least 1.05x" in out
+    assert "blocked 3.0 ms, plain 1.0 ms)" in out
+    assert json.loads(run_cli(["info", "--model", tiny("mistral"), "--dtype", "float32", "--json"],
+                              capsys)[1])["bf16_layout"] is None
 
 
 def test_chat_keeps_the_conversation_and_its_images(tiny, picture, load_pipeline, monkeypatch):

@@ -202,7 +202,7 @@ def test_a_process_compiles_more_pipelines_than_pytorchs_recompile_limit(tiny):
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
-@pytest.mark.parametrize("quantize, int8_layout", [(None, "blocks"), ("int8", "blocks"), ("int8", "plain"),
+@pytest.mark.parametrize("quantize, int8_layout", [(None, "blocks"), (None, "plain"), ("int8", "blocks"), ("int8", "plain"),
                                                    ("int4", "blocks"), ("w8a8", "blocks"), ("w8a8", "plain")])
 def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_place(tiny, quantize, int8_layout,
                                                                                    monkeypatch):
@@ -212,6 +212,8 @@ def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_plac
     from llava_next.model.decoder import KEY_BLOCK, KVCache
 
     monkeypatch.setattr(llava_next.engine, "INT8_LAYOUT", int8_layout)
+    # (bfloat16's decoding layers likewise: oneDNN's blocked layout, or plain weights through torch.mv)
+    monkeypatch.setattr(llava_next.engine, "BF16_LAYOUT", "plain" if int8_layout == "plain" else "blocked")
     pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", quantize=quantize, progress=False, prefix_cache=False,
                            compile=True)
     model, engine = pipe.model, pipe.engine
@@ -249,8 +251,10 @@ def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_plac
                    for m in [*model.vision_tower.modules(), *model.multi_modal_projector.modules(), model.lm_head])
     if quantize in ("int8", "w8a8") and int8_layout == "blocks":
         assert sum(m.blocked for m in int8_layers) == len(int8_layers) > 0
-    if quantize is None:  # compiled with the eager step's oneDNN linears on blocked weights, not plain nn.Linear
-        assert isinstance(model.lm_head, FastLinear) and model.lm_head.weight.is_mkldnn == can_pack(torch.empty(0, dtype=torch.bfloat16))
+    if quantize is None:  # compiled with the eager step's linears (opaque operators), not plain nn.Linear
+        packable = can_pack(torch.empty(0, dtype=torch.bfloat16))
+        assert isinstance(model.lm_head, FastLinear) and model.lm_head.packed == (int8_layout == "blocks" and packable)
+        assert engine.bf16_layout == (("blocked" if int8_layout == "blocks" else "plain") if packable else None)
 
 
 @pytest.mark.parametrize("quantize", ["int8", "w8a8"])
@@ -359,6 +363,53 @@ def test_a_compiled_engine_measures_which_int8_layout_is_faster_and_keeps_it(tin
     pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False, prefix_cache=False, compile=True)
     assert pipe.engine.int8_blocks is False and pipe.engine.int8_layout_seconds == {}
     assert pipe.engine.int8_layout_reason is None
+
+
+@pytest.mark.skipif(not can_pack(torch.empty(0, dtype=torch.bfloat16)),
+                    reason="oneDNN's blocked bfloat16 layout needs a CPU with native bfloat16")
+def test_a_cpu_engine_keeps_its_bfloat16_decoding_weights_in_the_layout_it_measured_faster(tiny, monkeypatch):
+    # One row through a plain bfloat16 weight runs torch.mv, through a blocked one oneDNN: the same sums, each faster
+    # on some processors (BENCHMARKS.md). The engine times both on its decoding layers and keeps the faster; the
+    # vision tower and projector (prompts only) stay blocked; the answers are the same in either layout.
+    import llava_next.engine as engine_module
+    from llava_next.quantize import decoding_bf16_layers, time_bf16_layouts
+
+    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "blocked")
+    pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False, prefix_cache=False)
+    layers = decoding_bf16_layers(pipe.model)
+    assert layers and all(m.packed for m in layers) and pipe.engine.bf16_layout == "blocked"
+    assert pipe.engine.bf16_layout_reason == "set by LLAVA_NEXT_BF16_LAYOUT=blocked"
+    x = torch.randn(1, layers[0].in_features).bfloat16()
+    blocked_out = layers[0](x)
+    expected = pipe.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=6).token_ids
+    times = time_bf16_layouts(pipe.model, repeats=2)
+    assert set(times) == {"blocked", "plain"} and all(t > 0 for t in times.values()) and all(m.packed for m in layers)
+    layers[0].unpack()
+    plain_out = layers[0](x)
+    exact = x.float() @ layers[0].weight.float().t()
+    assert not layers[0].packed and torch.allclose(plain_out.float(), exact, rtol=1e-2, atol=1e-2)
+    assert torch.allclose(plain_out.float(), blocked_out.float(), rtol=1e-2, atol=1e-2)
+    layers[0].pack()
+    assert torch.equal(layers[0](x), blocked_out)
+
+    margin = engine_module.BF16_PLAIN_MIN_SPEEDUP
+    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "measure")
+    for seconds, layout in (({"blocked": 2.0, "plain": 1.0}, "plain"), ({"blocked": 1.0, "plain": 2.0}, "blocked"),
+                            ({"blocked": 1.0, "plain": 1.0 / margin * 1.01}, "blocked")):
+        monkeypatch.setattr(engine_module, "time_bf16_layouts", lambda model, seconds=seconds: dict(seconds))
+        pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False, prefix_cache=False)
+        assert pipe.engine.bf16_layout == layout and pipe.engine.bf16_layout_seconds == seconds
+        assert pipe.engine.bf16_layout_reason.startswith("measured")
+        assert all(m.packed == (layout == "blocked") for m in decoding_bf16_layers(pipe.model))
+        assert all(m.packed for m in pipe.model.vision_tower.modules() if isinstance(m, FastLinear))
+        got = pipe.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=6).token_ids
+        assert got == expected
+    # float32 models have nothing to lay out; an unknown layout in the environment is refused by name
+    pipe = llava_next.load(tiny("mistral"), dtype="float32", progress=False)
+    assert pipe.engine.bf16_layout is None and pipe.engine.bf16_layout_reason is None
+    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "columns")
+    with pytest.raises(llava_next.errors.LlavaError, match="LLAVA_NEXT_BF16_LAYOUT='columns'.*measure, blocked, plain"):
+        llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False)
 
 
 def test_an_unknown_int8_layout_in_the_environment_is_refused_by_name(tiny, monkeypatch):
