@@ -6,7 +6,10 @@ As gpt-fast's `convert_for_runtime`: `convert_linears(model, mode)` replaces nn.
             the memory bandwidth; oneDNN reaches it (and is ~1.2x faster on prompt-sized matmuls). Same weights,
             same results up to float rounding. In bfloat16 nn.Linear is already oneDNN's, but on a plain weight it
             reads a decoding step's weights at ~11 GB/s; the weight reordered once into oneDNN's blocked layout
-            reads at ~21 GB/s, with the same results bit for bit (a prompt's matmuls take as long).
+            reads at ~21 GB/s, with the same results bit for bit (a prompt's matmuls take as long), on an AMD EPYC.
+            On an Intel Xeon with AMX oneDNN read the blocked weight at about half the bandwidth and torch.mv the
+            plain one at 80-100% of it, so a CPU engine times both for its decoding layers and keeps the faster
+            (time_bf16_layouts).
   int8      weight-only int8, one symmetric scale per output channel. A decoding step (few rows) runs
             `torch._weight_int8pack_mm` on the int8 weights on the CPU, and on CUDA a matmul on the weights
             converted in the same expression (fused into one kernel under `compile=True`); a prompt (many rows,
