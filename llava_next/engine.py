@@ -568,10 +568,15 @@ def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[s
     if BF16_LAYOUT != "measure":
         layout, times, reason = BF16_LAYOUT, {}, f"set by LLAVA_NEXT_BF16_LAYOUT={BF16_LAYOUT}"
     else:
-        times = time_bf16_layouts(model)
-        layout = "plain" if times["plain"] * BF16_PLAIN_MIN_SPEEDUP < times["blocked"] else "blocked"
-        reason = f"measured; the plain layout is taken when at least {BF16_PLAIN_MIN_SPEEDUP}x as fast for one row"
+        try:
+            times = time_bf16_layouts(model)
+        except Exception as e:  # (a layout oneDNN or torch.mv refuses): the model stays as loaded, and says why
+            layout, times, reason = "blocked", {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        else:
+            layout = "plain" if times["plain"] * BF16_PLAIN_MIN_SPEEDUP < times["blocked"] else "blocked"
+            reason = f"measured; the plain layout is taken when at least {BF16_PLAIN_MIN_SPEEDUP}x as fast for one row"
     lay_out_bf16_weights(layers, packed=layout == "blocked")
+    release_free_memory()  # (the layouts given up: the allocator keeps freed blocks otherwise, keep_freed_memory)
     return layout, times, reason
 
 
@@ -645,10 +650,10 @@ class Engine:
             self._plain_int8_weights("plain for steps of many rows")
 
     def _plain_int8_weights(self, reason: str) -> None:
+        if self.int8_blocks:  # (already plain: the reason it was chosen stands)
+            self.int8_layout_reason = reason
         lay_out_int8_weights(self.model, blocked=False)
         self.int8_blocks = False
-        if self.int8_layout_reason is not None:
-            self.int8_layout_reason = reason
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         """The model, eagerly: a prompt, or a decoding step that is not compiled."""

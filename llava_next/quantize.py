@@ -638,6 +638,22 @@ def _blocked_matmuls(rows: list[torch.Tensor], blocks: list[torch.Tensor], scale
     return [blocked_int8_matmul(x, w, s) for x, w, s in zip(rows, blocks, scales)]
 
 
+def fastest_passes(layouts, repeats: int) -> dict[str, float]:
+    """{name: the fastest of `repeats` timed passes of run()} for each (name, lay_out, run) in turn: lay_out() puts
+    the weights in that layout, an untimed pass warms it (a compile, first touches), then the timed ones. A name
+    given twice keeps its faster round."""
+    times = {}
+    for name, lay_out, run in layouts:
+        lay_out()
+        with torch.inference_mode():
+            run()
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                times[name] = min(times.get(name, math.inf), time.perf_counter() - start)
+    return times
+
+
 _compiled_blocked_matmuls = None
 LAYOUT_PROBE_GROUP = 4  # layers per compiled call: a decoder layer's int8 matmuls (fused q/k/v, o, gate/up, down)
 # Enough weights to come from memory, not the caches (several times a server processor's L3), while laying them out
@@ -685,16 +701,8 @@ def time_int8_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
 
     # plain, blocks, plain again: a shared machine's slow spell during one of the plain passes (measured: a min of 5
     # passes of 21 ms in one call, 43 ms in the next) does not decide alone
-    times = {}
-    for name, run, layout in (("plain", plain, False), ("column blocks", blocked, True), ("plain", plain, False)):
-        lay_out(layout)
-        with torch.inference_mode():
-            run()  # (the blocks' first call compiles)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                run()
-                times[name] = min(times.get(name, math.inf), time.perf_counter() - start)
-    return times
+    return fastest_passes([("plain", lambda: lay_out(False), plain), ("column blocks", lambda: lay_out(True), blocked),
+                           ("plain", lambda: lay_out(False), plain)], repeats)
 
 
 def decoding_bf16_layers(model: nn.Module) -> list[FastLinear]:
@@ -731,16 +739,8 @@ def time_bf16_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
             torch.ops.llava_next.onednn_linear(x, layer.weight, layer.bias)
 
     # blocked, plain, blocked again: a shared machine's slow spell during one pass does not decide alone
-    times = {}
-    for name, packed in (("blocked", True), ("plain", False), ("blocked", True)):
-        lay_out_bf16_weights(layers, packed)
-        with torch.inference_mode():
-            run()
-            for _ in range(repeats):
-                start = time.perf_counter()
-                run()
-                times[name] = min(times.get(name, math.inf), time.perf_counter() - start)
-    return times
+    blocked, plain = (lambda: lay_out_bf16_weights(layers, True)), (lambda: lay_out_bf16_weights(layers, False))
+    return fastest_passes([("blocked", blocked, run), ("plain", plain, run), ("blocked", blocked, run)], repeats)
 
 
 def pack_all(model: nn.Module) -> None:

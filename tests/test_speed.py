@@ -380,17 +380,32 @@ def test_a_cpu_engine_keeps_its_bfloat16_decoding_weights_in_the_layout_it_measu
     assert layers and all(m.packed for m in layers) and pipe.engine.bf16_layout == "blocked"
     assert pipe.engine.bf16_layout_reason == "set by LLAVA_NEXT_BF16_LAYOUT=blocked"
     x = torch.randn(1, layers[0].in_features).bfloat16()
-    blocked_out = layers[0](x)
+    with torch.inference_mode():  # (with autograd on, FastLinear runs F.linear on the dense weight in either layout)
+        blocked_out = layers[0](x)
     expected = pipe.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=6).token_ids
     times = time_bf16_layouts(pipe.model, repeats=2)
     assert set(times) == {"blocked", "plain"} and all(t > 0 for t in times.values()) and all(m.packed for m in layers)
+    calls = []
+    monkeypatch.setattr(torch, "mv", lambda *args, mv=torch.mv: (calls.append("mv"), mv(*args))[1])
     layers[0].unpack()
-    plain_out = layers[0](x)
+    with torch.inference_mode():
+        plain_out = layers[0](x)
+    assert calls == ["mv"]  # one row on a plain bfloat16 weight: PyTorch's matrix-vector kernel
     exact = x.float() @ layers[0].weight.float().t()
     assert not layers[0].packed and torch.allclose(plain_out.float(), exact, rtol=1e-2, atol=1e-2)
     assert torch.allclose(plain_out.float(), blocked_out.float(), rtol=1e-2, atol=1e-2)
     layers[0].pack()
-    assert torch.equal(layers[0](x), blocked_out)
+    with torch.inference_mode():
+        assert torch.equal(layers[0](x), blocked_out)
+    # with a bias (addmv), against nn.Linear in float32, in both layouts
+    biased, row = torch.nn.Linear(64, 48).bfloat16(), torch.randn(1, 64).bfloat16()
+    fast, want = FastLinear(biased), row.float() @ biased.weight.float().t() + biased.bias.float()
+    with torch.inference_mode():
+        for packed in (False, True):
+            fast.pack() if packed else fast.unpack()
+            assert fast.packed == packed and torch.allclose(fast(row).float(), want, rtol=1e-2, atol=1e-2)
+    monkeypatch.undo()
+    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "blocked")
 
     margin = engine_module.BF16_PLAIN_MIN_SPEEDUP
     monkeypatch.setattr(engine_module, "BF16_LAYOUT", "measure")
@@ -404,6 +419,14 @@ def test_a_cpu_engine_keeps_its_bfloat16_decoding_weights_in_the_layout_it_measu
         assert all(m.packed for m in pipe.model.vision_tower.modules() if isinstance(m, FastLinear))
         got = pipe.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=6).token_ids
         assert got == expected
+    # a timing that fails leaves the model as loaded and says why
+    def refused(model):
+        raise RuntimeError("no such layout")
+
+    monkeypatch.setattr(engine_module, "time_bf16_layouts", refused)
+    pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False, prefix_cache=False)
+    assert pipe.engine.bf16_layout == "blocked" and all(m.packed for m in decoding_bf16_layers(pipe.model))
+    assert pipe.engine.bf16_layout_reason == "not measured: RuntimeError: no such layout"
     # float32 models have nothing to lay out; an unknown layout in the environment is refused by name
     pipe = llava_next.load(tiny("mistral"), dtype="float32", progress=False)
     assert pipe.engine.bf16_layout is None and pipe.engine.bf16_layout_reason is None
