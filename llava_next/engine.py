@@ -557,8 +557,9 @@ BF16_PLAIN_MIN_SPEEDUP = 1.05
 
 
 def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[str, float], str | None]:
-    """Lays a CPU model's bfloat16 decoding layers out in the layout they multiply one row fastest in; returns (the
-    layout, the timings that decided it, how it was decided), or (None, {}, None) for a model without such layers."""
+    """Lays a CPU model's bfloat16 decoding layers (loaded plain) out in the layout they multiply one row fastest
+    in; returns (the layout, the timings that decided it, how it was decided), or (None, {}, None) for a model
+    without such layers."""
     if BF16_LAYOUT not in BF16_LAYOUTS:
         raise LlavaError(f"LLAVA_NEXT_BF16_LAYOUT={BF16_LAYOUT!r} is not one of {', '.join(BF16_LAYOUTS)}: unset it to "
                          "let the engine measure which bfloat16 layout is faster here")
@@ -570,7 +571,7 @@ def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[s
     else:
         try:
             times = time_bf16_layouts(model)
-        except Exception as e:  # (a layout oneDNN or torch.mv refuses): the model stays as loaded, and says why
+        except Exception as e:  # (a layout oneDNN or torch.mv refuses): oneDNN's, the one run before any timing
             layout, times, reason = "blocked", {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         else:
             layout = "plain" if times["plain"] * BF16_PLAIN_MIN_SPEEDUP < times["blocked"] else "blocked"

@@ -517,9 +517,14 @@ def conversion_plan(model: nn.Module, mode: str, group_size: int = 128) -> dict[
         if mode == "fast":
             if linear.weight.dtype == torch.float32:
                 plan[name] = "fast"
-            elif can_pack(linear.weight) and id(linear.weight) not in shared:  # (a tied lm_head: no second copy)
-                plan[name] = "fast/packed"
-            # else: in 16 bits nn.Linear already runs oneDNN where the CPU has the instructions
+            elif not can_pack(linear.weight) or id(linear.weight) in shared:  # (a tied lm_head: no second copy)
+                pass  # in 16 bits nn.Linear already runs oneDNN where the CPU has the instructions
+            elif runs_in_decoding(name):
+                # loaded plain: the engine times both layouts on them and reorders them only where oneDNN's
+                # blocked one is faster (engine.bf16_layout_for_decoding), so no processor pays for both
+                plan[name] = "fast"
+            else:
+                plan[name] = "fast/packed"  # prompts only (the vision tower, the projector)
         elif mode == "int4" and linear.in_features % group_size == 0 and linear.out_features % 16 == 0:
             plan[name] = f"int4/g{group_size}"
         else:
@@ -722,7 +727,7 @@ def time_bf16_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
     LAYOUT_PROBE_BYTES of them) in each layout: {"blocked": oneDNN on the reordered weights, "plain": torch.mv on
     the plain ones}; the fastest of the passes. Which is faster depends on the processor (on an Intel Xeon with AMX,
     plain 1.3-2.5x; on the AMD EPYC oneDNN's blocked layout read 77% of the bandwidth at 7B). The layers timed end
-    in the blocked layout; {} when there are none."""
+    in the plain layout, the one they are loaded in; {} when there are none."""
     layers, weight_bytes = [], 0
     for layer in decoding_bf16_layers(model):
         if weight_bytes >= LAYOUT_PROBE_BYTES:
@@ -738,9 +743,9 @@ def time_bf16_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
         for x, layer in zip(rows, layers):
             torch.ops.llava_next.onednn_linear(x, layer.weight, layer.bias)
 
-    # blocked, plain, blocked again: a shared machine's slow spell during one pass does not decide alone
+    # plain, blocked, plain again: a shared machine's slow spell during one pass does not decide alone
     blocked, plain = (lambda: lay_out_bf16_weights(layers, True)), (lambda: lay_out_bf16_weights(layers, False))
-    return fastest_passes([("blocked", blocked, run), ("plain", plain, run), ("blocked", blocked, run)], repeats)
+    return fastest_passes([("plain", plain, run), ("blocked", blocked, run), ("plain", plain, run)], repeats)
 
 
 def pack_all(model: nn.Module) -> None:
