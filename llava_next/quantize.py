@@ -719,7 +719,9 @@ def decoding_bf16_layers(model: nn.Module) -> list[FastLinear]:
 
 def lay_out_bf16_weights(layers: list[FastLinear], packed: bool) -> None:
     for layer in layers:  # one at a time: the model's memory grows by one layer at most
-        layer.pack() if packed else layer.unpack()
+        if layer.packed != packed:
+            layer.pack() if packed else layer.unpack()
+            release_free_memory()
 
 
 def time_bf16_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
