@@ -677,3 +677,26 @@ def test_the_llama_cpp_benchmark_says_why_llama_cpp_died_on_an_illegal_instructi
     # any other failure, or ours, gives its last line of errors
     assert bench.failure("ours:int8", died) == f"exit {-signal.SIGILL}"
     assert bench.failure("llama.cpp:q4_0", subprocess.CompletedProcess([], 1, "", "x\nno such file")) == "no such file"
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_bfloat16_vision_attention_runs_in_the_dtype_the_processor_multiplies_fastest(amx, monkeypatch):
+    # Without AMX PyTorch's bfloat16 CPU attention is slower than float32's, so the tower upcasts q, k and v; with
+    # AMX it is faster, so it does not (BENCHMARKS.md). Either way the output is bfloat16 attention's, to rounding.
+    import torch.nn.functional as F
+
+    from llava_next.config import VisionConfig
+    from llava_next.model import vision
+
+    monkeypatch.setattr(vision, "cpu_has_amx", lambda: amx)
+    attention = vision.VisionAttention(VisionConfig(hidden_size=64, num_heads=4)).eval()
+    x = torch.randn(3, 577, 64)
+    with torch.inference_mode():
+        exact = attention(x)
+        attention.bfloat16()
+        seen = []
+        sdpa = F.scaled_dot_product_attention
+        monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **k: (seen.append(q.dtype), sdpa(q, *a, **k))[1])
+        out = attention(x.bfloat16())
+    assert seen == [torch.bfloat16 if amx else torch.float32] and out.dtype == torch.bfloat16
+    assert relative_error(out.float(), exact) < 2e-2
