@@ -662,6 +662,29 @@ def test_a_cpu_engine_keeps_freed_activations_for_the_next_prompt(tiny, keep):
         assert sum(faults[1:]) > 20000, faults
 
 
+LOAD_AND_ANSWER = """
+import sys, llava_next
+from PIL import Image
+pipe = llava_next.load(sys.argv[1], dtype=sys.argv[2], progress=False)
+loaded = "torch._dynamo" in sys.modules
+pipe.generate("USER: <image> What is it? ASSISTANT:", [Image.new("RGB", (300, 200), "red")], max_new_tokens=3)
+print(loaded, "torch._dynamo" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_and_answering_never_import_the_compiler(tiny, dtype):
+    # Importing torch._dynamo takes 1.5-3 s (the first meta-device op with only a Python kernel, e.g. an
+    # embedding's random init, imports it): a load that needs no compiler must not pay for it. The CLI's every
+    # command would.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", LOAD_AND_ANSWER, str(tiny("mistral")), dtype],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
 def test_the_llama_cpp_benchmark_says_why_llama_cpp_died_on_an_illegal_instruction_and_how_to_rebuild_it():
     import importlib.util
     import signal

@@ -31,8 +31,16 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+def embedding(rows: int, width: int) -> nn.Embedding:
+    """nn.Embedding. On the meta device (a model built to be filled from a checkpoint) without its random init:
+    that op has no C++ kernel there, and PyTorch's Python one imports torch._dynamo on first use, ~3 s of a load."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(rows, width, _weight=torch.empty(rows, width))
+    return nn.Embedding(rows, width)
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int, device: str | None = None) -> torch.Tensor:
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
     if rope.type == "linear":
         return inv_freq / rope.factor
     if rope.type == "llama3":
@@ -260,10 +268,12 @@ class Decoder(nn.Module):
     def __init__(self, cfg: TextConfig, fused: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, fused) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg.rope, cfg.head_dim), persistent=False)
+        # (a meta-device model computes it on the CPU, for the reason `embedding` gives; reset_rope moves it)
+        device = "cpu" if torch.get_default_device().type == "meta" else None
+        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg.rope, cfg.head_dim, device), persistent=False)
         self.gradient_checkpointing = False
 
     def reset_rope(self) -> None:

@@ -13,6 +13,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..config import VisionConfig
+from .decoder import embedding
 
 
 @functools.cache
@@ -33,7 +34,7 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(
             cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False
         )
-        self.position_embedding = nn.Embedding(cfg.patches_per_side**2 + 1, cfg.hidden_size)
+        self.position_embedding = embedding(cfg.patches_per_side**2 + 1, cfg.hidden_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # pixels: (n, 3, S, S) -> patches: (n, P, C) with P = (S / patch)^2, then CLS first: (n, P + 1, C)
