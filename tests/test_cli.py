@@ -99,17 +99,17 @@ def test_info_shows_the_bfloat16_layout_the_engine_measured_and_chose(tiny, caps
     import llava_next.engine as engine_module
     from llava_next.quantize import can_pack
 
-    monkeypatch.setattr(engine_module, "time_bf16_layouts", lambda model: {"blocked": 0.003, "plain": 0.001})
+    monkeypatch.setattr(engine_module, "time_bf16_layouts", lambda model: {"blocked": 0.001, "plain": 0.003})
     args = ["info", "--model", tiny("mistral"), "--dtype", "bfloat16"]
     info = json.loads(run_cli([*args, "--json"], capsys)[1])
     if not can_pack(torch.empty(0, dtype=torch.bfloat16)):  # (nothing to lay out without native bfloat16)
         assert info["bf16_layout"] is None
         return
     assert info["bf16_layout"].pop("reason").startswith("measured")
-    assert info["bf16_layout"] == {"layout": "plain", "ms_per_row": {"blocked": 3.0, "plain": 1.0}}
+    assert info["bf16_layout"] == {"layout": "blocked", "ms_per_row": {"blocked": 1.0, "plain": 3.0}}
     out = run_cli(args, capsys)[1]
-    assert "bfloat16 decoding weights: plain layout (measured; the plain layout is taken when at least 1.05x" in out
-    assert "blocked 3.0 ms, plain 1.0 ms)" in out
+    assert "bfloat16 decoding weights: blocked layout (measured; the blocked layout is taken when at least 1.05x" in out
+    assert "blocked 1.0 ms, plain 3.0 ms)" in out
     assert json.loads(run_cli(["info", "--model", tiny("mistral"), "--dtype", "float32", "--json"],
                               capsys)[1])["bf16_layout"] is None
 

@@ -365,14 +365,14 @@ def test_a_compiled_engine_measures_which_int8_layout_is_faster_and_keeps_it(tin
     assert pipe.engine.int8_layout_reason is None
 
 
-def assert_same_greedy_answer(got, expected, tolerance: float = 0.01):
+def assert_same_greedy_answer(got, expected, tolerance: float = 0.005):
     """Two greedy answers from sums taken in different orders: the same tokens with log-probabilities within
     `tolerance`, until a step where `expected` itself had a near-tie (past it the answers may part). The tiny
-    checkpoints' distributions are nearly flat (top-two gaps from 0.012 here), so the tolerance is a few bfloat16
-    steps of their logits, not more: a larger one would stop at the first step and compare nothing."""
+    checkpoints' distributions are nearly flat (top-two gaps from 0.012 here), so the tolerance is about a bfloat16
+    step of their logits, not more: a larger one would stop at the first step and compare nothing."""
     for step, (mine, theirs) in enumerate(zip(got.logprobs, expected.logprobs)):
         (_, best), (_, second) = theirs.top[:2]
-        if best - second < tolerance:
+        if best - second < 2 * tolerance:  # (each of the two may move by `tolerance`)
             return
         assert mine.token_id == theirs.token_id, f"step {step}: token {mine.token_id}, expected {theirs.token_id}"
         assert abs(mine.logprob - theirs.logprob) < tolerance, step
@@ -423,10 +423,13 @@ def test_a_cpu_engine_keeps_its_bfloat16_decoding_weights_in_the_layout_it_measu
     monkeypatch.undo()
     monkeypatch.setattr(engine_module, "BF16_LAYOUT", "blocked")
 
-    margin = engine_module.BF16_PLAIN_MIN_SPEEDUP
+    # the blocked layout replaces the loaded one only when clearly faster: a tie stays plain
+    margin = engine_module.BF16_BLOCKED_MIN_SPEEDUP
+    assert margin > 1
     monkeypatch.setattr(engine_module, "BF16_LAYOUT", "measure")
     for seconds, layout in (({"blocked": 2.0, "plain": 1.0}, "plain"), ({"blocked": 1.0, "plain": 2.0}, "blocked"),
-                            ({"blocked": 1.0, "plain": 1.0 / margin * 1.01}, "blocked")):
+                            ({"plain": 1.0, "blocked": 1.0 / margin * 1.01}, "plain"),
+                            ({"plain": 1.0, "blocked": 1.0 / margin * 0.99}, "blocked")):
         monkeypatch.setattr(engine_module, "time_bf16_layouts", lambda model, seconds=seconds: dict(seconds))
         pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False, prefix_cache=False)
         assert pipe.engine.bf16_layout == layout and pipe.engine.bf16_layout_seconds == seconds
@@ -435,13 +438,14 @@ def test_a_cpu_engine_keeps_its_bfloat16_decoding_weights_in_the_layout_it_measu
         assert all(m.packed for m in pipe.model.vision_tower.modules() if isinstance(m, FastLinear))
         got = pipe.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=6, logprobs=2)
         assert_same_greedy_answer(got, expected)
-    # a timing that fails leaves the layers in oneDNN's layout (what ran before the timing existed) and says why
+    # a timing that fails (halfway: one layer already reordered) leaves the layers plain, as loaded, and says why
     def refused(model):
+        decoding_bf16_layers(model)[0].pack()
         raise RuntimeError("no such layout")
 
     monkeypatch.setattr(engine_module, "time_bf16_layouts", refused)
     pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False, prefix_cache=False)
-    assert pipe.engine.bf16_layout == "blocked" and all(m.packed for m in decoding_bf16_layers(pipe.model))
+    assert pipe.engine.bf16_layout == "plain" and not any(m.packed for m in decoding_bf16_layers(pipe.model))
     assert pipe.engine.bf16_layout_reason == "not measured: RuntimeError: no such layout"
     # float32 models have nothing to lay out; an unknown layout in the environment is refused by name
     pipe = llava_next.load(tiny("mistral"), dtype="float32", progress=False)
