@@ -135,14 +135,16 @@ def test_a_16_bit_checkpoint_loads_in_its_auto_dtype_and_says_why(tiny, tmp_path
     assert pipe.dtype_reason.startswith("auto") and pipe.load_seconds > 0
 
 
-def test_weights_that_are_not_finite_are_refused_at_load(tiny, tmp_path):
+@pytest.mark.parametrize("value, dtype", [("nan", torch.float32), ("inf", torch.bfloat16), ("-inf", torch.float16)])
+def test_weights_that_are_not_finite_are_refused_at_load(value, dtype, tiny, tmp_path):
     from safetensors.torch import load_file, save_file
 
     target = tmp_path / "nan"
     shutil.copytree(tiny("vicuna"), target)
-    state = load_file(str(target / "model.safetensors"))
+    state = {k: v.to(dtype) if v.is_floating_point() else v
+             for k, v in load_file(str(target / "model.safetensors")).items()}
     key = next(k for k in state if "layers.1.mlp.down_proj" in k)
-    state[key][3, 4] = float("nan")
+    state[key][3, 4] = float(value)
     save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="NaN or infinite values in .*down_proj"):
         llava_next.load(target, progress=False)
