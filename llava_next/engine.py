@@ -577,8 +577,7 @@ def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[s
         else:
             layout = "blocked" if times["blocked"] * BF16_BLOCKED_MIN_SPEEDUP < times["plain"] else "plain"
             reason = f"measured; the blocked layout is taken when at least {BF16_BLOCKED_MIN_SPEEDUP}x as fast for one row"
-    lay_out_bf16_weights(layers, packed=layout == "blocked")
-    release_free_memory()  # (the layouts given up: the allocator keeps freed blocks otherwise, keep_freed_memory)
+    lay_out_bf16_weights(layers, packed=layout == "blocked")  # (handing each replaced weight back as it goes)
     return layout, times, reason
 
 
