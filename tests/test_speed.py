@@ -253,7 +253,7 @@ def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_plac
                    for m in [*model.vision_tower.modules(), *model.multi_modal_projector.modules(), model.lm_head])
     if quantize in ("int8", "w8a8") and int8_layout == "blocks":
         assert sum(m.blocked for m in int8_layers) == len(int8_layers) > 0
-    if quantize is None:  # compiled with the eager step's linears (opaque operators), not plain nn.Linear
+    if quantize is None:  # compiled with FastLinear, whose matmul is an opaque operator under compile, not nn.Linear
         packable = can_pack(torch.empty(0, dtype=torch.bfloat16))
         assert isinstance(model.lm_head, FastLinear) and model.lm_head.packed == (int8_layout == "blocks" and packable)
         assert engine.bf16_layout == (("blocked" if int8_layout == "blocks" else "plain") if packable else None)
@@ -679,15 +679,22 @@ print(imported())
 
 
 @pytest.mark.parametrize("dtype, quantize", [("float32", ""), ("bfloat16", ""), ("bfloat16", "int8"),
-                                             ("bfloat16", "int4")])
-def test_loading_and_answering_never_import_the_compiler(tiny, dtype, quantize):
+                                             ("bfloat16", "int4"), ("bfloat16", "saved int4")])
+def test_loading_and_answering_never_import_the_compiler(tiny, dtype, quantize, tmp_path):
     # Importing torch._dynamo takes 1.5-3 s (the first meta-device op with only a Python kernel, e.g. an
     # embedding's random init, imports it), and sympy ~1 s (a meta tensor's empty_like, which to_empty used): a load
     # that needs no compiler must not pay for either. The CLI's every command would.
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", LOAD_AND_ANSWER, str(tiny("mistral")), dtype, quantize],
+    directory = tiny("mistral")
+    if quantize == "saved int4":  # a checkpoint `llava-next quantize` wrote: build_quantized_model's load
+        from llava_next.pipeline import save_quantized
+
+        directory = save_quantized(llava_next.load(directory, dtype=dtype, progress=False, quantize="int4",
+                                                   group_size=32), tmp_path / "int4")
+        quantize = ""
+    out = subprocess.run([sys.executable, "-c", LOAD_AND_ANSWER, str(directory), dtype, quantize],
                          capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["[]", "[]"]
 
