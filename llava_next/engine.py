@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import layout_cache
 from .caches import ImageFeatureCache, PrefixCache, image_key, token_identities
 from .errors import LlavaError
 from .memory import keep_freed_memory, release_free_memory
@@ -513,12 +514,13 @@ def mark_weights_static(model: torch.nn.Module) -> None:
                 torch._dynamo.mark_static(tensor)
 
 
-# The int8 layout a compiled CPU step multiplies one row in: "measure" (each compiled engine times both on its own
-# weights once, quantize.time_int8_layouts, and keeps the faster), "blocks" or "plain". From the environment, for
-# users who know their processor's answer and would skip the time it takes to measure (~1 s on the medium preset,
-# ~7 s at 7B).
+# The int8 layout a compiled CPU step multiplies one row in: "measure" (a compiled engine times both on its own
+# weights, quantize.time_int8_layouts, and keeps the faster; the choice is remembered for this processor, PyTorch,
+# thread count and these layer shapes, layout_cache.py), "remeasure" (timed again, and remembered), "blocks" or
+# "plain". From the environment, for users who know their processor's answer and would skip the time it takes to
+# measure (~1 s on the medium preset, ~7 s at 7B).
 INT8_LAYOUT = os.environ.get("LLAVA_NEXT_INT8_LAYOUT", "measure")
-INT8_LAYOUTS = ("measure", "blocks", "plain")
+INT8_LAYOUTS = ("measure", "remeasure", "blocks", "plain")
 
 
 # The blocks are kept only when they are clearly faster for one row: in a tie (the noise of a shared machine, or
@@ -533,25 +535,34 @@ def int8_layout_for_compiled_steps(model: torch.nn.Module) -> tuple[bool, dict[s
     if INT8_LAYOUT not in INT8_LAYOUTS:
         raise LlavaError(f"LLAVA_NEXT_INT8_LAYOUT={INT8_LAYOUT!r} is not one of {', '.join(INT8_LAYOUTS)}: unset it to "
                          "let compiled engines measure which int8 layout is faster here")
-    if not decoding_int8_layers(model):
+    layers = decoding_int8_layers(model)
+    if not layers:
         return False, {}, None
-    if INT8_LAYOUT != "measure":
+    if INT8_LAYOUT in ("blocks", "plain"):
         return INT8_LAYOUT == "blocks", {}, f"set by LLAVA_NEXT_INT8_LAYOUT={INT8_LAYOUT}"
+    key = layout_cache.key("int8 decoding layers, compiled", [(m.out_features, m.in_features) for m in layers])
+    remembered = layout_cache.recall(key, ("column blocks", "plain")) if INT8_LAYOUT == "measure" else None
+    if remembered is not None:
+        return remembered["layout"] == "column blocks", remembered["seconds"], (
+            f"measured on this machine on {remembered['date']} and remembered in {layout_cache.cache_file()}; "
+            "LLAVA_NEXT_INT8_LAYOUT=remeasure times it again")
     try:
         times = time_int8_layouts(model)
     except Exception as e:  # the blocks' loop did not compile (no C++ compiler): the step's own compile will say so
         # (the caller lays every layer out plain, any the timing left in blocks included)
         return False, {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     blocked = times["column blocks"] * INT8_BLOCKS_MIN_SPEEDUP < times["plain"]
+    layout_cache.remember(key, "column blocks" if blocked else "plain", times)
     return blocked, times, (f"measured; column blocks are kept when at least {INT8_BLOCKS_MIN_SPEEDUP}x as fast "
                             "for one row")
 
 
-# The layout a CPU engine holds its bfloat16 decoding layers' weights in: "measure" (each engine times both on its
-# own weights once, quantize.time_bf16_layouts), "blocked" (oneDNN's reordered layout) or "plain" (as loaded;
-# torch.mv for one row). From the environment, as INT8_LAYOUT.
+# The layout a CPU engine holds its bfloat16 decoding layers' weights in: "measure" (both timed on the model's own
+# weights, quantize.time_bf16_layouts, the first time this processor, PyTorch and thread count meet these layer
+# shapes; the choice is remembered, layout_cache.py), "remeasure" (timed again, and remembered), "blocked" (oneDNN's
+# reordered layout) or "plain" (as loaded; torch.mv for one row). From the environment, as INT8_LAYOUT.
 BF16_LAYOUT = os.environ.get("LLAVA_NEXT_BF16_LAYOUT", "measure")
-BF16_LAYOUTS = ("measure", "blocked", "plain")
+BF16_LAYOUTS = ("measure", "remeasure", "blocked", "plain")
 # The blocked layout replaces the loaded (plain) one only when clearly faster: reordering a 7B model's weights takes
 # ~8 s, and a tie within the machine's noise is no reason to pay it.
 BF16_BLOCKED_MIN_SPEEDUP = 1.05
@@ -567,8 +578,14 @@ def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[s
     layers = decoding_bf16_layers(model)
     if not layers:
         return None, {}, None
-    if BF16_LAYOUT != "measure":
+    key = layout_cache.key("bfloat16 decoding layers", [(m.out_features, m.in_features) for m in layers])
+    remembered = layout_cache.recall(key, ("blocked", "plain")) if BF16_LAYOUT == "measure" else None
+    if BF16_LAYOUT in ("blocked", "plain"):
         layout, times, reason = BF16_LAYOUT, {}, f"set by LLAVA_NEXT_BF16_LAYOUT={BF16_LAYOUT}"
+    elif remembered is not None:
+        layout, times = remembered["layout"], remembered["seconds"]
+        reason = (f"measured on this machine on {remembered['date']} and remembered in {layout_cache.cache_file()}; "
+                  "LLAVA_NEXT_BF16_LAYOUT=remeasure times it again")
     else:
         try:
             times = time_bf16_layouts(model)
@@ -577,6 +594,7 @@ def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[s
         else:
             layout = "blocked" if times["blocked"] * BF16_BLOCKED_MIN_SPEEDUP < times["plain"] else "plain"
             reason = f"measured; the blocked layout is taken when at least {BF16_BLOCKED_MIN_SPEEDUP}x as fast for one row"
+            layout_cache.remember(key, layout, times)
     lay_out_bf16_weights(layers, packed=layout == "blocked")  # (handing each replaced weight back as it goes)
     return layout, times, reason
 

@@ -169,3 +169,10 @@ def no_truncated_image_loading():
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     yield
+
+
+@pytest.fixture(autouse=True)
+def own_layout_cache(tmp_path_factory, monkeypatch):
+    """Each test's engines measure weight layouts afresh and remember them in a directory of the test's own: never
+    in the user's ~/.cache, and never a choice that another test's fake timings left behind (layout_cache.py)."""
+    monkeypatch.setenv("LLAVA_NEXT_CACHE_DIR", str(tmp_path_factory.mktemp("layout-cache")))

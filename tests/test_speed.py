@@ -336,6 +336,7 @@ def test_a_compiled_engine_measures_which_int8_layout_is_faster_and_keeps_it(tin
     # the blocks are kept only when clearly faster (INT8_BLOCKS_MIN_SPEEDUP): a tie goes to the plain layout
     margin = engine_module.INT8_BLOCKS_MIN_SPEEDUP
     assert margin > 1
+    monkeypatch.setattr(engine_module, "INT8_LAYOUT", "remeasure")  # (each load times again: new fake timings)
     for seconds, blocked in (({"plain": 2.0, "column blocks": 1.0}, True), ({"plain": 1.0, "column blocks": 2.0}, False),
                              ({"plain": 1.0, "column blocks": 1.0 / margin * 1.01}, False),
                              ({"plain": 1.0, "column blocks": 1.0 / margin * 0.99}, True)):
@@ -426,7 +427,7 @@ def test_a_cpu_engine_keeps_its_bfloat16_decoding_weights_in_the_layout_it_measu
     # the blocked layout replaces the loaded one only when clearly faster: a tie stays plain
     margin = engine_module.BF16_BLOCKED_MIN_SPEEDUP
     assert margin > 1
-    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "measure")
+    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "remeasure")  # (each load times again: new fake timings)
     for seconds, layout in (({"blocked": 2.0, "plain": 1.0}, "plain"), ({"blocked": 1.0, "plain": 2.0}, "blocked"),
                             ({"plain": 1.0, "blocked": 1.0 / margin * 1.01}, "plain"),
                             ({"plain": 1.0, "blocked": 1.0 / margin * 0.99}, "blocked")):
@@ -451,13 +452,74 @@ def test_a_cpu_engine_keeps_its_bfloat16_decoding_weights_in_the_layout_it_measu
     pipe = llava_next.load(tiny("mistral"), dtype="float32", progress=False)
     assert pipe.engine.bf16_layout is None and pipe.engine.bf16_layout_reason is None
     monkeypatch.setattr(engine_module, "BF16_LAYOUT", "columns")
-    with pytest.raises(llava_next.errors.LlavaError, match="LLAVA_NEXT_BF16_LAYOUT='columns'.*measure, blocked, plain"):
+    with pytest.raises(llava_next.errors.LlavaError,
+                       match="LLAVA_NEXT_BF16_LAYOUT='columns'.*measure, remeasure, blocked, plain"):
         llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False)
+
+
+@pytest.mark.skipif(not can_pack(torch.empty(0, dtype=torch.bfloat16)),
+                    reason="oneDNN's blocked bfloat16 layout needs a CPU with native bfloat16")
+def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_machine(tiny, monkeypatch, tmp_path):
+    # Timing the layouts is ~1.3 s of a medium model's 2.3 s load: measured once per processor, PyTorch, thread
+    # count and layer shapes, and remembered (layout_cache.py; the test's own cache directory, conftest.py).
+    import llava_next.engine as engine_module
+    from llava_next import layout_cache
+    from llava_next.quantize import decoding_bf16_layers
+
+    timed = []
+
+    def timing(seconds):
+        def time_bf16_layouts(model):
+            timed.append(seconds)
+            return dict(seconds)
+        return time_bf16_layouts
+
+    def load():
+        return llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False, prefix_cache=False)
+
+    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "measure")
+    monkeypatch.setattr(engine_module, "time_bf16_layouts", timing({"blocked": 1.0, "plain": 2.0}))
+    first = load()
+    assert first.engine.bf16_layout == "blocked" and first.engine.bf16_layout_reason.startswith("measured;")
+    (entry,) = json.loads(layout_cache.cache_file().read_text()).values()
+    assert entry["layout"] == "blocked" and entry["seconds"] == {"blocked": 1.0, "plain": 2.0} and len(timed) == 1
+    # the next load takes the remembered choice without timing, and says where it came from
+    monkeypatch.setattr(engine_module, "time_bf16_layouts", timing({"blocked": 2.0, "plain": 1.0}))
+    second = load()
+    assert len(timed) == 1 and second.engine.bf16_layout == "blocked"
+    assert all(m.packed for m in decoding_bf16_layers(second.model))
+    assert second.engine.bf16_layout_seconds == {"blocked": 1.0, "plain": 2.0}
+    assert "remembered in " + str(layout_cache.cache_file()) in second.engine.bf16_layout_reason
+    # with another thread count the measurement does not hold: timed again (and remembered beside the first)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert load().engine.bf16_layout == "plain" and len(timed) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert len(json.loads(layout_cache.cache_file().read_text())) == 2
+    # remeasure: timed again, and the new choice replaces the old
+    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "remeasure")
+    assert load().engine.bf16_layout == "plain" and len(timed) == 3
+    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "measure")
+    assert load().engine.bf16_layout == "plain" and len(timed) == 3
+    # a damaged file, or a remembered layout that is not one: measured again, and the file is whole again
+    for damage in ("{not json", json.dumps({key: {"layout": "columns", "seconds": {}}
+                                            for key in json.loads(layout_cache.cache_file().read_text())})):
+        layout_cache.cache_file().write_text(damage)
+        assert load().engine.bf16_layout == "plain"
+        assert json.loads(layout_cache.cache_file().read_text())
+    assert len(timed) == 5
+    # a cache that cannot be written (here a file where the directory should be): loading works, measuring each time
+    (tmp_path / "not-a-directory").write_text("")
+    monkeypatch.setenv("LLAVA_NEXT_CACHE_DIR", str(tmp_path / "not-a-directory"))
+    assert load().engine.bf16_layout == "plain" and load().engine.bf16_layout == "plain" and len(timed) == 7
 
 
 def test_an_unknown_int8_layout_in_the_environment_is_refused_by_name(tiny, monkeypatch):
     monkeypatch.setattr(llava_next.engine, "INT8_LAYOUT", "columns")
-    with pytest.raises(llava_next.errors.LlavaError, match="LLAVA_NEXT_INT8_LAYOUT='columns'.*measure, blocks, plain"):
+    with pytest.raises(llava_next.errors.LlavaError,
+                       match="LLAVA_NEXT_INT8_LAYOUT='columns'.*measure, remeasure, blocks, plain"):
         llava_next.load(tiny("mistral"), dtype="bfloat16", quantize="int8", progress=False, compile=True)
 
 
