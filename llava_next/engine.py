@@ -515,7 +515,7 @@ def mark_weights_static(model: torch.nn.Module) -> None:
 
 
 # The int8 layout a compiled CPU step multiplies one row in: "measure" (a compiled engine times both on its own
-# weights, quantize.time_int8_layouts, and keeps the faster; the choice is remembered for this processor, PyTorch,
+# weights, quantize.time_int8_layouts, and keeps the faster; the timings are remembered for this processor, PyTorch,
 # thread count and these layer shapes, layout_cache.py), "remeasure" (timed again, and remembered), "blocks" or
 # "plain". From the environment, for users who know their processor's answer and would skip the time it takes to
 # measure (~1 s on the medium preset, ~7 s at 7B).
@@ -540,27 +540,35 @@ def int8_layout_for_compiled_steps(model: torch.nn.Module) -> tuple[bool, dict[s
         return False, {}, None
     if INT8_LAYOUT in ("blocks", "plain"):
         return INT8_LAYOUT == "blocks", {}, f"set by LLAVA_NEXT_INT8_LAYOUT={INT8_LAYOUT}"
-    key = layout_cache.key("int8 decoding layers, compiled", [(m.out_features, m.in_features) for m in layers])
-    remembered = layout_cache.recall(key, ("column blocks", "plain")) if INT8_LAYOUT == "measure" else None
-    if remembered is not None:
-        return remembered["layout"] == "column blocks", remembered["seconds"], (
-            f"measured on this machine on {remembered['date']} and remembered in {layout_cache.cache_file()}; "
-            "LLAVA_NEXT_INT8_LAYOUT=remeasure times it again")
     try:
-        times = time_int8_layouts(model)
+        times, reason = remembered_or_measured(
+            f"int8 decoding layers, compiled, {layers[0].scales.dtype} rows", layers, ("column blocks", "plain"),
+            INT8_LAYOUT, "LLAVA_NEXT_INT8_LAYOUT", lambda: time_int8_layouts(model),
+            f"column blocks are kept when at least {INT8_BLOCKS_MIN_SPEEDUP}x as fast for one row")
     except Exception as e:  # the blocks' loop did not compile (no C++ compiler): the step's own compile will say so
         # (the caller lays every layer out plain, any the timing left in blocks included)
         return False, {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    blocked = times["column blocks"] * INT8_BLOCKS_MIN_SPEEDUP < times["plain"]
-    layout_cache.remember(key, "column blocks" if blocked else "plain", times)
-    return blocked, times, (f"measured; column blocks are kept when at least {INT8_BLOCKS_MIN_SPEEDUP}x as fast "
-                            "for one row")
+    return times["column blocks"] * INT8_BLOCKS_MIN_SPEEDUP < times["plain"], times, reason
+
+
+def remembered_or_measured(what: str, layers: list[torch.nn.Module], layouts: tuple[str, str], setting: str,
+                           variable: str, measure: Callable[[], dict[str, float]], rule: str):
+    """(the layouts' timings, how they were had): remembered for this processor and these layers (layout_cache.py)
+    unless `setting` is "remeasure", else measured (an error propagates) and remembered."""
+    key = layout_cache.key(what, [(m.out_features, m.in_features) for m in layers])
+    remembered = layout_cache.recall(key, layouts) if setting == "measure" else None
+    if remembered is not None:
+        return remembered["seconds"], (f"measured here on {remembered['date']}, remembered in "
+                                       f"{layout_cache.cache_file()} ({variable}=remeasure times it again); {rule}")
+    times = measure()
+    layout_cache.remember(key, times)
+    return times, f"measured; {rule}"
 
 
 # The layout a CPU engine holds its bfloat16 decoding layers' weights in: "measure" (both timed on the model's own
 # weights, quantize.time_bf16_layouts, the first time this processor, PyTorch and thread count meet these layer
-# shapes; the choice is remembered, layout_cache.py), "remeasure" (timed again, and remembered), "blocked" (oneDNN's
-# reordered layout) or "plain" (as loaded; torch.mv for one row). From the environment, as INT8_LAYOUT.
+# shapes; the timings are remembered, layout_cache.py), "remeasure" (timed again, and remembered), "blocked"
+# (oneDNN's reordered layout) or "plain" (as loaded; torch.mv for one row). From the environment, as INT8_LAYOUT.
 BF16_LAYOUT = os.environ.get("LLAVA_NEXT_BF16_LAYOUT", "measure")
 BF16_LAYOUTS = ("measure", "remeasure", "blocked", "plain")
 # The blocked layout replaces the loaded (plain) one only when clearly faster: reordering a 7B model's weights takes
@@ -578,23 +586,17 @@ def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[s
     layers = decoding_bf16_layers(model)
     if not layers:
         return None, {}, None
-    key = layout_cache.key("bfloat16 decoding layers", [(m.out_features, m.in_features) for m in layers])
-    remembered = layout_cache.recall(key, ("blocked", "plain")) if BF16_LAYOUT == "measure" else None
     if BF16_LAYOUT in ("blocked", "plain"):
         layout, times, reason = BF16_LAYOUT, {}, f"set by LLAVA_NEXT_BF16_LAYOUT={BF16_LAYOUT}"
-    elif remembered is not None:
-        layout, times = remembered["layout"], remembered["seconds"]
-        reason = (f"measured on this machine on {remembered['date']} and remembered in {layout_cache.cache_file()}; "
-                  "LLAVA_NEXT_BF16_LAYOUT=remeasure times it again")
     else:
         try:
-            times = time_bf16_layouts(model)
+            times, reason = remembered_or_measured(
+                "bfloat16 decoding layers", layers, ("blocked", "plain"), BF16_LAYOUT, "LLAVA_NEXT_BF16_LAYOUT",
+                lambda: time_bf16_layouts(model),
+                f"the blocked layout is taken when at least {BF16_BLOCKED_MIN_SPEEDUP}x as fast for one row")
         except Exception as e:  # (most likely oneDNN refusing its reorder): the layers stay plain, as loaded
-            layout, times, reason = "plain", {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        else:
-            layout = "blocked" if times["blocked"] * BF16_BLOCKED_MIN_SPEEDUP < times["plain"] else "plain"
-            reason = f"measured; the blocked layout is taken when at least {BF16_BLOCKED_MIN_SPEEDUP}x as fast for one row"
-            layout_cache.remember(key, layout, times)
+            times, reason = {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        layout = "blocked" if times and times["blocked"] * BF16_BLOCKED_MIN_SPEEDUP < times["plain"] else "plain"
     lay_out_bf16_weights(layers, packed=layout == "blocked")  # (handing each replaced weight back as it goes)
     return layout, times, reason
 

@@ -1,10 +1,12 @@
-"""Weight layouts the engine measured on this machine, remembered between processes.
+"""Weight-layout timings the engine measured on this processor, remembered between processes.
 
 Which layout multiplies one row fastest depends on the processor (engine.bf16_layout_for_decoding): timing it took
-~1.3 s of a 2.3 s load of the medium benchmark model, paid again by every process. The choice depends only on the
-processor, PyTorch, the number of threads and the layers' shapes, so it is measured once per combination of these
-and kept in a small JSON file: `$LLAVA_NEXT_CACHE_DIR/layouts.json`, by default under `$XDG_CACHE_HOME/llava-next`
-(~/.cache/llava-next). A file that cannot be read or written only means measuring again.
+~1 s of a ~2 s load of the medium benchmark model, paid again by every process. The timings depend only on the
+processor, PyTorch, this package's timed code, the number of threads, the rows' dtype and the layers' shapes, so
+they are measured once per combination of these and kept in a small JSON file: `$LLAVA_NEXT_CACHE_DIR/layouts.json`,
+by default under `$XDG_CACHE_HOME/llava-next` (~/.cache/llava-next). The engine decides from the remembered timings
+with its current thresholds. A file that cannot be read or written (or a home that cannot be found) only means
+measuring again.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import tempfile
@@ -20,64 +23,94 @@ from pathlib import Path
 
 import torch
 
+# Raised when the code the timings run changes (quantize.time_bf16_layouts, time_int8_layouts and what they call):
+# timings taken by other code are not this code's.
+TIMED_CODE_VERSION = 1
 
-def cache_dir() -> Path:
+
+def cache_dir() -> Path | None:
     if os.environ.get("LLAVA_NEXT_CACHE_DIR"):
         return Path(os.environ["LLAVA_NEXT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llava-next"
+    try:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llava-next"
+    except RuntimeError:  # no HOME and no passwd entry (a container under an arbitrary user id): nothing kept
+        return None
 
 
-def cache_file() -> Path:
-    return cache_dir() / "layouts.json"
+def cache_file() -> Path | None:
+    directory = cache_dir()
+    return directory / "layouts.json" if directory is not None else None
 
 
 def processor() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform module knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name and a digest of its features (the first processor of /proc/cpuinfo on Linux: a virtual
+    machine may show a generic name, or hide AMX under a real one), with PyTorch's view of its vector instructions."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if not line.strip() and fields:
+                break
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    features = ";".join(fields.get(field, "") for field in ("flags", "Features", "CPU implementer", "CPU part"))
+    return (f"{name} ({torch.backends.cpu.get_cpu_capability()}, features "
+            f"{hashlib.sha256(features.encode()).hexdigest()[:12]})")
 
 
 def key(what: str, shapes: list[tuple[int, int]]) -> str:
-    """The conditions a measurement of `what` over layers of these (out, in) shapes holds for."""
+    """The conditions a timing of `what` over layers of these (out, in) shapes holds for."""
+    from . import __version__
+
     layers = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
-    return f"{what} | {processor()} | torch {torch.__version__} | {torch.get_num_threads()} threads | layers {layers}"
+    return (f"{what} | {processor()} | torch {torch.__version__} | llava_next {__version__}/{TIMED_CODE_VERSION} | "
+            f"{torch.get_num_threads()} threads | layers {layers}")
 
 
 def _entries() -> dict:
+    path = cache_file()
+    if path is None:
+        return {}
     try:
-        entries = json.loads(cache_file().read_text())
+        entries = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return entries if isinstance(entries, dict) else {}
 
 
+def _seconds(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def recall(key: str, layouts: tuple[str, ...]) -> dict | None:
-    """The remembered {"layout", "seconds", "date"} for `key`, or None (none, or not one of `layouts`)."""
+    """The remembered {"seconds": {layout: seconds for each of `layouts`}, "date"} for `key`, or None (none, or one
+    that is not whole)."""
     entry = _entries().get(key)
-    if not (isinstance(entry, dict) and entry.get("layout") in layouts and isinstance(entry.get("seconds"), dict)
-            and all(isinstance(v, (int, float)) for v in entry["seconds"].values())):
+    if not (isinstance(entry, dict) and isinstance(entry.get("date"), str) and isinstance(entry.get("seconds"), dict)
+            and set(entry["seconds"]) == set(layouts) and all(map(_seconds, entry["seconds"].values()))):
         return None
     return entry
 
 
-def remember(key: str, layout: str, seconds: dict[str, float]) -> None:
+def remember(key: str, seconds: dict[str, float]) -> None:
+    path = cache_file()
+    if path is None:
+        return
     entries = _entries()
-    entries[key] = {"layout": layout, "seconds": seconds, "date": datetime.date.today().isoformat()}
+    entries[key] = {"seconds": seconds, "date": datetime.date.today().isoformat()}
     written = None
     try:
-        cache_dir().mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         # written whole and renamed into place: a process reading it meanwhile sees the old file or the new one
-        with tempfile.NamedTemporaryFile("w", dir=cache_dir(), suffix=".tmp", delete=False) as f:
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
             written = f.name
             json.dump(entries, f, indent=1, sort_keys=True)
-        os.replace(written, cache_file())
-    except OSError:  # (a read-only home: the next process measures again)
+        os.chmod(written, 0o644)  # (as a file written by open() would be: readable by those who share the directory)
+        os.replace(written, path)
+        written = None
+    except OSError:
+        pass  # (a read-only home: the next process measures again)
+    finally:
         if written is not None:
             with contextlib.suppress(OSError):
                 os.unlink(written)

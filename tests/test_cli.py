@@ -86,7 +86,7 @@ def test_info_shows_the_int8_layout_a_compiled_engine_measured_and_chose(tiny, c
     assert info["int8_layout"].pop("reason").startswith("measured")
     assert info["int8_layout"] == {"layout": "column blocks", "ms_per_row": {"plain": 2.0, "column blocks": 1.0}}
     out = run_cli(args, capsys)[1]  # (the second load takes the first's measurement, remembered: layout_cache.py)
-    assert "compiled int8 steps: column blocks layout (measured on this machine on " in out
+    assert "compiled int8 steps: column blocks layout (measured here on " in out
     assert "remembered in " in out and "LLAVA_NEXT_INT8_LAYOUT=remeasure times it again" in out
     assert "one row through the first layers: plain 2.0 ms, column blocks 1.0 ms)" in out
     monkeypatch.setattr(engine_module, "INT8_LAYOUT", "remeasure")
@@ -112,7 +112,7 @@ def test_info_shows_the_bfloat16_layout_the_engine_measured_and_chose(tiny, caps
     assert info["bf16_layout"].pop("reason").startswith("measured")
     assert info["bf16_layout"] == {"layout": "blocked", "ms_per_row": {"blocked": 1.0, "plain": 3.0}}
     out = run_cli(args, capsys)[1]  # (the second load takes the first's measurement, remembered: layout_cache.py)
-    assert "bfloat16 decoding weights: blocked layout (measured on this machine on " in out
+    assert "bfloat16 decoding weights: blocked layout (measured here on " in out
     assert "remembered in " in out and "LLAVA_NEXT_BF16_LAYOUT=remeasure times it again" in out
     assert "blocked 1.0 ms, plain 3.0 ms)" in out
     monkeypatch.setattr(engine_module, "BF16_LAYOUT", "remeasure")

@@ -460,8 +460,8 @@ def test_a_cpu_engine_keeps_its_bfloat16_decoding_weights_in_the_layout_it_measu
 @pytest.mark.skipif(not can_pack(torch.empty(0, dtype=torch.bfloat16)),
                     reason="oneDNN's blocked bfloat16 layout needs a CPU with native bfloat16")
 def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_machine(tiny, monkeypatch, tmp_path):
-    # Timing the layouts is ~1.3 s of a medium model's 2.3 s load: measured once per processor, PyTorch, thread
-    # count and layer shapes, and remembered (layout_cache.py; the test's own cache directory, conftest.py).
+    # Timing the layouts is ~1 s of a medium model's ~2 s load: measured once per processor, PyTorch, thread count
+    # and layer shapes, and remembered (layout_cache.py; the test's own cache directory, conftest.py).
     import llava_next.engine as engine_module
     from llava_next import layout_cache
     from llava_next.quantize import decoding_bf16_layers
@@ -482,7 +482,7 @@ def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_ma
     first = load()
     assert first.engine.bf16_layout == "blocked" and first.engine.bf16_layout_reason.startswith("measured;")
     (entry,) = json.loads(layout_cache.cache_file().read_text()).values()
-    assert entry["layout"] == "blocked" and entry["seconds"] == {"blocked": 1.0, "plain": 2.0} and len(timed) == 1
+    assert entry["seconds"] == {"blocked": 1.0, "plain": 2.0} and len(timed) == 1
     # the next load takes the remembered choice without timing, and says where it came from
     monkeypatch.setattr(engine_module, "time_bf16_layouts", timing({"blocked": 2.0, "plain": 1.0}))
     second = load()
@@ -503,17 +503,26 @@ def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_ma
     assert load().engine.bf16_layout == "plain" and len(timed) == 3
     monkeypatch.setattr(engine_module, "BF16_LAYOUT", "measure")
     assert load().engine.bf16_layout == "plain" and len(timed) == 3
-    # a damaged file, or a remembered layout that is not one: measured again, and the file is whole again
-    for damage in ("{not json", json.dumps({key: {"layout": "columns", "seconds": {}}
-                                            for key in json.loads(layout_cache.cache_file().read_text())})):
+    # a damaged file, or remembered timings that are not whole: measured again, and the file is whole again
+    whole = json.loads(layout_cache.cache_file().read_text())
+    damaged = [{"seconds": {"plain": 1.0}, "date": "2026-11-28"}, {"seconds": {"plain": 1.0, "blocked": 2.0}},
+               {"seconds": {"plain": float("nan"), "blocked": 2.0}, "date": "2026-11-28"},
+               {"seconds": {"plain": True, "blocked": 2.0}, "date": "2026-11-28"}]
+    for damage in ["{not json", *(json.dumps(dict.fromkeys(whole, entry)) for entry in damaged)]:
         layout_cache.cache_file().write_text(damage)
         assert load().engine.bf16_layout == "plain"
-        assert json.loads(layout_cache.cache_file().read_text())
-    assert len(timed) == 5
+        assert any(layout_cache.recall(key, ("blocked", "plain")) is not None for key in whole)
+    assert len(timed) == 3 + 1 + len(damaged)
     # a cache that cannot be written (here a file where the directory should be): loading works, measuring each time
     (tmp_path / "not-a-directory").write_text("")
     monkeypatch.setenv("LLAVA_NEXT_CACHE_DIR", str(tmp_path / "not-a-directory"))
-    assert load().engine.bf16_layout == "plain" and load().engine.bf16_layout == "plain" and len(timed) == 7
+    assert load().engine.bf16_layout == "plain" and load().engine.bf16_layout == "plain" and len(timed) == 10
+    # no home to keep it in (no HOME, no passwd entry): nothing remembered, nothing fails
+    monkeypatch.delenv("LLAVA_NEXT_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(layout_cache.Path, "home", lambda: (_ for _ in ()).throw(RuntimeError("no home")))
+    assert layout_cache.cache_file() is None and layout_cache.recall("any", ("blocked", "plain")) is None
+    assert load().engine.bf16_layout == "plain" and len(timed) == 11
 
 
 def test_an_unknown_int8_layout_in_the_environment_is_refused_by_name(tiny, monkeypatch):
