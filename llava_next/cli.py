@@ -212,6 +212,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         "bf16_layout": {"layout": pipe.engine.bf16_layout, "reason": pipe.engine.bf16_layout_reason,
                         "ms_per_row": {k: round(v * 1e3, 2) for k, v in pipe.engine.bf16_layout_seconds.items()}}
         if pipe.engine.bf16_layout else None,
+        # a CPU engine's kernel for its float32 linears, how it chose, and the timings if it measured
+        "float32_kernel": {"kernel": pipe.engine.float32_kernel, "reason": pipe.engine.float32_kernel_reason,
+                           "ms_per_row": {k: round(v * 1e3, 2) for k, v in pipe.engine.float32_kernel_seconds.items()}}
+        if pipe.engine.float32_kernel else None,
         "layout": "original" if pipe.original else "llava-hf",
         "rules": pipe.original.rules() if pipe.original else {
             "pinpoints": "(height, width), transformers' reading", "unpad": "int(round(x, 7)), transformers'"},
@@ -253,6 +257,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         timed = info["bf16_layout"]["ms_per_row"]
         print(f"  bfloat16 decoding weights: {info['bf16_layout']['layout']} layout ({info['bf16_layout']['reason']}"
               + (f"; one row through the first layers: blocked {timed['blocked']} ms, plain {timed['plain']} ms"
+                 if timed else "") + ")")
+    if info["float32_kernel"]:
+        timed = info["float32_kernel"]["ms_per_row"]
+        print(f"  float32 linears: {info['float32_kernel']['kernel']} kernel ({info['float32_kernel']['reason']}"
+              + (f"; one row through the first layers: oneDNN {timed['oneDNN']} ms, PyTorch {timed['PyTorch']} ms"
                  if timed else "") + ")")
     for c in info.get("images", []):
         print(f"  {c['image']}: {c['width']}x{c['height']} px costs {c['tokens']} tokens")

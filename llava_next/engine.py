@@ -31,8 +31,9 @@ from .memory import keep_freed_memory, release_free_memory
 from .model.decoder import KVCache, whole_key_blocks
 from .model.llava import ImageTokenMismatch, LlavaModel
 from .prompt import IncrementalDetokenizer, Tokenizer
-from .quantize import (block_int8_columns, decoding_bf16_layers, decoding_int8_layers, lay_out_bf16_weights,
-                       time_bf16_layouts, time_int8_layouts)
+from .quantize import (block_int8_columns, decoding_bf16_layers, decoding_int8_layers, float32_fast_linears,
+                       lay_out_bf16_weights, runs_in_decoding, time_bf16_layouts, time_float32_kernels,
+                       time_int8_layouts)
 
 
 class GenerationError(LlavaError, ValueError):
@@ -601,6 +602,39 @@ def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[s
     return layout, times, reason
 
 
+# The kernel a CPU engine's float32 linears multiply in: "measure" (both timed on the model's own decoding layers,
+# quantize.time_float32_kernels, the first time this processor meets them; remembered, layout_cache.py), "remeasure",
+# "onednn" or "pytorch" (F.linear). From the environment, as BF16_LAYOUT.
+FLOAT32_KERNEL = os.environ.get("LLAVA_NEXT_FLOAT32_KERNEL", "measure")
+FLOAT32_KERNELS = ("measure", "remeasure", "onednn", "pytorch")
+
+
+def float32_kernel_for_linears(model: torch.nn.Module) -> tuple[str | None, dict[str, float], str | None]:
+    """Sets every float32 FastLinear of a CPU model (the vision tower's too) to the kernel that multiplies one row
+    through its decoding layers faster; returns ("onednn" or "pytorch", the timings, how it was decided), or
+    (None, {}, None) for a model without float32 decoding layers."""
+    if FLOAT32_KERNEL not in FLOAT32_KERNELS:
+        raise LlavaError(f"LLAVA_NEXT_FLOAT32_KERNEL={FLOAT32_KERNEL!r} is not one of {', '.join(FLOAT32_KERNELS)}: "
+                         "unset it to let the engine measure which float32 kernel is faster here")
+    linears = float32_fast_linears(model)
+    decoding = [layer for name, layer in linears if runs_in_decoding(name)]
+    if not decoding:
+        return None, {}, None
+    if FLOAT32_KERNEL in ("onednn", "pytorch"):
+        kernel, times, reason = FLOAT32_KERNEL, {}, f"set by LLAVA_NEXT_FLOAT32_KERNEL={FLOAT32_KERNEL}"
+    else:
+        try:
+            times, reason = remembered_or_measured(
+                "float32 linears", decoding, ("oneDNN", "PyTorch"), FLOAT32_KERNEL, "LLAVA_NEXT_FLOAT32_KERNEL",
+                lambda: time_float32_kernels(model), "the faster for one row is taken (oneDNN in a tie)")
+        except Exception as e:  # oneDNN's kernel is the one every float32 linear ran before this choice existed
+            times, reason = {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        kernel = "pytorch" if times and times["PyTorch"] < times["oneDNN"] else "onednn"
+    for _, layer in linears:
+        layer.onednn = kernel == "onednn"
+    return kernel, times, reason
+
+
 def lay_out_int8_weights(model: torch.nn.Module, blocked: bool) -> None:
     """Puts the CPU int8 layers' weights in column blocks (compiled steps of few rows) or in the plain layout (steps
     of many rows, eager calls), marking the new tensors static for the compiled step (mark_weights_static)."""
@@ -628,6 +662,10 @@ class Engine:
         self.bf16_layout: str | None = None
         self.bf16_layout_seconds: dict[str, float] = {}
         self.bf16_layout_reason: str | None = None
+        # (the kernel of a CPU model's float32 linears, the timings and how it was chosen)
+        self.float32_kernel: str | None = None
+        self.float32_kernel_seconds: dict[str, float] = {}
+        self.float32_kernel_reason: str | None = None
         # Static decoding: every step has the same shapes (the whole KV space, a mask over all of it) and the KV
         # space keeps its address from one request to the next, which a CUDA graph needs to be replayed.
         self.static_decode = compile and self.device.type == "cuda"
@@ -635,6 +673,8 @@ class Engine:
         if self.device.type == "cpu":
             keep_freed_memory()  # a prompt's activations reused, not page-faulted in again (memory.py)
             self.bf16_layout, self.bf16_layout_seconds, self.bf16_layout_reason = bf16_layout_for_decoding(model)
+            self.float32_kernel, self.float32_kernel_seconds, self.float32_kernel_reason = (
+                float32_kernel_for_linears(model))
         if compile:
             # One decoding step through torch.compile: CUDA graphs on a GPU ("reduce-overhead"), inductor's C++
             # kernels on a CPU. Sizes are dynamic, so it compiles once, not once per position or batch size.

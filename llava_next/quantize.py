@@ -85,6 +85,9 @@ class FastLinear(nn.Module):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        # float32 rows through oneDNN's matmul, or (False) PyTorch's own F.linear: which is faster depends on the
+        # processor, so the engine times both (time_float32_kernels); bfloat16 layers always take oneDNN's
+        self.onednn = True
         if packed:
             self.pack()
 
@@ -103,7 +106,7 @@ class FastLinear(nn.Module):
             self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or torch.is_grad_enabled():
+        if x.device.type != "cpu" or torch.is_grad_enabled() or not self.onednn:
             weight = self.weight.to_dense() if self.weight.is_mkldnn else self.weight
             return F.linear(x, weight, self.bias)
         # the operator where torch.compile traces (it must stay opaque, below); eagerly the function it runs, without
@@ -751,6 +754,41 @@ def time_bf16_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
     # plain, blocked, plain again: a shared machine's slow spell during one pass does not decide alone
     blocked, plain = (lambda: lay_out_bf16_weights(layers, True)), (lambda: lay_out_bf16_weights(layers, False))
     return fastest_passes([("plain", plain, run), ("blocked", blocked, run), ("plain", plain, run)], repeats)
+
+
+def float32_fast_linears(model: nn.Module) -> list[tuple[str, FastLinear]]:
+    """A model's float32 FastLinear layers, by name: those whose kernel the engine chooses (time_float32_kernels)."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, FastLinear) and m.weight.dtype == torch.float32 and not m.packed]
+
+
+def time_float32_kernels(model: nn.Module, repeats: int = 5) -> dict[str, float]:
+    """Seconds one float32 row takes through the layers a decoding step runs (the first LAYOUT_PROBE_BYTES of
+    them) with each kernel: {"oneDNN": oneDNN's matmul, "PyTorch": F.linear (MKL's where PyTorch has it)}; the
+    fastest of the passes. On an AMD EPYC oneDNN's read the weights at twice MKL's speed; on an Intel Xeon with AMX
+    PyTorch's was the faster, ~1.15x for medium's answers and decoding (BENCHMARKS.md). The layers timed end on
+    oneDNN; {} when there are none."""
+    layers, weight_bytes = [], 0
+    for name, layer in float32_fast_linears(model):
+        if runs_in_decoding(name) and weight_bytes < LAYOUT_PROBE_BYTES:
+            layers.append(layer)
+            weight_bytes += layer.in_features * layer.out_features * 4
+    if not layers:
+        return {}
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randn(1, layer.in_features, generator=generator) for layer in layers]
+
+    def run():
+        for x, layer in zip(rows, layers):
+            layer(x)
+
+    def kernel(onednn: bool):
+        for layer in layers:
+            layer.onednn = onednn
+
+    # oneDNN, PyTorch, oneDNN again: a shared machine's slow spell during one pass does not decide alone
+    return fastest_passes([("oneDNN", lambda: kernel(True), run), ("PyTorch", lambda: kernel(False), run),
+                           ("oneDNN", lambda: kernel(True), run)], repeats)
 
 
 def pack_all(model: nn.Module) -> None:

@@ -122,6 +122,20 @@ def test_info_shows_the_bfloat16_layout_the_engine_measured_and_chose(tiny, caps
                               capsys)[1])["bf16_layout"] is None
 
 
+def test_info_shows_the_float32_kernel_the_engine_measured_and_chose(tiny, capsys, monkeypatch):
+    import llava_next.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "time_float32_kernels", lambda model: {"oneDNN": 0.004, "PyTorch": 0.003})
+    args = ["info", "--model", tiny("mistral"), "--dtype", "float32"]
+    info = json.loads(run_cli([*args, "--json"], capsys)[1])
+    assert info["float32_kernel"].pop("reason").startswith("measured; the faster for one row is taken")
+    assert info["float32_kernel"] == {"kernel": "pytorch", "ms_per_row": {"oneDNN": 4.0, "PyTorch": 3.0}}
+    out = run_cli(args, capsys)[1]  # (remembered by the first)
+    assert "float32 linears: pytorch kernel (measured here on " in out
+    assert "one row through the first layers: oneDNN 4.0 ms, PyTorch 3.0 ms)" in out
+    assert json.loads(run_cli([*args[:-1], "bfloat16", "--json"], capsys)[1])["float32_kernel"] is None
+
+
 def test_chat_keeps_the_conversation_and_its_images(tiny, picture, load_pipeline, monkeypatch):
     directory = tiny("vicuna")
     stdin = io.StringIO(f"/image {picture}\nWhat is it?\nAnd the colours?\n/reset\nNew topic.\n")

@@ -525,6 +525,72 @@ def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_ma
     assert load().engine.bf16_layout == "plain" and len(timed) == 11
 
 
+def test_a_cpu_engine_runs_its_float32_linears_through_the_kernel_it_measured_faster(tiny, monkeypatch):
+    # oneDNN's float32 matmul read a decoding step's weights at twice MKL's speed on an AMD EPYC; on an Intel Xeon
+    # with AMX PyTorch's own (F.linear) was the faster (BENCHMARKS.md). The engine times both on the decoding layers
+    # and runs every float32 linear, the vision tower's too, through the faster; the answers are the same.
+    import llava_next.engine as engine_module
+    import llava_next.quantize as quantize_module
+    from llava_next.quantize import float32_fast_linears, time_float32_kernels
+
+    def load():
+        return llava_next.load(tiny("mistral"), dtype="float32", progress=False, prefix_cache=False)
+
+    pipe = load()
+    linears = float32_fast_linears(pipe.model)
+    assert {name.split(".")[0] for name, _ in linears} >= {"vision_tower", "language_model", "lm_head"}
+    assert pipe.engine.float32_kernel in ("onednn", "pytorch") and pipe.engine.float32_kernel_reason.startswith("measured")
+    times = time_float32_kernels(pipe.model, repeats=2)
+    assert set(times) == {"oneDNN", "PyTorch"} and all(t > 0 for t in times.values())
+    assert all(m.onednn for name, m in linears if name.startswith(("language_model.", "lm_head")))  # (ends on oneDNN)
+    expected = pipe.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=6, logprobs=2)
+    # each kernel is what runs, and they agree to float32 rounding
+    layer, x = linears[0][1], torch.randn(3, linears[0][1].in_features)
+    exact = (x.double() @ layer.weight.double().t() + layer.bias.double()).float()
+    calls = []
+    monkeypatch.setattr(quantize_module, "onednn_linear", lambda *args, f=quantize_module.onednn_linear: (
+        calls.append(1), f(*args))[1])
+    with torch.inference_mode():
+        for onednn in (True, False):
+            layer.onednn = onednn
+            assert torch.allclose(layer(x), exact, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
+    monkeypatch.undo()
+
+    monkeypatch.setattr(engine_module, "FLOAT32_KERNEL", "remeasure")  # (each load times again: new fake timings)
+    for seconds, kernel in (({"oneDNN": 2.0, "PyTorch": 1.0}, "pytorch"), ({"oneDNN": 1.0, "PyTorch": 2.0}, "onednn"),
+                            ({"oneDNN": 1.0, "PyTorch": 1.0}, "onednn")):
+        monkeypatch.setattr(engine_module, "time_float32_kernels", lambda model, seconds=seconds: dict(seconds))
+        pipe = load()
+        assert pipe.engine.float32_kernel == kernel and pipe.engine.float32_kernel_seconds == seconds
+        assert all(m.onednn == (kernel == "onednn") for _, m in float32_fast_linears(pipe.model))
+        got = pipe.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=6, logprobs=2)
+        assert_same_greedy_answer(got, expected, tolerance=1e-4)
+    # remembered: the next load takes the last timings without timing
+    monkeypatch.setattr(engine_module, "FLOAT32_KERNEL", "measure")
+    monkeypatch.setattr(engine_module, "time_float32_kernels", lambda model: pytest.fail("timed again"))
+    pipe = load()
+    assert pipe.engine.float32_kernel == "onednn" and "remembered in" in pipe.engine.float32_kernel_reason
+    # a failed timing keeps oneDNN's, and says why; the environment can fix the choice; an unknown one is refused
+    monkeypatch.setattr(engine_module, "FLOAT32_KERNEL", "remeasure")
+    monkeypatch.setattr(engine_module, "time_float32_kernels", lambda model: 1 / 0)
+    pipe = load()
+    assert pipe.engine.float32_kernel == "onednn" and all(m.onednn for _, m in float32_fast_linears(pipe.model))
+    assert pipe.engine.float32_kernel_reason == "not measured: ZeroDivisionError: division by zero"
+    monkeypatch.setattr(engine_module, "FLOAT32_KERNEL", "pytorch")
+    pipe = load()
+    assert pipe.engine.float32_kernel == "pytorch" and pipe.engine.float32_kernel_seconds == {}
+    assert pipe.engine.float32_kernel_reason == "set by LLAVA_NEXT_FLOAT32_KERNEL=pytorch"
+    assert not any(m.onednn for _, m in float32_fast_linears(pipe.model))
+    monkeypatch.setattr(engine_module, "FLOAT32_KERNEL", "mkl")
+    with pytest.raises(llava_next.errors.LlavaError, match="LLAVA_NEXT_FLOAT32_KERNEL='mkl'.*onednn, pytorch"):
+        load()
+    # a bfloat16 model has no float32 linears to choose for
+    monkeypatch.setattr(engine_module, "FLOAT32_KERNEL", "measure")
+    pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False)
+    assert pipe.engine.float32_kernel is None and pipe.engine.float32_kernel_reason is None
+
+
 def test_an_unknown_int8_layout_in_the_environment_is_refused_by_name(tiny, monkeypatch):
     monkeypatch.setattr(llava_next.engine, "INT8_LAYOUT", "columns")
     with pytest.raises(llava_next.errors.LlavaError,
