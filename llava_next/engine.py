@@ -539,29 +539,33 @@ def int8_layout_for_compiled_steps(model: torch.nn.Module) -> tuple[bool, dict[s
     layers = decoding_int8_layers(model)
     if not layers:
         return False, {}, None
+    # (a timing that fails, most likely because the blocks' loop did not compile without a C++ compiler, leaves them
+    # plain: the step's own compile will say so; the caller lays every layer out plain, any in blocks included)
+    times, reason = layout_timings(
+        INT8_LAYOUT, "LLAVA_NEXT_INT8_LAYOUT", f"int8 decoding layers, compiled, {layers[0].scales.dtype} rows",
+        layers, ("column blocks", "plain"), lambda: time_int8_layouts(model),
+        f"column blocks are kept when at least {INT8_BLOCKS_MIN_SPEEDUP}x as fast for one row")
     if INT8_LAYOUT in ("blocks", "plain"):
-        return INT8_LAYOUT == "blocks", {}, f"set by LLAVA_NEXT_INT8_LAYOUT={INT8_LAYOUT}"
-    try:
-        times, reason = remembered_or_measured(
-            f"int8 decoding layers, compiled, {layers[0].scales.dtype} rows", layers, ("column blocks", "plain"),
-            INT8_LAYOUT, "LLAVA_NEXT_INT8_LAYOUT", lambda: time_int8_layouts(model),
-            f"column blocks are kept when at least {INT8_BLOCKS_MIN_SPEEDUP}x as fast for one row")
-    except Exception as e:  # the blocks' loop did not compile (no C++ compiler): the step's own compile will say so
-        # (the caller lays every layer out plain, any the timing left in blocks included)
-        return False, {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    return times["column blocks"] * INT8_BLOCKS_MIN_SPEEDUP < times["plain"], times, reason
+        return INT8_LAYOUT == "blocks", times, reason
+    return bool(times) and times["column blocks"] * INT8_BLOCKS_MIN_SPEEDUP < times["plain"], times, reason
 
 
-def remembered_or_measured(what: str, layers: list[torch.nn.Module], layouts: tuple[str, str], setting: str,
-                           variable: str, measure: Callable[[], dict[str, float]], rule: str):
-    """(the layouts' timings, how they were had): remembered for this processor and these layers (layout_cache.py)
-    unless `setting` is "remeasure", else measured (an error propagates) and remembered."""
+def layout_timings(setting: str, variable: str, what: str, layers: list[torch.nn.Module], layouts: tuple[str, str],
+                   measure: Callable[[], dict[str, float]], rule: str) -> tuple[dict[str, float], str]:
+    """(the timings of `layouts` that a choice between them is made by, how they were had): none where the
+    environment's `setting` fixes the choice; remembered for this processor and these layers (layout_cache.py) unless
+    `setting` is "remeasure"; else measured and remembered; none, and why, when measuring fails."""
+    if setting not in ("measure", "remeasure"):
+        return {}, f"set by {variable}={setting}"
     key = layout_cache.key(what, [(m.out_features, m.in_features) for m in layers])
     remembered = layout_cache.recall(key, layouts) if setting == "measure" else None
     if remembered is not None:
         return remembered["seconds"], (f"measured here on {remembered['date']}, remembered in "
                                        f"{layout_cache.cache_file()} ({variable}=remeasure times it again); {rule}")
-    times = measure()
+    try:
+        times = measure()
+    except Exception as e:
+        return {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     layout_cache.remember(key, times)
     return times, f"measured; {rule}"
 
@@ -587,16 +591,14 @@ def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[s
     layers = decoding_bf16_layers(model)
     if not layers:
         return None, {}, None
+    # (a timing that fails, most likely oneDNN refusing its reorder, leaves the layers plain, as loaded)
+    times, reason = layout_timings(BF16_LAYOUT, "LLAVA_NEXT_BF16_LAYOUT", "bfloat16 decoding layers", layers,
+                                   ("blocked", "plain"), lambda: time_bf16_layouts(model),
+                                   f"the blocked layout is taken when at least {BF16_BLOCKED_MIN_SPEEDUP}x as fast "
+                                   "for one row")
     if BF16_LAYOUT in ("blocked", "plain"):
-        layout, times, reason = BF16_LAYOUT, {}, f"set by LLAVA_NEXT_BF16_LAYOUT={BF16_LAYOUT}"
+        layout = BF16_LAYOUT
     else:
-        try:
-            times, reason = remembered_or_measured(
-                "bfloat16 decoding layers", layers, ("blocked", "plain"), BF16_LAYOUT, "LLAVA_NEXT_BF16_LAYOUT",
-                lambda: time_bf16_layouts(model),
-                f"the blocked layout is taken when at least {BF16_BLOCKED_MIN_SPEEDUP}x as fast for one row")
-        except Exception as e:  # (most likely oneDNN refusing its reorder): the layers stay plain, as loaded
-            times, reason = {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         layout = "blocked" if times and times["blocked"] * BF16_BLOCKED_MIN_SPEEDUP < times["plain"] else "plain"
     lay_out_bf16_weights(layers, packed=layout == "blocked")  # (handing each replaced weight back as it goes)
     return layout, times, reason
@@ -620,15 +622,13 @@ def float32_kernel_for_linears(model: torch.nn.Module) -> tuple[str | None, dict
     decoding = [layer for name, layer in linears if runs_in_decoding(name)]
     if not decoding:
         return None, {}, None
+    # (a timing that fails leaves oneDNN's, the kernel every float32 linear ran before this choice existed)
+    times, reason = layout_timings(FLOAT32_KERNEL, "LLAVA_NEXT_FLOAT32_KERNEL", "float32 linears", decoding,
+                                   ("oneDNN", "PyTorch"), lambda: time_float32_kernels(model),
+                                   "the faster for one row is taken (oneDNN in a tie)")
     if FLOAT32_KERNEL in ("onednn", "pytorch"):
-        kernel, times, reason = FLOAT32_KERNEL, {}, f"set by LLAVA_NEXT_FLOAT32_KERNEL={FLOAT32_KERNEL}"
+        kernel = FLOAT32_KERNEL
     else:
-        try:
-            times, reason = remembered_or_measured(
-                "float32 linears", decoding, ("oneDNN", "PyTorch"), FLOAT32_KERNEL, "LLAVA_NEXT_FLOAT32_KERNEL",
-                lambda: time_float32_kernels(model), "the faster for one row is taken (oneDNN in a tie)")
-        except Exception as e:  # oneDNN's kernel is the one every float32 linear ran before this choice existed
-            times, reason = {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         kernel = "pytorch" if times and times["PyTorch"] < times["oneDNN"] else "onednn"
     for _, layer in linears:
         layer.onednn = kernel == "onednn"
