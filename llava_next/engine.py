@@ -557,12 +557,12 @@ def layout_timings(setting: str, variable: str, what: str, layers: list[torch.nn
     `setting` is "remeasure"; else measured and remembered; none, and why, when measuring fails."""
     if setting not in ("measure", "remeasure"):
         return {}, f"set by {variable}={setting}"
-    key = layout_cache.key(what, [(m.out_features, m.in_features) for m in layers])
-    remembered = layout_cache.recall(key, layouts) if setting == "measure" else None
-    if remembered is not None:
-        return remembered["seconds"], (f"measured here on {remembered['date']}, remembered in "
-                                       f"{layout_cache.cache_file()} ({variable}=remeasure times it again); {rule}")
     try:
+        key = layout_cache.key(what, [(m.out_features, m.in_features) for m in layers])
+        remembered = layout_cache.recall(key, layouts) if setting == "measure" else None
+        if remembered is not None:
+            return remembered["seconds"], (f"measured here on {remembered['date']}, remembered in "
+                                           f"{layout_cache.cache_file()} ({variable}=remeasure times it again); {rule}")
         times = measure()
     except Exception as e:
         return {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -622,14 +622,15 @@ def float32_kernel_for_linears(model: torch.nn.Module) -> tuple[str | None, dict
     decoding = [layer for name, layer in linears if runs_in_decoding(name)]
     if not decoding:
         return None, {}, None
-    # (a timing that fails leaves oneDNN's, the kernel every float32 linear ran before this choice existed)
     times, reason = layout_timings(FLOAT32_KERNEL, "LLAVA_NEXT_FLOAT32_KERNEL", "float32 linears", decoding,
                                    ("oneDNN", "PyTorch"), lambda: time_float32_kernels(model),
                                    "the faster for one row is taken (oneDNN in a tie)")
     if FLOAT32_KERNEL in ("onednn", "pytorch"):
         kernel = FLOAT32_KERNEL
+    elif not times:  # the timing failed, most likely in oneDNN's kernel (F.linear is PyTorch's own): PyTorch's
+        kernel = "pytorch"
     else:
-        kernel = "pytorch" if times and times["PyTorch"] < times["oneDNN"] else "onednn"
+        kernel = "pytorch" if times["PyTorch"] < times["oneDNN"] else "onednn"
     for _, layer in linears:
         layer.onednn = kernel == "onednn"
     return kernel, times, reason
@@ -694,7 +695,8 @@ class Engine:
                 # emulate_precision_casts: fused 16-bit arithmetic rounded after each operation as eager rounds it,
                 # so the compiled step's logits are the eager step's bit for bit (measured: no slower; int8 and w8a8
                 # layers excepted, whose eager calls dequantize the column blocks to 16 bits). The float
-                # linears are FastLinear's oneDNN calls, kept opaque (quantize.py). (Inductor's `freezing`, weights
+                # linears are FastLinear's oneDNN calls, kept opaque (quantize.py), or float32's F.linear where the
+                # engine chose PyTorch's kernel. (Inductor's `freezing`, weights
                 # as graph constants, was on before they were: measured without it, same speed and memory.)
                 self.decode_step = torch.compile(model, dynamic=True, options={"emulate_precision_casts": True})
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-# Raised when the code the timings run changes (quantize.time_bf16_layouts, time_int8_layouts and what they call):
+# Raised when the code the timings run changes (quantize.time_bf16_layouts, time_int8_layouts, time_float32_kernels
+# and what they call):
 # timings taken by other code are not this code's.
 TIMED_CODE_VERSION = 1
 

@@ -339,7 +339,7 @@ def load(
         weights = weight_sources(cfg, layout) if layout is not None else dict(rename=map_weight_name, more=())
         convert = quantize
         if quantize is None and device.type == "cpu" and not trainable:
-            convert = "fast"  # (compiled decoding calls the same oneDNN linears, as opaque operators)
+            convert = "fast"  # (compiled decoding calls the same linears, oneDNN's as opaque operators)
         # An adapter is merged into the float weights: the conversion follows it
         llava, converted = build_model(cfg, weight_files(directory), dtype, device, progress,
                                        for_inference=not trainable, convert=convert if adapter_config is None else None,

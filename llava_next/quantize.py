@@ -3,8 +3,9 @@
 As gpt-fast's `convert_for_runtime`: `convert_linears(model, mode)` replaces nn.Linear modules by
   fast      float weights through oneDNN (`torch.ops.mkldnn._linear_pointwise`) on the CPU. In float32, PyTorch's
             nn.Linear goes through MKL there, which reads the weights of a one-token decoding step at about half
-            the memory bandwidth; oneDNN reaches it (and is ~1.2x faster on prompt-sized matmuls). Same weights,
-            same results up to float rounding. In bfloat16 nn.Linear is already oneDNN's, but on a plain weight it
+            the memory bandwidth on an AMD EPYC; oneDNN reaches it (and is ~1.2x faster on prompt-sized matmuls).
+            On other processors MKL's is the faster (an Intel Xeon with AMX): the engine times both
+            (time_float32_kernels). Same weights, same results up to float rounding. In bfloat16 nn.Linear is already oneDNN's, but on a plain weight it
             reads a decoding step's weights at ~11 GB/s; the weight reordered once into oneDNN's blocked layout
             reads at ~21 GB/s, with the same results bit for bit (a prompt's matmuls take as long), on an AMD EPYC.
             On an Intel Xeon with AMX oneDNN read the blocked weight at about half the bandwidth and torch.mv the
@@ -79,7 +80,8 @@ class FastLinear(nn.Module):
     """A float linear through oneDNN on the CPU (nn.Linear's own path elsewhere). `packed`: the weight is held in
     oneDNN's blocked layout (an mkldnn tensor), reordered once here; the dense one is freed. A plain bfloat16 weight
     multiplies one row with torch.mv instead (onednn_linear), which on some processors reads it faster than oneDNN
-    reads either layout: the engine times the two layouts on a model's decoding layers (time_bf16_layouts)."""
+    reads either layout: the engine times the two layouts on a model's decoding layers (time_bf16_layouts). A
+    float32 layer runs F.linear instead where the engine measured that faster (`onednn`, time_float32_kernels)."""
 
     def __init__(self, linear: nn.Linear, packed: bool = False):
         super().__init__()
@@ -766,8 +768,8 @@ def time_float32_kernels(model: nn.Module, repeats: int = 5) -> dict[str, float]
     """Seconds one float32 row takes through the layers a decoding step runs (the first LAYOUT_PROBE_BYTES of
     them) with each kernel: {"oneDNN": oneDNN's matmul, "PyTorch": F.linear (MKL's where PyTorch has it)}; the
     fastest of the passes. On an AMD EPYC oneDNN's read the weights at twice MKL's speed; on an Intel Xeon with AMX
-    PyTorch's was the faster, ~1.15x for medium's answers and decoding (BENCHMARKS.md). The layers timed end on
-    oneDNN; {} when there are none."""
+    PyTorch's was the faster, ~1.15x for medium's answers and decoding (BENCHMARKS.md). The layers timed are left
+    on the kernel they had; {} when there are none."""
     layers, weight_bytes = [], 0
     for name, layer in float32_fast_linears(model):
         if runs_in_decoding(name) and weight_bytes < LAYOUT_PROBE_BYTES:
@@ -786,9 +788,13 @@ def time_float32_kernels(model: nn.Module, repeats: int = 5) -> dict[str, float]
         for layer in layers:
             layer.onednn = onednn
 
-    # oneDNN, PyTorch, oneDNN again: a shared machine's slow spell during one pass does not decide alone
-    return fastest_passes([("oneDNN", lambda: kernel(True), run), ("PyTorch", lambda: kernel(False), run),
-                           ("oneDNN", lambda: kernel(True), run)], repeats)
+    had = [layer.onednn for layer in layers]
+    try:  # oneDNN, PyTorch, oneDNN again: a shared machine's slow spell during one pass does not decide alone
+        return fastest_passes([("oneDNN", lambda: kernel(True), run), ("PyTorch", lambda: kernel(False), run),
+                               ("oneDNN", lambda: kernel(True), run)], repeats)
+    finally:
+        for layer, onednn in zip(layers, had):
+            layer.onednn = onednn
 
 
 def pack_all(model: nn.Module) -> None:
