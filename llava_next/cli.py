@@ -248,21 +248,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     if info["quantization"]:
         print(f"  quantized: {info['quantization']['mode']} ({info['quantization']['layers']}; the vision tower, "
               "projector and embeddings stay float unless w8a8)")
-    if info["int8_layout"]:
-        timed = info["int8_layout"]["ms_per_row"]
-        print(f"  compiled int8 steps: {info['int8_layout']['layout']} layout ({info['int8_layout']['reason']}"
-              + (f"; one row through the first layers: plain {timed['plain']} ms, column blocks "
-                 f"{timed['column blocks']} ms" if timed else "") + ")")
-    if info["bf16_layout"]:
-        timed = info["bf16_layout"]["ms_per_row"]
-        print(f"  bfloat16 decoding weights: {info['bf16_layout']['layout']} layout ({info['bf16_layout']['reason']}"
-              + (f"; one row through the first layers: blocked {timed['blocked']} ms, plain {timed['plain']} ms"
-                 if timed else "") + ")")
-    if info["float32_kernel"]:
-        timed = info["float32_kernel"]["ms_per_row"]
-        print(f"  float32 linears: {info['float32_kernel']['kernel']} kernel ({info['float32_kernel']['reason']}"
-              + (f"; one row through the first layers: oneDNN {timed['oneDNN']} ms, PyTorch {timed['PyTorch']} ms"
-                 if timed else "") + ")")
+    for what, entry, kind, timed_in_order in (
+            ("compiled int8 steps", info["int8_layout"], "layout", ("plain", "column blocks")),
+            ("bfloat16 decoding weights", info["bf16_layout"], "layout", ("blocked", "plain")),
+            ("float32 linears", info["float32_kernel"], "kernel", ("oneDNN", "PyTorch"))):
+        if entry:  # a choice the engine measured (or was told): what, how it was made, the timings it was made by
+            timed = entry["ms_per_row"]
+            print(f"  {what}: {entry[kind]} {kind} ({entry['reason']}"
+                  + ("; one row through the first layers: " + ", ".join(f"{name} {timed[name]} ms"
+                                                                         for name in timed_in_order) if timed else "")
+                  + ")")
     for c in info.get("images", []):
         print(f"  {c['image']}: {c['width']}x{c['height']} px costs {c['tokens']} tokens")
     return 0

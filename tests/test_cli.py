@@ -77,6 +77,18 @@ def test_info_reports_the_image_token_cost(tiny, picture, capsys):
     assert "costs 576 tokens" in out and "llava, llama text model" in out
 
 
+def assert_info_recalls_then_remeasures(args, capsys, monkeypatch, setting, line, timings):
+    """A second `info` takes the first's measurement (remembered, layout_cache.py) and says so; with the setting at
+    "remeasure" it times again."""
+    import llava_next.engine as engine_module
+
+    out = run_cli(args, capsys)[1]
+    assert f"{line} (measured here on " in out and timings in out
+    assert "remembered in " in out and f"LLAVA_NEXT_{setting}=remeasure times it again" in out
+    monkeypatch.setattr(engine_module, setting, "remeasure")
+    assert f"{line} (measured; " in run_cli(args, capsys)[1]
+
+
 def test_info_shows_the_int8_layout_a_compiled_engine_measured_and_chose(tiny, capsys, monkeypatch):
     import llava_next.engine as engine_module
 
@@ -85,13 +97,10 @@ def test_info_shows_the_int8_layout_a_compiled_engine_measured_and_chose(tiny, c
     info = json.loads(run_cli([*args, "--json"], capsys)[1])
     assert info["int8_layout"].pop("reason").startswith("measured")
     assert info["int8_layout"] == {"layout": "column blocks", "ms_per_row": {"plain": 2.0, "column blocks": 1.0}}
-    out = run_cli(args, capsys)[1]  # (the second load takes the first's measurement, remembered: layout_cache.py)
-    assert "compiled int8 steps: column blocks layout (measured here on " in out
-    assert "remembered in " in out and "LLAVA_NEXT_INT8_LAYOUT=remeasure times it again" in out
-    assert "one row through the first layers: plain 2.0 ms, column blocks 1.0 ms)" in out
-    monkeypatch.setattr(engine_module, "INT8_LAYOUT", "remeasure")
-    assert "compiled int8 steps: column blocks layout (measured; column blocks are kept when at least 1.05x" in (
-        run_cli(args, capsys)[1])
+    assert_info_recalls_then_remeasures(args, capsys, monkeypatch, "INT8_LAYOUT",
+                                        "compiled int8 steps: column blocks layout",
+                                        "one row through the first layers: plain 2.0 ms, column blocks 1.0 ms)")
+    assert "column blocks layout (measured; column blocks are kept when at least 1.05x" in run_cli(args, capsys)[1]
     monkeypatch.setattr(engine_module, "INT8_LAYOUT", "plain")  # chosen by the user: said so, nothing timed
     assert json.loads(run_cli([*args, "--json"], capsys)[1])["int8_layout"] == {
         "layout": "plain", "reason": "set by LLAVA_NEXT_INT8_LAYOUT=plain", "ms_per_row": {}}
@@ -111,13 +120,9 @@ def test_info_shows_the_bfloat16_layout_the_engine_measured_and_chose(tiny, caps
         return
     assert info["bf16_layout"].pop("reason").startswith("measured")
     assert info["bf16_layout"] == {"layout": "blocked", "ms_per_row": {"blocked": 1.0, "plain": 3.0}}
-    out = run_cli(args, capsys)[1]  # (the second load takes the first's measurement, remembered: layout_cache.py)
-    assert "bfloat16 decoding weights: blocked layout (measured here on " in out
-    assert "remembered in " in out and "LLAVA_NEXT_BF16_LAYOUT=remeasure times it again" in out
-    assert "blocked 1.0 ms, plain 3.0 ms)" in out
-    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "remeasure")
-    assert "bfloat16 decoding weights: blocked layout (measured; the blocked layout is taken when at least 1.05x" in (
-        run_cli(args, capsys)[1])
+    assert_info_recalls_then_remeasures(args, capsys, monkeypatch, "BF16_LAYOUT",
+                                        "bfloat16 decoding weights: blocked layout", "blocked 1.0 ms, plain 3.0 ms)")
+    assert "blocked layout (measured; the blocked layout is taken when at least 1.05x" in run_cli(args, capsys)[1]
     assert json.loads(run_cli(["info", "--model", tiny("mistral"), "--dtype", "float32", "--json"],
                               capsys)[1])["bf16_layout"] is None
 
@@ -130,9 +135,8 @@ def test_info_shows_the_float32_kernel_the_engine_measured_and_chose(tiny, capsy
     info = json.loads(run_cli([*args, "--json"], capsys)[1])
     assert info["float32_kernel"].pop("reason").startswith("measured; the faster for one row is taken")
     assert info["float32_kernel"] == {"kernel": "pytorch", "ms_per_row": {"oneDNN": 4.0, "PyTorch": 3.0}}
-    out = run_cli(args, capsys)[1]  # (remembered by the first)
-    assert "float32 linears: pytorch kernel (measured here on " in out
-    assert "one row through the first layers: oneDNN 4.0 ms, PyTorch 3.0 ms)" in out
+    assert_info_recalls_then_remeasures(args, capsys, monkeypatch, "FLOAT32_KERNEL", "float32 linears: pytorch kernel",
+                                        "one row through the first layers: oneDNN 4.0 ms, PyTorch 3.0 ms)")
     assert json.loads(run_cli([*args[:-1], "bfloat16", "--json"], capsys)[1])["float32_kernel"] is None
 
 
