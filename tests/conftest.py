@@ -171,8 +171,20 @@ def no_truncated_image_loading():
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_layout_cache(tmp_path_factory):
+    """Models that fixtures wider than one test load remember their layouts in the session's own directory: never in
+    the user's ~/.cache either."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLAVA_NEXT_CACHE_DIR", str(tmp_path_factory.mktemp("session-layout-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
-def own_layout_cache(tmp_path_factory, monkeypatch):
+def own_layout_cache(tmp_path_factory):
     """Each test's engines measure weight layouts afresh and remember them in a directory of the test's own: never
-    in the user's ~/.cache, and never a choice that another test's fake timings left behind (layout_cache.py)."""
-    monkeypatch.setenv("LLAVA_NEXT_CACHE_DIR", str(tmp_path_factory.mktemp("layout-cache")))
+    in the user's ~/.cache, and never a choice that another test's fake timings left behind (layout_cache.py). (A
+    MonkeyPatch of its own: a test's `monkeypatch.undo()` undoes everything the shared fixture did, this too.)"""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLAVA_NEXT_CACHE_DIR", str(tmp_path_factory.mktemp("layout-cache")))
+        yield
