@@ -12,8 +12,9 @@ figure is the median over the rounds. Per run, after a warm-up answer:
   decode_gb_s      weight bytes read per decoded token (decoder + lm_head, as stored) x tokens per second
   load_s           load() / from_pretrained until the model is ready (transformers maps the files and reads the
                    pages on first use, during the first answer; we read every byte during load). On a CPU our
-                   first bfloat16 load on a machine also times the decoding layers' layouts (~1 s on medium); later
-                   loads, later rounds included, recall the choice (layout_cache.py)
+                   first two loads on a machine (float32, bfloat16, compiled int8) also time the decoding layers'
+                   kernels or layouts (~1 s on medium); later loads, later rounds included, recall the choice
+                   (layout_cache.py)
   load_peak_mib    peak resident memory during loading, above the process's memory before it
   peak_rss_mib     the process's peak resident memory, loading included
   model_mib        bytes of the model's parameters and buffers

@@ -553,21 +553,31 @@ def int8_layout_for_compiled_steps(model: torch.nn.Module) -> tuple[bool, dict[s
 def layout_timings(setting: str, variable: str, what: str, layers: list[torch.nn.Module], layouts: tuple[str, str],
                    measure: Callable[[], dict[str, float]], rule: str) -> tuple[dict[str, float], str]:
     """(the timings of `layouts` that a choice between them is made by, how they were had): none where the
-    environment's `setting` fixes the choice; remembered for this processor and these layers (layout_cache.py) unless
-    `setting` is "remeasure"; else measured and remembered; none, and why, when measuring fails."""
+    environment's `setting` fixes the choice; remembered for this processor and these layers (layout_cache.py) once
+    measured by MEASUREMENTS_TO_TRUST loads, unless `setting` is "remeasure" (which starts the count again); else
+    measured, each layout's time the faster of this and the remembered measurements, and remembered; none, and why,
+    when measuring fails."""
     if setting not in ("measure", "remeasure"):
         return {}, f"set by {variable}={setting}"
     try:
         key = layout_cache.key(what, [(m.out_features, m.in_features) for m in layers])
-        remembered = layout_cache.recall(key, layouts) if setting == "measure" else None
-        if remembered is not None:
-            return remembered["seconds"], (f"measured here on {remembered['date']}, remembered in "
-                                           f"{layout_cache.cache_file()} ({variable}=remeasure times it again); {rule}")
-        times = measure()
+        with layout_cache.measuring():
+            remembered = layout_cache.recall(key, layouts) if setting == "measure" else None
+            if remembered is not None and remembered["measurements"] >= layout_cache.MEASUREMENTS_TO_TRUST:
+                return remembered["seconds"], (
+                    f"measured here on {remembered['date']}, remembered in {layout_cache.cache_file()} "
+                    f"({variable}=remeasure times it again); {rule}")
+            times = measure()
+            if remembered is None:
+                measurements, how = 1, "measured"
+            else:
+                times = {layout: min(times[layout], remembered["seconds"][layout]) for layout in layouts}
+                measurements = remembered["measurements"] + 1
+                how = "measured again, each layout's time the faster of this and the remembered one"
+            layout_cache.remember(key, times, measurements)
     except Exception as e:
         return {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    layout_cache.remember(key, times)
-    return times, f"measured; {rule}"
+    return times, f"{how}; {rule}"
 
 
 # The layout a CPU engine holds its bfloat16 decoding layers' weights in: "measure" (both timed on the model's own

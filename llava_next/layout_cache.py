@@ -7,6 +7,12 @@ they are measured once per combination of these and kept in a small JSON file: `
 by default under `$XDG_CACHE_HOME/llava-next` (~/.cache/llava-next). The engine decides from the remembered timings
 with its current thresholds. A file that cannot be read or written (or a home that cannot be found) only means
 measuring again.
+
+A timing is trusted once two loads have measured it: each measurement keeps, for each layout, the faster of its own
+time and the remembered one (a busy machine only ever adds time), so one measurement taken while something else ran
+does not decide for good. Processes that start together (a server's workers) measure one after another, under a
+lock next to the file, so that none times its layers while another's timing competes for the memory, and the later
+ones find the timing remembered.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import math
 import os
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +34,13 @@ import torch
 # and what they call):
 # timings taken by other code are not this code's.
 TIMED_CODE_VERSION = 1
+
+# Remembered timings are taken without timing again once this many loads have measured them.
+MEASUREMENTS_TO_TRUST = 2
+
+# How long a process waits for another one's measurement (~1 s on medium, ~7 s for a 7B model's compiled int8 layers)
+# before measuring anyway.
+LOCK_WAIT_SECONDS = 120.0
 
 
 def cache_dir() -> Path | None:
@@ -84,21 +98,60 @@ def _seconds(value) -> bool:
 
 
 def recall(key: str, layouts: tuple[str, ...]) -> dict | None:
-    """The remembered {"seconds": {layout: seconds for each of `layouts`}, "date"} for `key`, or None (none, or one
-    that is not whole)."""
+    """The remembered {"seconds": {layout: seconds for each of `layouts`}, "date", "measurements"} for `key`, or
+    None (none, or one that is not whole)."""
     entry = _entries().get(key)
     if not (isinstance(entry, dict) and isinstance(entry.get("date"), str) and isinstance(entry.get("seconds"), dict)
             and set(entry["seconds"]) == set(layouts) and all(map(_seconds, entry["seconds"].values()))):
         return None
-    return entry
+    measurements = entry.get("measurements", 1)  # (files written before the count was kept: one)
+    if not (isinstance(measurements, int) and not isinstance(measurements, bool) and measurements >= 1):
+        return None
+    return {**entry, "measurements": measurements}
 
 
-def remember(key: str, seconds: dict[str, float]) -> None:
+@contextlib.contextmanager
+def measuring():
+    """Held while a process recalls, measures and remembers timings: one process at a time measures. Waits for
+    another process's measurement up to LOCK_WAIT_SECONDS; where no lock can be had (no cache directory, a file
+    system without locks, Windows), measures without one. A process that dies holding it releases it."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    directory = cache_dir()
+    lock = None
+    if fcntl is not None and directory is not None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            lock = open(directory / "layouts.lock", "a")
+        except OSError:
+            lock = None
+    locked = False
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while lock is not None and not locked:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        except OSError:
+            break
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()  # (closing the file releases the lock)
+
+
+def remember(key: str, seconds: dict[str, float], measurements: int = 1) -> None:
     path = cache_file()
     if path is None:
         return
     entries = _entries()
-    entries[key] = {"seconds": seconds, "date": datetime.date.today().isoformat()}
+    entries[key] = {"seconds": seconds, "date": datetime.date.today().isoformat(), "measurements": measurements}
     written = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

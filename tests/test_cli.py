@@ -78,10 +78,12 @@ def test_info_reports_the_image_token_cost(tiny, picture, capsys):
 
 
 def assert_info_recalls_then_remeasures(args, capsys, monkeypatch, setting, line, timings):
-    """A second `info` takes the first's measurement (remembered, layout_cache.py) and says so; with the setting at
-    "remeasure" it times again."""
+    """A second `info` measures again (a measurement is trusted once two loads have taken it, layout_cache.py); a
+    third takes the remembered measurement and says so; with the setting at "remeasure" it times again."""
     import llava_next.engine as engine_module
 
+    assert f"{line} (measured again, each layout's time the faster of this and the remembered one; " in \
+        run_cli(args, capsys)[1]
     out = run_cli(args, capsys)[1]
     assert f"{line} (measured here on " in out and timings in out
     assert "remembered in " in out and f"LLAVA_NEXT_{setting}=remeasure times it again" in out
