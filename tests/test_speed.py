@@ -180,9 +180,14 @@ def test_weights_are_read_straight_into_the_parameters(tiny):
         assert torch.equal(into, tensor.to(torch.bfloat16)), name
 
 
-def test_compiled_decoding_gives_the_eager_tokens(tiny):
+@pytest.mark.parametrize("float32_kernel", ["onednn", "pytorch"])
+def test_compiled_decoding_gives_the_eager_tokens(tiny, float32_kernel, monkeypatch):
+    # (each of the kernels a processor's measurement may choose for float32 linears: oneDNN's is an operator the
+    # compiler keeps opaque, PyTorch's F.linear one it traces)
+    monkeypatch.setattr(llava_next.engine, "FLOAT32_KERNEL", float32_kernel)
     eager = llava_next.load(tiny("vicuna"), dtype="float32", progress=False, prefix_cache=False)
     compiled = llava_next.load(tiny("vicuna"), dtype="float32", progress=False, prefix_cache=False, compile=True)
+    assert eager.engine.float32_kernel == compiled.engine.float32_kernel == float32_kernel
     got = compiled.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=6)
     assert got.token_ids == eager.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=6).token_ids
     if shutil.which("g++") or shutil.which("c++"):  # with a compiler it really ran compiled, no fallback
