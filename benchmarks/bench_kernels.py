@@ -6,7 +6,10 @@ weights come from memory as in a real step, not from the cache. Per kernel: mill
 alone (no attention, norms or Python around them) and the weight bytes read per second, beside the machine's read
 bandwidth. Kernels, each at its mode's bytes per weight:
 
-  bfloat16        oneDNN on the weight reordered into its blocked layout (what `FastLinear` runs)
+  bfloat16        oneDNN on the weight reordered into its blocked layout (what `FastLinear` runs where the engine
+                  measured the blocked layout faster, as on an AMD EPYC)
+  bfloat16 plain  torch.mv on the weight as loaded (what it runs where the plain layout measured faster, as on an
+                  Intel Xeon with AMX)
   int8            torch._weight_int8pack_mm: int8 weights, bfloat16 row (the int8 mode)
   int8 x int8     torch._int_mm on an int8 row (what w8a8 would run to decode; its prompts already do)
   int4            torch._weight_int4pack_mm_for_cpu, groups of 128 (the int4 mode)
@@ -60,8 +63,8 @@ def kernels(matrices: list[tuple[int, int]]) -> dict:
     generator = torch.Generator().manual_seed(0)
     rows = {k: torch.randn(1, k, generator=generator).bfloat16() for _, k in matrices}
     int8_rows = {k: torch.randint(-127, 128, (1, k), dtype=torch.int8, generator=generator) for _, k in matrices}
-    bf16 = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k, generator=generator).bfloat16(), 1)
-            for n, k in matrices]
+    bf16_plain = [torch.randn(n, k, generator=generator).bfloat16() for n, k in matrices]
+    bf16 = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in bf16_plain]
     int8 = [(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator), torch.rand(n).bfloat16())
             for n, k in matrices]
     int4 = [(torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32,
@@ -72,6 +75,10 @@ def kernels(matrices: list[tuple[int, int]]) -> dict:
     def run_bf16():
         for w, (_, k) in zip(bf16, matrices):
             torch.ops.mkldnn._linear_pointwise(rows[k], w, None, "none", [], "")
+
+    def run_bf16_plain():
+        for w, (_, k) in zip(bf16_plain, matrices):
+            torch.mv(w, rows[k][0])
 
     def run_int8():
         for (w, s), (_, k) in zip(int8, matrices):
@@ -86,7 +93,7 @@ def kernels(matrices: list[tuple[int, int]]) -> dict:
             torch._weight_int4pack_mm_for_cpu(rows[k], w, 128, sz)
 
     run_int8_blocks = int8_forms(matrices, int8, rows)["column blocks, compiled"]
-    return {"bfloat16": (run_bf16, 2 * weights), "int8": (run_int8, weights),
+    return {"bfloat16": (run_bf16, 2 * weights), "bfloat16 plain": (run_bf16_plain, 2 * weights), "int8": (run_int8, weights),
             "int8 x int8": (run_int8_int8, weights), "int4": (run_int4, weights // 2),
             "int8 blocks": (run_int8_blocks, weights)}
 
@@ -186,7 +193,7 @@ def main() -> None:
     for name, (fn, nbytes) in (kernels(matrices).items() if count else ()):
         seconds = median_seconds(fn, args.repeats)
         results[name] = {"ms_per_token": seconds * 1e3, "gb_s": nbytes / seconds / 1e9, "mib": nbytes / 2**20}
-        print(f"  {name:12s} {seconds * 1e3:8.2f} ms/token  {nbytes / seconds / 1e9:6.1f} GB/s "
+        print(f"  {name:14s} {seconds * 1e3:8.2f} ms/token  {nbytes / seconds / 1e9:6.1f} GB/s "
               f"({100 * nbytes / seconds / 1e9 / bandwidth:.0f}% of the bandwidth)  {nbytes / 2**20:8.0f} MiB")
     prompts = {}
     if args.prompt_rows:
