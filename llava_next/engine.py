@@ -559,15 +559,25 @@ def layout_timings(setting: str, variable: str, what: str, layers: list[torch.nn
     when measuring fails."""
     if setting not in ("measure", "remeasure"):
         return {}, f"set by {variable}={setting}"
+
+    def trusted(remembered: dict | None) -> tuple[dict[str, float], str] | None:
+        if remembered is None or remembered["measurements"] < layout_cache.MEASUREMENTS_TO_TRUST:
+            return None
+        return remembered["seconds"], (f"measured here on {remembered['date']}, remembered in "
+                                       f"{layout_cache.cache_file()} ({variable}=remeasure times it again); {rule}")
+
     try:
         key = layout_cache.key(what, [(m.out_features, m.in_features) for m in layers])
-        with layout_cache.measuring():
+        # (a trusted timing needs no lock; the lock is for measuring, and for the recall that decides whether to)
+        if setting == "measure" and (found := trusted(layout_cache.recall(key, layouts))):
+            return found
+        with layout_cache.measuring() as lock:
             remembered = layout_cache.recall(key, layouts) if setting == "measure" else None
-            if remembered is not None and remembered["measurements"] >= layout_cache.MEASUREMENTS_TO_TRUST:
-                return remembered["seconds"], (
-                    f"measured here on {remembered['date']}, remembered in {layout_cache.cache_file()} "
-                    f"({variable}=remeasure times it again); {rule}")
+            if found := trusted(remembered):  # (another process measured while this one waited)
+                return found
             times = measure()
+            if set(times) != set(layouts) or not all(map(layout_cache.is_seconds, times.values())):
+                raise ValueError(f"the timing gave {times}, not seconds for each of {', '.join(layouts)}")
             if remembered is None:
                 measurements, how = 1, "measured"
             else:
@@ -577,11 +587,14 @@ def layout_timings(setting: str, variable: str, what: str, layers: list[torch.nn
             layout_cache.remember(key, times, measurements)
     except Exception as e:
         return {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if lock == "not waited":
+        how += (f" (without waiting longer than {layout_cache.LOCK_WAIT_SECONDS:g} s for another process measuring "
+                "at the same time, which makes both timings slower)")
     return times, f"{how}; {rule}"
 
 
 # The layout a CPU engine holds its bfloat16 decoding layers' weights in: "measure" (both timed on the model's own
-# weights, quantize.time_bf16_layouts, the first time this processor, PyTorch and thread count meet these layer
+# weights, quantize.time_bf16_layouts, by the first two loads on which this processor, PyTorch and thread count meet these layer
 # shapes; the timings are remembered, layout_cache.py), "remeasure" (timed again, and remembered), "blocked"
 # (oneDNN's reordered layout) or "plain" (as loaded; torch.mv for one row). From the environment, as INT8_LAYOUT.
 BF16_LAYOUT = os.environ.get("LLAVA_NEXT_BF16_LAYOUT", "measure")
@@ -615,7 +628,8 @@ def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[s
 
 
 # The kernel a CPU engine's float32 linears multiply in: "measure" (both timed on the model's own decoding layers,
-# quantize.time_float32_kernels, the first time this processor meets them; remembered, layout_cache.py), "remeasure",
+# quantize.time_float32_kernels, by the first two loads that meet them on this processor; remembered, layout_cache.py),
+# "remeasure",
 # "onednn" or "pytorch" (F.linear). From the environment, as BF16_LAYOUT.
 FLOAT32_KERNEL = os.environ.get("LLAVA_NEXT_FLOAT32_KERNEL", "measure")
 FLOAT32_KERNELS = ("measure", "remeasure", "onednn", "pytorch")

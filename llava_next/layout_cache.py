@@ -3,12 +3,12 @@
 Which layout multiplies one row fastest depends on the processor (engine.bf16_layout_for_decoding): timing it took
 ~1 s of a ~2 s load of the medium benchmark model, paid again by every process. The timings depend only on the
 processor, PyTorch, this package's timed code, the number of threads, the rows' dtype and the layers' shapes, so
-they are measured once per combination of these and kept in a small JSON file: `$LLAVA_NEXT_CACHE_DIR/layouts.json`,
+they are measured by the first loads that meet a combination of these and kept in a small JSON file: `$LLAVA_NEXT_CACHE_DIR/layouts.json`,
 by default under `$XDG_CACHE_HOME/llava-next` (~/.cache/llava-next). The engine decides from the remembered timings
 with its current thresholds. A file that cannot be read or written (or a home that cannot be found) only means
 measuring again.
 
-A timing is trusted once two loads have measured it: each measurement keeps, for each layout, the faster of its own
+A timing is trusted once two loads have measured it (MEASUREMENTS_TO_TRUST): each measurement keeps, for each layout, the faster of its own
 time and the remembered one (a busy machine only ever adds time), so one measurement taken while something else ran
 does not decide for good. Processes that start together (a server's workers) measure one after another, under a
 lock next to the file, so that none times its layers while another's timing competes for the memory, and the later
@@ -93,7 +93,7 @@ def _entries() -> dict:
     return entries if isinstance(entries, dict) else {}
 
 
-def _seconds(value) -> bool:
+def is_seconds(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
@@ -102,7 +102,7 @@ def recall(key: str, layouts: tuple[str, ...]) -> dict | None:
     None (none, or one that is not whole)."""
     entry = _entries().get(key)
     if not (isinstance(entry, dict) and isinstance(entry.get("date"), str) and isinstance(entry.get("seconds"), dict)
-            and set(entry["seconds"]) == set(layouts) and all(map(_seconds, entry["seconds"].values()))):
+            and set(entry["seconds"]) == set(layouts) and all(map(is_seconds, entry["seconds"].values()))):
         return None
     measurements = entry.get("measurements", 1)  # (files written before the count was kept: one)
     if not (isinstance(measurements, int) and not isinstance(measurements, bool) and measurements >= 1):
@@ -112,9 +112,10 @@ def recall(key: str, layouts: tuple[str, ...]) -> dict | None:
 
 @contextlib.contextmanager
 def measuring():
-    """Held while a process recalls, measures and remembers timings: one process at a time measures. Waits for
-    another process's measurement up to LOCK_WAIT_SECONDS; where no lock can be had (no cache directory, a file
-    system without locks, Windows), measures without one. A process that dies holding it releases it."""
+    """Held while a process recalls, measures and remembers timings: one process at a time measures. Yields
+    "locked", "no lock" (no cache directory, a file system without locks, Windows: measured without one) or
+    "not waited" (another process held the lock longer than LOCK_WAIT_SECONDS). A process that dies holding it
+    releases it. Not reentrant: a second `measuring()` inside the first, in one process, waits for itself."""
     try:
         import fcntl
     except ImportError:
@@ -122,25 +123,29 @@ def measuring():
     directory = cache_dir()
     lock = None
     if fcntl is not None and directory is not None:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            lock = open(directory / "layouts.lock", "a")
-        except OSError:
-            lock = None
-    locked = False
+        for mode in ("a", "r"):  # (read-only suffices to lock: a lock file another user made, a read-only cache)
+            try:
+                if mode == "a":
+                    directory.mkdir(parents=True, exist_ok=True)
+                lock = open(directory / "layouts.lock", mode)
+                break
+            except OSError:
+                continue
+    state = "no lock"
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
-    while lock is not None and not locked:
+    while lock is not None and state == "no lock":
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
+            state = "locked"
         except BlockingIOError:
             if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+                state = "not waited"
+            else:
+                time.sleep(0.05)
         except OSError:
             break
     try:
-        yield
+        yield state
     finally:
         if lock is not None:
             lock.close()  # (closing the file releases the lock)
