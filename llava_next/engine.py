@@ -579,14 +579,16 @@ def layout_timings(setting: str, variable: str, what: str, layers: list[torch.nn
             if set(times) != set(layouts) or not all(map(layout_cache.is_seconds, times.values())):
                 raise ValueError(f"the timing gave {times}, not seconds for each of {', '.join(layouts)}")
             if remembered is None:
-                measurements, how = 1, "measured"
+                measurements = 1
             else:
                 times = {layout: min(times[layout], remembered["seconds"][layout]) for layout in layouts}
                 measurements = remembered["measurements"] + 1
-                how = "measured again, each layout's time the faster of this and the remembered one"
             layout_cache.remember(key, times, measurements)
     except Exception as e:
         return {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    how = f"measured by load {measurements} of the {layout_cache.MEASUREMENTS_TO_TRUST} that time it"
+    if measurements > 1:
+        how += ", each layout's time the faster of this load's and the remembered one"
     if lock == "not waited":
         how += (f" (without waiting longer than {layout_cache.LOCK_WAIT_SECONDS:g} s for another process measuring "
                 "at the same time, which makes both timings slower)")
@@ -594,8 +596,8 @@ def layout_timings(setting: str, variable: str, what: str, layers: list[torch.nn
 
 
 # The layout a CPU engine holds its bfloat16 decoding layers' weights in: "measure" (both timed on the model's own
-# weights, quantize.time_bf16_layouts, by the first two loads on which this processor, PyTorch and thread count meet these layer
-# shapes; the timings are remembered, layout_cache.py), "remeasure" (timed again, and remembered), "blocked"
+# weights, quantize.time_bf16_layouts, by the first two loads on which this processor, PyTorch and thread count
+# meet these layer shapes; the timings are remembered, layout_cache.py), "remeasure" (timed again, and remembered), "blocked"
 # (oneDNN's reordered layout) or "plain" (as loaded; torch.mv for one row). From the environment, as INT8_LAYOUT.
 BF16_LAYOUT = os.environ.get("LLAVA_NEXT_BF16_LAYOUT", "measure")
 BF16_LAYOUTS = ("measure", "remeasure", "blocked", "plain")

@@ -485,7 +485,7 @@ def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_ma
     monkeypatch.setattr(engine_module, "BF16_LAYOUT", "measure")
     monkeypatch.setattr(engine_module, "time_bf16_layouts", timing({"blocked": 1.0, "plain": 2.0}))
     first = load()
-    assert first.engine.bf16_layout == "blocked" and first.engine.bf16_layout_reason.startswith("measured;")
+    assert first.engine.bf16_layout == "blocked" and first.engine.bf16_layout_reason.startswith("measured by load 1 of the 2 that time it;")
     (entry,) = json.loads(layout_cache.cache_file().read_text()).values()
     assert entry["seconds"] == {"blocked": 1.0, "plain": 2.0} and entry["measurements"] == 1 and len(timed) == 1
     # the second load measures again and keeps each layout's faster time (a busy machine only adds time), so one
@@ -493,7 +493,7 @@ def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_ma
     monkeypatch.setattr(engine_module, "time_bf16_layouts", timing({"blocked": 1.5, "plain": 1.2}))
     second = load()
     assert len(timed) == 2 and second.engine.bf16_layout_seconds == {"blocked": 1.0, "plain": 1.2}
-    assert second.engine.bf16_layout == "blocked" and second.engine.bf16_layout_reason.startswith("measured again")
+    assert second.engine.bf16_layout == "blocked" and second.engine.bf16_layout_reason.startswith("measured by load 2 of the 2")
     (entry,) = json.loads(layout_cache.cache_file().read_text()).values()
     assert entry["measurements"] == 2
     # later loads take the remembered choice without timing, and say where it came from
@@ -651,7 +651,8 @@ def test_processes_that_load_together_measure_one_after_another(tiny, monkeypatc
     finally:
         let_go(holder)
     assert refused.is_set() and timed == [1] and pipe.engine.float32_kernel == "onednn"
-    assert pipe.engine.float32_kernel_reason.startswith("measured (without waiting longer than 0.2 s for another process")
+    assert pipe.engine.float32_kernel_reason.startswith(
+        "measured by load 1 of the 2 that time it (without waiting longer than 0.2 s for another process")
     # a timing that does not give seconds for each choice is not remembered, and says what it gave
     monkeypatch.setattr(engine_module, "FLOAT32_KERNEL", "remeasure")
     for wrong in ({"oneDNN": 1.0}, {"oneDNN": 1.0, "PyTorch": float("nan")}, {"oneDNN": 1.0, "PyTorch": 2.0, "MKL": 3.0}):
