@@ -544,7 +544,7 @@ def int8_layout_for_compiled_steps(model: torch.nn.Module) -> tuple[bool, dict[s
     times, reason = layout_timings(
         INT8_LAYOUT, "LLAVA_NEXT_INT8_LAYOUT", f"int8 decoding layers, compiled, {layers[0].scales.dtype} rows",
         layers, ("column blocks", "plain"), lambda: time_int8_layouts(model),
-        f"column blocks are kept when at least {INT8_BLOCKS_MIN_SPEEDUP}x as fast for one row")
+        f"column blocks are kept when more than {INT8_BLOCKS_MIN_SPEEDUP}x as fast for one row")
     if INT8_LAYOUT in ("blocks", "plain"):
         return INT8_LAYOUT == "blocks", times, reason
     return bool(times) and times["column blocks"] * INT8_BLOCKS_MIN_SPEEDUP < times["plain"], times, reason
@@ -619,7 +619,7 @@ def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[s
     # (a timing that fails, most likely oneDNN refusing its reorder, leaves the layers plain, as loaded)
     times, reason = layout_timings(BF16_LAYOUT, "LLAVA_NEXT_BF16_LAYOUT", "bfloat16 decoding layers", layers,
                                    ("blocked", "plain"), lambda: time_bf16_layouts(model),
-                                   f"the blocked layout is taken when at least {BF16_BLOCKED_MIN_SPEEDUP}x as fast "
+                                   f"the blocked layout is taken when more than {BF16_BLOCKED_MIN_SPEEDUP}x as fast "
                                    "for one row")
     if BF16_LAYOUT in ("blocked", "plain"):
         layout = BF16_LAYOUT
