@@ -93,7 +93,8 @@ def kernels(matrices: list[tuple[int, int]]) -> dict:
             torch._weight_int4pack_mm_for_cpu(rows[k], w, 128, sz)
 
     run_int8_blocks = int8_forms(matrices, int8, rows)["column blocks, compiled"]
-    return {"bfloat16": (run_bf16, 2 * weights), "bfloat16 plain": (run_bf16_plain, 2 * weights), "int8": (run_int8, weights),
+    return {"bfloat16": (run_bf16, 2 * weights), "bfloat16 plain": (run_bf16_plain, 2 * weights),
+            "int8": (run_int8, weights),
             "int8 x int8": (run_int8_int8, weights), "int4": (run_int4, weights // 2),
             "int8 blocks": (run_int8_blocks, weights)}
 

@@ -597,8 +597,9 @@ def layout_timings(setting: str, variable: str, what: str, layers: list[torch.nn
 
 # The layout a CPU engine holds its bfloat16 decoding layers' weights in: "measure" (both timed on the model's own
 # weights, quantize.time_bf16_layouts, by the first two loads on which this processor, PyTorch and thread count
-# meet these layer shapes; the timings are remembered, layout_cache.py), "remeasure" (timed again, and remembered), "blocked"
-# (oneDNN's reordered layout) or "plain" (as loaded; torch.mv for one row). From the environment, as INT8_LAYOUT.
+# meet these layer shapes; the timings are remembered, layout_cache.py), "remeasure" (timed again, and remembered),
+# "blocked" (oneDNN's reordered layout) or "plain" (as loaded; torch.mv for one row). From the environment, as
+# INT8_LAYOUT.
 BF16_LAYOUT = os.environ.get("LLAVA_NEXT_BF16_LAYOUT", "measure")
 BF16_LAYOUTS = ("measure", "remeasure", "blocked", "plain")
 # The blocked layout replaces the loaded (plain) one only when clearly faster: reordering a 7B model's weights takes

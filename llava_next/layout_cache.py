@@ -3,16 +3,16 @@
 Which layout multiplies one row fastest depends on the processor (engine.bf16_layout_for_decoding): timing it took
 ~1 s of a ~2 s load of the medium benchmark model, paid again by every process. The timings depend only on the
 processor, PyTorch, this package's timed code, the number of threads, the rows' dtype and the layers' shapes, so
-they are measured by the first loads that meet a combination of these and kept in a small JSON file: `$LLAVA_NEXT_CACHE_DIR/layouts.json`,
-by default under `$XDG_CACHE_HOME/llava-next` (~/.cache/llava-next). The engine decides from the remembered timings
-with its current thresholds. A file that cannot be read or written (or a home that cannot be found) only means
-measuring again.
+they are measured by the first loads that meet a combination of these and kept in a small JSON file,
+`$LLAVA_NEXT_CACHE_DIR/layouts.json`, by default under `$XDG_CACHE_HOME/llava-next` (~/.cache/llava-next). The
+engine decides from the remembered timings with its current thresholds. A file that cannot be read or written (or a
+home that cannot be found) only means measuring again.
 
-A timing is trusted once two loads have measured it (MEASUREMENTS_TO_TRUST): each measurement keeps, for each layout, the faster of its own
-time and the remembered one (a busy machine only ever adds time), so one measurement taken while something else ran
-does not decide for good. Processes that start together (a server's workers) measure one after another, under a
-lock next to the file, so that none times its layers while another's timing competes for the memory, and the later
-ones find the timing remembered.
+A timing is trusted once two loads have measured it (MEASUREMENTS_TO_TRUST): each measurement keeps, for each
+layout, the faster of its own time and the remembered one (a busy machine only ever adds time), so one measurement
+taken while something else ran does not decide for good. Processes that start together (a server's workers) measure
+one after another, under a lock next to the file, so that none times its layers while another's timing competes for
+the memory, and the later ones find the timing remembered.
 """
 
 from __future__ import annotations

@@ -102,7 +102,8 @@ def test_info_shows_the_int8_layout_a_compiled_engine_measured_and_chose(tiny, c
     assert_info_recalls_then_remeasures(args, capsys, monkeypatch, "INT8_LAYOUT",
                                         "compiled int8 steps: column blocks layout",
                                         "one row through the first layers: plain 2.0 ms, column blocks 1.0 ms)")
-    assert "column blocks layout (measured by load 1 of the 2 that time it; column blocks are kept when more than 1.05x" in run_cli(args, capsys)[1]
+    assert ("column blocks layout (measured by load 1 of the 2 that time it; column blocks are kept when more than "
+            "1.05x") in run_cli(args, capsys)[1]
     monkeypatch.setattr(engine_module, "INT8_LAYOUT", "plain")  # chosen by the user: said so, nothing timed
     assert json.loads(run_cli([*args, "--json"], capsys)[1])["int8_layout"] == {
         "layout": "plain", "reason": "set by LLAVA_NEXT_INT8_LAYOUT=plain", "ms_per_row": {}}
@@ -124,7 +125,8 @@ def test_info_shows_the_bfloat16_layout_the_engine_measured_and_chose(tiny, caps
     assert info["bf16_layout"] == {"layout": "blocked", "ms_per_row": {"blocked": 1.0, "plain": 3.0}}
     assert_info_recalls_then_remeasures(args, capsys, monkeypatch, "BF16_LAYOUT",
                                         "bfloat16 decoding weights: blocked layout", "blocked 1.0 ms, plain 3.0 ms)")
-    assert "blocked layout (measured by load 1 of the 2 that time it; the blocked layout is taken when more than 1.05x" in run_cli(args, capsys)[1]
+    assert ("blocked layout (measured by load 1 of the 2 that time it; the blocked layout is taken when more than "
+            "1.05x") in run_cli(args, capsys)[1]
     assert json.loads(run_cli(["info", "--model", tiny("mistral"), "--dtype", "float32", "--json"],
                               capsys)[1])["bf16_layout"] is None
 
@@ -135,7 +137,8 @@ def test_info_shows_the_float32_kernel_the_engine_measured_and_chose(tiny, capsy
     monkeypatch.setattr(engine_module, "time_float32_kernels", lambda model: {"oneDNN": 0.004, "PyTorch": 0.003})
     args = ["info", "--model", tiny("mistral"), "--dtype", "float32"]
     info = json.loads(run_cli([*args, "--json"], capsys)[1])
-    assert info["float32_kernel"].pop("reason").startswith("measured by load 1 of the 2 that time it; the faster for one row is taken")
+    assert info["float32_kernel"].pop("reason").startswith(
+        "measured by load 1 of the 2 that time it; the faster for one row is taken")
     assert info["float32_kernel"] == {"kernel": "pytorch", "ms_per_row": {"oneDNN": 4.0, "PyTorch": 3.0}}
     assert_info_recalls_then_remeasures(args, capsys, monkeypatch, "FLOAT32_KERNEL", "float32 linears: pytorch kernel",
                                         "one row through the first layers: oneDNN 4.0 ms, PyTorch 3.0 ms)")

@@ -466,7 +466,8 @@ def test_a_cpu_engine_keeps_its_bfloat16_decoding_weights_in_the_layout_it_measu
                     reason="oneDNN's blocked bfloat16 layout needs a CPU with native bfloat16")
 def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_machine(tiny, monkeypatch, tmp_path):
     # Timing the layouts is ~1 s of a medium model's ~2 s load: measured by the first two loads on a processor,
-    # PyTorch, thread count and layer shapes, and remembered (layout_cache.py; the test's own cache directory, conftest.py).
+    # PyTorch, thread count and layer shapes, and remembered (layout_cache.py; the test's own cache directory,
+    # conftest.py).
     import llava_next.engine as engine_module
     from llava_next import layout_cache
     from llava_next.quantize import decoding_bf16_layers
@@ -485,7 +486,8 @@ def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_ma
     monkeypatch.setattr(engine_module, "BF16_LAYOUT", "measure")
     monkeypatch.setattr(engine_module, "time_bf16_layouts", timing({"blocked": 1.0, "plain": 2.0}))
     first = load()
-    assert first.engine.bf16_layout == "blocked" and first.engine.bf16_layout_reason.startswith("measured by load 1 of the 2 that time it;")
+    assert first.engine.bf16_layout == "blocked"
+    assert first.engine.bf16_layout_reason.startswith("measured by load 1 of the 2 that time it;")
     (entry,) = json.loads(layout_cache.cache_file().read_text()).values()
     assert entry["seconds"] == {"blocked": 1.0, "plain": 2.0} and entry["measurements"] == 1 and len(timed) == 1
     # the second load measures again and keeps each layout's faster time (a busy machine only adds time), so one
@@ -493,7 +495,8 @@ def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_ma
     monkeypatch.setattr(engine_module, "time_bf16_layouts", timing({"blocked": 1.5, "plain": 1.2}))
     second = load()
     assert len(timed) == 2 and second.engine.bf16_layout_seconds == {"blocked": 1.0, "plain": 1.2}
-    assert second.engine.bf16_layout == "blocked" and second.engine.bf16_layout_reason.startswith("measured by load 2 of the 2")
+    assert second.engine.bf16_layout == "blocked"
+    assert second.engine.bf16_layout_reason.startswith("measured by load 2 of the 2")
     (entry,) = json.loads(layout_cache.cache_file().read_text()).values()
     assert entry["measurements"] == 2
     # later loads take the remembered choice without timing, and say where it came from
@@ -655,7 +658,8 @@ def test_processes_that_load_together_measure_one_after_another(tiny, monkeypatc
         "measured by load 1 of the 2 that time it (without waiting longer than 0.2 s for another process")
     # a timing that does not give seconds for each choice is not remembered, and says what it gave
     monkeypatch.setattr(engine_module, "FLOAT32_KERNEL", "remeasure")
-    for wrong in ({"oneDNN": 1.0}, {"oneDNN": 1.0, "PyTorch": float("nan")}, {"oneDNN": 1.0, "PyTorch": 2.0, "MKL": 3.0}):
+    for wrong in ({"oneDNN": 1.0}, {"oneDNN": 1.0, "PyTorch": float("nan")},
+                  {"oneDNN": 1.0, "PyTorch": 2.0, "MKL": 3.0}):
         monkeypatch.setattr(engine_module, "time_float32_kernels", lambda model, wrong=wrong: dict(wrong))
         pipe = load()
         assert pipe.engine.float32_kernel == "pytorch" and pipe.engine.float32_kernel_seconds == {}
@@ -709,7 +713,8 @@ def test_a_cpu_engine_runs_its_float32_linears_through_the_kernel_it_measured_fa
     monkeypatch.setattr(engine_module, "FLOAT32_KERNEL", "measure")
     monkeypatch.setattr(engine_module, "time_float32_kernels", lambda model: {"oneDNN": 3.0, "PyTorch": 1.5})
     pipe = load()
-    assert pipe.engine.float32_kernel == "pytorch" and pipe.engine.float32_kernel_seconds == {"oneDNN": 2.0, "PyTorch": 1.0}
+    assert pipe.engine.float32_kernel == "pytorch"
+    assert pipe.engine.float32_kernel_seconds == {"oneDNN": 2.0, "PyTorch": 1.0}
     monkeypatch.setattr(engine_module, "time_float32_kernels", lambda model: pytest.fail("timed again"))
     pipe = load()
     assert pipe.engine.float32_kernel == "pytorch" and "remembered in" in pipe.engine.float32_kernel_reason
