@@ -14,7 +14,8 @@ figure is the median over the rounds. Per run, after a warm-up answer:
                    pages on first use, during the first answer; we read every byte during load). On a CPU our
                    first two loads on a machine (float32, bfloat16, compiled int8) also time the decoding layers'
                    kernels or layouts (~1 s on medium); later loads, later rounds included, recall the choice
-                   (layout_cache.py)
+                   (layout_cache.py). On a machine's first run the median of three rounds is then a load that
+                   measured: five rounds, or a run before, give a recalled one
   load_peak_mib    peak resident memory during loading, above the process's memory before it
   peak_rss_mib     the process's peak resident memory, loading included
   model_mib        bytes of the model's parameters and buffers

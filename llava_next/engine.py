@@ -632,8 +632,7 @@ def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[s
 
 # The kernel a CPU engine's float32 linears multiply in: "measure" (both timed on the model's own decoding layers,
 # quantize.time_float32_kernels, by the first two loads that meet them on this processor; remembered, layout_cache.py),
-# "remeasure",
-# "onednn" or "pytorch" (F.linear). From the environment, as BF16_LAYOUT.
+# "remeasure", "onednn" or "pytorch" (F.linear). From the environment, as BF16_LAYOUT.
 FLOAT32_KERNEL = os.environ.get("LLAVA_NEXT_FLOAT32_KERNEL", "measure")
 FLOAT32_KERNELS = ("measure", "remeasure", "onednn", "pytorch")
 

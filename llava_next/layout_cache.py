@@ -148,7 +148,9 @@ def measuring():
         yield state
     finally:
         if lock is not None:
-            lock.close()  # (closing the file releases the lock)
+            # (closing the file releases the lock; a child forked without exec while measuring would keep it until it
+            # ends, but files are opened close-on-exec, so a child that runs a new program does not)
+            lock.close()
 
 
 def remember(key: str, seconds: dict[str, float], measurements: int = 1) -> None:

@@ -573,6 +573,7 @@ def test_processes_that_load_together_measure_one_after_another(tiny, monkeypatc
     import llava_next.engine as engine_module
     from llava_next import layout_cache
 
+    fcntl = pytest.importorskip("fcntl")  # (Windows has no locks: loads there measure without one)
     timed = []
 
     def time_float32_kernels(model):
@@ -593,7 +594,9 @@ def test_processes_that_load_together_measure_one_after_another(tiny, monkeypatc
     def hold_the_lock(*args):
         holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_MEASURING_LOCK, *args], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)
-        assert holder.stdout.readline() == "measuring\n"
+        if holder.stdout.readline() != "measuring\n":
+            holder.kill()
+            pytest.fail("the process meant to hold the lock did not take it")
         return holder
 
     def let_go(holder):
@@ -603,8 +606,6 @@ def test_processes_that_load_together_measure_one_after_another(tiny, monkeypatc
 
     # another process is measuring: this load waits for it (seen by the lock refusing it), then takes its timing
     # without timing
-    import fcntl
-
     refused = threading.Event()
 
     def flock(file, operation, lock=fcntl.flock):
@@ -631,13 +632,16 @@ def test_processes_that_load_together_measure_one_after_another(tiny, monkeypatc
     finally:
         let_go(holder)
         waiting.join(timeout=60)
+    assert not waiting.is_alive(), "the load waited for the lock after it was let go"
     if failed:
         raise failed[0]
     (pipe,) = loaded
     assert timed == [] and pipe.engine.float32_kernel == "pytorch"
     assert pipe.engine.float32_kernel_seconds == {"oneDNN": 2.0, "PyTorch": 1.0}
     assert "remembered in" in pipe.engine.float32_kernel_reason
-    # a trusted timing is taken without the lock: a process measuring other layers does not hold this load up
+    # a trusted timing is taken without the lock: a process measuring other layers does not hold this load up (were it
+    # to wait, it would give up after 10 s, and the test fail, rather than after the usual 120)
+    monkeypatch.setattr(layout_cache, "LOCK_WAIT_SECONDS", 10.0)
     refused.clear()
     holder = hold_the_lock()
     try:
