@@ -177,6 +177,10 @@ def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
 # -- info ------------------------------------------------------------------------------------------------------------
 
 
+def measured_choice(kind: str, chosen: str, reason: str, seconds: dict[str, float]) -> dict[str, Any]:
+    return {kind: chosen, "reason": reason, "ms_per_row": {k: round(v * 1e3, 2) for k, v in seconds.items()}}
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     pipe = _load(args)
     cfg = pipe.config
@@ -203,19 +207,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         "eos_token_ids": pipe.engine.eos_token_ids,
         "quantization": {"mode": pipe.quantization["mode"], "group_size": pipe.quantization["group_size"],
                          "layers": describe(pipe.quantization["layers"])} if pipe.quantization else None,
-        # a compiled CPU engine's choice for its int8 layers, how it chose, and the timings it chose by if it measured
-        "int8_layout": {"layout": "column blocks" if pipe.engine.int8_blocks else "plain",
-                        "reason": pipe.engine.int8_layout_reason,
-                        "ms_per_row": {k: round(v * 1e3, 2) for k, v in pipe.engine.int8_layout_seconds.items()}}
+        # the engine's measured choices (a compiled CPU engine's int8 layout, a CPU engine's bfloat16 layout and
+        # float32 kernel): what it chose, how, and the timings it chose by if it measured; None where it chose none
+        "int8_layout": measured_choice("layout", "column blocks" if pipe.engine.int8_blocks else "plain",
+                                       pipe.engine.int8_layout_reason, pipe.engine.int8_layout_seconds)
         if pipe.engine.int8_layout_reason else None,
-        # a CPU engine's layout for its bfloat16 decoding layers, how it chose, and the timings if it measured
-        "bf16_layout": {"layout": pipe.engine.bf16_layout, "reason": pipe.engine.bf16_layout_reason,
-                        "ms_per_row": {k: round(v * 1e3, 2) for k, v in pipe.engine.bf16_layout_seconds.items()}}
-        if pipe.engine.bf16_layout else None,
-        # a CPU engine's kernel for its float32 linears, how it chose, and the timings if it measured
-        "float32_kernel": {"kernel": pipe.engine.float32_kernel, "reason": pipe.engine.float32_kernel_reason,
-                           "ms_per_row": {k: round(v * 1e3, 2) for k, v in pipe.engine.float32_kernel_seconds.items()}}
-        if pipe.engine.float32_kernel else None,
+        "bf16_layout": measured_choice("layout", pipe.engine.bf16_layout, pipe.engine.bf16_layout_reason,
+                                       pipe.engine.bf16_layout_seconds) if pipe.engine.bf16_layout else None,
+        "float32_kernel": measured_choice("kernel", pipe.engine.float32_kernel, pipe.engine.float32_kernel_reason,
+                                          pipe.engine.float32_kernel_seconds) if pipe.engine.float32_kernel else None,
         "layout": "original" if pipe.original else "llava-hf",
         "rules": pipe.original.rules() if pipe.original else {
             "pinpoints": "(height, width), transformers' reading", "unpad": "int(round(x, 7)), transformers'"},

@@ -533,9 +533,7 @@ INT8_BLOCKS_MIN_SPEEDUP = 1.05
 def int8_layout_for_compiled_steps(model: torch.nn.Module) -> tuple[bool, dict[str, float], str | None]:
     """(whether a compiled CPU step should hold the int8 weights in column blocks, the timings that decided it, and
     how it was decided; None for a model without int8 layers that could take blocks)."""
-    if INT8_LAYOUT not in INT8_LAYOUTS:
-        raise LlavaError(f"LLAVA_NEXT_INT8_LAYOUT={INT8_LAYOUT!r} is not one of {', '.join(INT8_LAYOUTS)}: unset it to "
-                         "let compiled engines measure which int8 layout is faster here")
+    check_setting("LLAVA_NEXT_INT8_LAYOUT", INT8_LAYOUT, INT8_LAYOUTS, "int8 layout")
     layers = decoding_int8_layers(model)
     if not layers:
         return False, {}, None
@@ -548,6 +546,14 @@ def int8_layout_for_compiled_steps(model: torch.nn.Module) -> tuple[bool, dict[s
     if INT8_LAYOUT in ("blocks", "plain"):
         return INT8_LAYOUT == "blocks", times, reason
     return bool(times) and times["column blocks"] * INT8_BLOCKS_MIN_SPEEDUP < times["plain"], times, reason
+
+
+def check_setting(variable: str, setting: str, allowed: tuple[str, ...], what: str) -> None:
+    """An environment setting of a measured choice that is not one of `allowed` is refused by name, before any load
+    work depends on it."""
+    if setting not in allowed:
+        raise LlavaError(f"{variable}={setting!r} is not one of {', '.join(allowed)}: unset it to let the engine "
+                         f"measure which {what} is faster here")
 
 
 def layout_timings(setting: str, variable: str, what: str, layers: list[torch.nn.Module], layouts: tuple[str, str],
@@ -611,9 +617,7 @@ def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[s
     """Lays a CPU model's bfloat16 decoding layers (loaded plain) out in the layout they multiply one row fastest
     in; returns (the layout, the timings that decided it, how it was decided), or (None, {}, None) for a model
     without such layers."""
-    if BF16_LAYOUT not in BF16_LAYOUTS:
-        raise LlavaError(f"LLAVA_NEXT_BF16_LAYOUT={BF16_LAYOUT!r} is not one of {', '.join(BF16_LAYOUTS)}: unset it to "
-                         "let the engine measure which bfloat16 layout is faster here")
+    check_setting("LLAVA_NEXT_BF16_LAYOUT", BF16_LAYOUT, BF16_LAYOUTS, "bfloat16 layout")
     layers = decoding_bf16_layers(model)
     if not layers:
         return None, {}, None
@@ -641,9 +645,7 @@ def float32_kernel_for_linears(model: torch.nn.Module) -> tuple[str | None, dict
     """Sets every float32 FastLinear of a CPU model (the vision tower's too) to the kernel that multiplies one row
     through its decoding layers faster; returns ("onednn" or "pytorch", the timings, how it was decided), or
     (None, {}, None) for a model without float32 decoding layers."""
-    if FLOAT32_KERNEL not in FLOAT32_KERNELS:
-        raise LlavaError(f"LLAVA_NEXT_FLOAT32_KERNEL={FLOAT32_KERNEL!r} is not one of {', '.join(FLOAT32_KERNELS)}: "
-                         "unset it to let the engine measure which float32 kernel is faster here")
+    check_setting("LLAVA_NEXT_FLOAT32_KERNEL", FLOAT32_KERNEL, FLOAT32_KERNELS, "float32 kernel")
     linears = float32_fast_linears(model)
     decoding = [layer for name, layer in linears if runs_in_decoding(name)]
     if not decoding:

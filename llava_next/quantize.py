@@ -5,9 +5,10 @@ As gpt-fast's `convert_for_runtime`: `convert_linears(model, mode)` replaces nn.
             nn.Linear goes through MKL there, which reads the weights of a one-token decoding step at about half
             the memory bandwidth on an AMD EPYC; oneDNN reaches it (and is ~1.2x faster on prompt-sized matmuls).
             On other processors MKL's is the faster (an Intel Xeon with AMX): the engine times both
-            (time_float32_kernels). Same weights, same results up to float rounding. In bfloat16 nn.Linear is already oneDNN's, but on a plain weight it
-            reads a decoding step's weights at ~11 GB/s; the weight reordered once into oneDNN's blocked layout
-            reads at ~21 GB/s, with the same results bit for bit (a prompt's matmuls take as long), on an AMD EPYC.
+            (time_float32_kernels). Same weights, same results up to float rounding. In bfloat16 nn.Linear is
+            already oneDNN's, but on a plain weight it reads a decoding step's weights at ~11 GB/s; the weight
+            reordered once into oneDNN's blocked layout reads at ~21 GB/s, with the same results bit for bit (a
+            prompt's matmuls take as long), on an AMD EPYC.
             On an Intel Xeon with AMX oneDNN read the blocked weight at about half the bandwidth and torch.mv the
             plain one at 80-100% of it, so a CPU engine times both for its decoding layers and keeps the faster
             (time_bf16_layouts).
