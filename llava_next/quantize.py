@@ -65,6 +65,11 @@ INT4_KERNEL_ROWS = 128
 # (w8a8's blocked layers take them up to DECODE_ROWS rows, where its weight-only forms end and _int_mm begins.)
 BLOCK_COLUMNS = 16
 BLOCKED_ROWS = 16
+# Compiled CUDA decoding steps of up to this many rows multiply int8 weights as a sum over the inputs
+# (blocked_int8_matmul on blocks of one output), which inductor fuses into one kernel reading each weight byte once per
+# row. F.linear on the weights made 16-bit instead reads them once for any number of rows, but compiled it first writes
+# and reads a 16-bit copy of every weight, 5 bytes a weight in all: the sum moves fewer bytes up to ~4 rows.
+CUDA_SUMMED_ROWS = 4
 QUANTIZE_SLICE_BYTES = 4 * 2**20
 PROMPT_SLICE_BYTES = 16 * 2**20
 
@@ -155,11 +160,12 @@ _library.impl("float_rows", lambda rows: rows.new_empty(rows.shape, dtype=torch.
 
 
 def blocked_int8_matmul(rows: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """rows (M, in) times int8 weights in column blocks, (out / BLOCK_COLUMNS, in, BLOCK_COLUMNS), scaled per output
-    -> (M, out). Written for inductor, which compiles it into one loop that reads each weight once per row and
-    multiplies BLOCK_COLUMNS outputs at a time in vector registers: ~1.7x PyTorch's int8 kernel for one row (which
-    takes the weights row by row) on an AMD EPYC, 0.55-0.7x at 7B widths on an Intel Xeon with AMX
-    (time_int8_layouts).
+    """rows (M, in) times int8 weights in column blocks, (out / C, in, C), scaled per output -> (M, out), summed in
+    float32. Written for inductor, which compiles it into one loop that reads each weight once per row. On a CPU, with
+    C = BLOCK_COLUMNS, the loop multiplies that many outputs at a time in vector registers: ~1.7x PyTorch's int8 kernel
+    for one row (which takes the weights row by row) on an AMD EPYC, 0.55-0.7x at 7B widths on an Intel Xeon with AMX
+    (time_int8_layouts). On CUDA the plain weights are blocks of one output, (out, in, 1): one reduction along each
+    contiguous weight row (CUDA_SUMMED_ROWS).
     Eagerly it would build an (M, out, in) temporary: compiled steps only."""
     x = torch.ops.llava_next.float_rows(rows)
     acc = (x[:, None, :, None] * blocks.float()[None]).sum(2)  # (M, out / BLOCK_COLUMNS, BLOCK_COLUMNS) float32
@@ -378,9 +384,11 @@ class Int8Linear(nn.Module):
                                           lambda first, last: self.dequantized_t(x.dtype, first, last))
         elif not cpu and rows.shape[0] > DECODE_ROWS:
             out = F.linear(rows, self.dequantized(x.dtype))
+        elif x.device.type == "cuda" and rows.shape[0] <= CUDA_SUMMED_ROWS and torch.compiler.is_compiling():
+            out = blocked_int8_matmul(rows, self.weight.unsqueeze(-1), self.scales)  # blocks of one output
         elif x.device.type == "cuda":
-            # PyTorch's CUDA int8pack kernel is a naive one (a thread per output, uncoalesced): this form instead,
-            # which torch.compile fuses into one kernel that reads the int8 weights once (gpt-fast's int8 path)
+            # PyTorch's CUDA int8pack kernel is a naive one (a thread per output, uncoalesced): the weights made
+            # 16-bit instead (a copy each call, eagerly or compiled: inductor gives a matmul its inputs whole)
             out = F.linear(rows, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         else:
             out = torch._weight_int8pack_mm(rows, self.weight, self.scales.to(x.dtype))

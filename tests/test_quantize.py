@@ -3,6 +3,8 @@ checkpoints written once and read back."""
 
 from __future__ import annotations
 
+import math
+import re
 import shutil
 
 import pytest
@@ -395,6 +397,41 @@ def test_a_w8a8_layer_in_column_blocks_multiplies_a_prompt_as_the_plain_layer_do
                 assert torch.equal(blocked(x), plain(x)), (slice_bytes, rows)
         x = torch.randn(1, 256).bfloat16()  # a decoding step's rows: weight-only, as int8's blocks (bfloat16 rounding)
         assert relative_error(blocked(x), F.linear(x.float(), plain.dequantized(torch.float32), base.bias.float())) < 1e-2
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_cuda_int8_steps_read_the_int8_weights_without_a_16_bit_copy():
+    # CUDA's compiled decoding multiplies few rows as a sum over blocks of one output (Int8Linear.forward); its CPU
+    # twin: the same form through inductor, whose fusion decisions do not depend on the device. The form CUDA took
+    # before, F.linear on the weights made 16-bit, is compiled too: its copy of the weights is what is looked for.
+    from torch._inductor.utils import run_and_get_code
+
+    from llava_next.quantize import CUDA_SUMMED_ROWS, blocked_int8_matmul
+
+    layer = Int8Linear.from_linear(linear(256, 96, dtype=torch.bfloat16))
+    norm = nn.RMSNorm(256).to(torch.bfloat16)  # a producer of the rows, as in a decoder
+
+    def summed(x):
+        return blocked_int8_matmul(norm(x), layer.weight.unsqueeze(-1), layer.scales)
+
+    def made_16_bit(x):
+        return F.linear(norm(x), layer.weight.to(x.dtype)) * layer.scales.to(x.dtype)
+
+    def buffer_sizes(code: str) -> list[int]:
+        shapes = re.findall(r"empty_strided_cpu\(\(([0-9, ]*)\)", code)
+        return [math.prod(int(n) for n in shape.split(",") if n.strip()) for shape in shapes]
+
+    with torch.inference_mode():
+        for rows in range(1, CUDA_SUMMED_ROWS + 1):
+            x = torch.randn(rows, 256).bfloat16()
+            torch._dynamo.reset()
+            got, code = run_and_get_code(torch.compile(summed), x)
+            want = F.linear(norm(x).float(), layer.dequantized(torch.float32))
+            assert got.dtype == torch.bfloat16 and relative_error(got, want) < 1e-2
+            assert buffer_sizes("\n".join(code)) and max(buffer_sizes("\n".join(code))) <= rows * 256, rows
+            torch._dynamo.reset()
+            _, code = run_and_get_code(torch.compile(made_16_bit), x)
+            assert 96 * 256 in buffer_sizes("\n".join(code))  # the copy, found where it is made
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
