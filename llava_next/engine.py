@@ -584,11 +584,14 @@ def layout_timings(setting: str, variable: str, what: str, layers: list[torch.nn
             times = measure()
             if set(times) != set(layouts) or not all(map(layout_cache.is_seconds, times.values())):
                 raise ValueError(f"the timing gave {times}, not seconds for each of {', '.join(layouts)}")
+            if setting == "measure" and lock != "locked":
+                # (without the lock, another process may have remembered its timing meanwhile: kept, not overwritten)
+                remembered = layout_cache.recall(key, layouts)
             if remembered is None:
                 measurements = 1
             else:
                 times = {layout: min(times[layout], remembered["seconds"][layout]) for layout in layouts}
-                measurements = remembered["measurements"] + 1
+                measurements = min(remembered["measurements"] + 1, layout_cache.MEASUREMENTS_TO_TRUST)
             layout_cache.remember(key, times, measurements)
     except Exception as e:
         return {}, f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"

@@ -3,6 +3,7 @@ tower, reading weights straight into parameters, and the dtype that `auto` picks
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import shutil
@@ -559,7 +560,7 @@ with layout_cache.measuring():
     print("measuring", flush=True)
     sys.stdin.readline()  # (until the test lets go)
     if sys.argv[1:]:
-        layout_cache.remember(sys.argv[1], {"oneDNN": 2.0, "PyTorch": 1.0}, measurements=2)
+        layout_cache.remember(sys.argv[1], {"oneDNN": 2.0, "PyTorch": 1.0}, measurements=int(sys.argv[2]))
 """
 
 
@@ -616,7 +617,7 @@ def test_processes_that_load_together_measure_one_after_another(tiny, monkeypatc
             raise
 
     monkeypatch.setattr(fcntl, "flock", flock)
-    holder = hold_the_lock(key)
+    holder = hold_the_lock(key, "2")
     loaded, failed = [], []
 
     def load_in_thread():
@@ -660,6 +661,29 @@ def test_processes_that_load_together_measure_one_after_another(tiny, monkeypatc
     assert refused.is_set() and timed == [1] and pipe.engine.float32_kernel == "onednn"
     assert pipe.engine.float32_kernel_reason.startswith(
         "measured by load 1 of the 2 that time it (without waiting longer than 0.2 s for another process")
+    # ... and what that process remembers while this one measures is kept, not overwritten: this load's timing is
+    # merged with it as with any remembered one
+    layout_cache.cache_file().unlink()
+    refused.clear()
+    holder = hold_the_lock(key, "1")
+    measuring = engine_module.time_float32_kernels
+
+    def time_float32_kernels_while_the_holder_remembers(model):
+        let_go(holder)  # (it remembers its timing and ends)
+        return measuring(model)
+
+    monkeypatch.setattr(engine_module, "time_float32_kernels", time_float32_kernels_while_the_holder_remembers)
+    try:
+        pipe = load()
+    finally:
+        if holder.poll() is None:
+            let_go(holder)
+    monkeypatch.setattr(engine_module, "time_float32_kernels", measuring)
+    assert refused.is_set() and timed == [1, 1]
+    assert pipe.engine.float32_kernel_seconds == {"oneDNN": 1.0, "PyTorch": 1.0}
+    assert pipe.engine.float32_kernel_reason.startswith("measured by load 2 of the 2 that time it, each layout's time")
+    assert json.loads(layout_cache.cache_file().read_text())[key] == {
+        "seconds": {"oneDNN": 1.0, "PyTorch": 1.0}, "measurements": 2, "date": datetime.date.today().isoformat()}
     # a timing that does not give seconds for each choice is not remembered, and says what it gave
     monkeypatch.setattr(engine_module, "FLOAT32_KERNEL", "remeasure")
     for wrong in ({"oneDNN": 1.0}, {"oneDNN": 1.0, "PyTorch": float("nan")},
@@ -668,7 +692,7 @@ def test_processes_that_load_together_measure_one_after_another(tiny, monkeypatc
         pipe = load()
         assert pipe.engine.float32_kernel == "pytorch" and pipe.engine.float32_kernel_seconds == {}
         assert pipe.engine.float32_kernel_reason.startswith(f"not measured: ValueError: the timing gave {wrong}")
-    assert json.loads(layout_cache.cache_file().read_text())[key]["seconds"] == {"oneDNN": 1.0, "PyTorch": 3.0}
+    assert json.loads(layout_cache.cache_file().read_text())[key]["seconds"] == {"oneDNN": 1.0, "PyTorch": 1.0}
 
 
 def test_a_cpu_engine_runs_its_float32_linears_through_the_kernel_it_measured_faster(tiny, monkeypatch):
