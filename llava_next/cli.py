@@ -9,38 +9,40 @@ import sys
 from dataclasses import fields
 from typing import Any, Sequence
 
+# Only modules without torch here (~2 s to import): --help and argument errors answer without it. The commands
+# import what they run.
 from .data.synth import generate as synth_generate
 from .data.tokenizer import texts_of, train_tokenizer
-from .engine import SamplingParams
 from .errors import LlavaError
 from .eval.tasks import TASK_MODULES as TASK_NAMES
 from .eval.vqa import evaluate
-from .pipeline import load
-from .quantize import GROUP_SIZES, MODES, QuantizeError, describe
+from .image import DEFAULT_MAX_PIXELS
+from .load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL, GROUP_SIZES, QUANTIZE_MODES
+from .sampling_params import SamplingParams
 
 # Errors that are the user's to fix: one line on stderr, exit code 2, no traceback.
 USER_ERRORS = (LlavaError, FileNotFoundError)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=default_of(load, "model"),
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="checkpoint directory, Hugging Face Hub id, or 'demo' (the bundled demo model; the default)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=default_of(load, "dtype"),
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=DEFAULT_DTYPE,
                    help="weights and activations dtype (default auto: on a GPU the checkpoint's 16-bit dtype; on a "
                         "CPU bfloat16 for 16-bit checkpoints where the CPU has native bfloat16, else float32)")
     p.add_argument("--device", help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
-    p.add_argument("--max-image-pixels", type=int, default=default_of(load, "max_image_pixels"),
-                   help=f"refuse images with more pixels than this (default {default_of(load, 'max_image_pixels')})")
-    p.add_argument("--quantize", choices=list(MODES),
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--quantize", choices=list(QUANTIZE_MODES),
                    help="int8 / int4: weight-only (smaller, faster decoding); w8a8: int8 weights and activations "
                         "(faster prompts on CPUs with VNNI). Default: none")
     p.add_argument("--compile", action="store_true",
                    help="run decoding steps through torch.compile (CUDA graphs on a GPU; on a CPU 1.1-2x faster "
                         "decoding after a compile of 5-40 s, most with --quantize int8; `info --compile` shows the "
                         "int8 layout the engine measured to be faster here)")
-    p.add_argument("--group-size", type=int, default=default_of(load, "group_size"), choices=list(GROUP_SIZES),
-                   help=f"inputs per int4 scale (default {default_of(load, 'group_size')})")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=list(GROUP_SIZES),
+                   help=f"inputs per int4 scale (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--vision-tower", help="original-layout checkpoints: the CLIP tower's directory or Hub id, instead "
                                           "of the one its config names (mm_vision_tower)")
     p.add_argument("--conv-template", help="original-layout checkpoints: the conversation template by name (e.g. "
@@ -72,6 +74,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace):
+    from .pipeline import load
+
     return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
                 max_image_pixels=args.max_image_pixels, progress=sys.stderr.isatty(), quantize=args.quantize,
                 group_size=args.group_size, compile=args.compile, vision_tower=args.vision_tower,
@@ -182,6 +186,8 @@ def measured_choice(kind: str, chosen: str, reason: str, seconds: dict[str, floa
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .quantize import describe
+
     pipe = _load(args)
     cfg = pipe.config
     t, v = cfg.text, cfg.vision
@@ -277,6 +283,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .pipeline import save_quantized
+    from .quantize import QuantizeError, describe
 
     if args.quantize is None:
         raise QuantizeError("say how: --quantize int8, int4 or w8a8")

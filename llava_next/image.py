@@ -15,14 +15,16 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import LlavaError
 from .geometry import anyres_canvas
+
+if TYPE_CHECKING:
+    import torch
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -415,6 +417,10 @@ class ImageProcessor:
     reference's pixels: resizing just the cropped region (Pillow's `box`) rounds differently."""
 
     def __init__(self, cfg: ImageProcessorConfig, max_pixels: int = DEFAULT_MAX_PIXELS):
+        # (torch is imported here, where tensors are made: decoding and its limits, above, serve the command line,
+        # the server's media checks and the evaluations' data without it, which takes ~2 s to import)
+        import torch
+
         self.cfg = cfg
         self.max_pixels = max_pixels
         self._mean = torch.tensor(cfg.image_mean, dtype=torch.float32)[:, None, None]
@@ -462,6 +468,8 @@ class ImageProcessor:
 
     def to_tensor(self, tiles: list[Image.Image]) -> torch.Tensor:
         """uint8 tiles -> (n, 3, H, W) float32, rescaled and normalised exactly as the reference rounds."""
+        import torch
+
         pixels = torch.from_numpy(np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])).permute(0, 3, 1, 2)
         if self.cfg.do_rescale:
             # float64 multiply then float32, as the reference: x * (1/255) in float32 differs in the last bit.
@@ -474,6 +482,8 @@ class ImageProcessor:
 
     def __call__(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         """RGB-converted images -> pixel_values (N, max_tiles, 3, S, S) [anyres] or (N, 3, S, S), image_sizes (N, 2)."""
+        import torch
+
         per_image = [self.to_tensor(self.tiles(im)) for im in images]
         sizes = torch.tensor([[im.height, im.width] for im in images], dtype=torch.long).reshape(-1, 2)
         if not self.cfg.anyres:

@@ -18,11 +18,12 @@ from .config import LlavaConfig, read_config, to_hf_dict
 from .engine import Engine, Generation, SamplingParams, TextStream
 from .errors import LlavaError
 from .image import DEFAULT_MAX_PIXELS, ImageLimits
+from .load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL, QUANTIZE_MODES
 from .model.llava import LlavaModel
 from .original import (OriginalLayout, end_of_turn_ids, is_original_layout, original_processor, read_layout,
                        weight_sources)
 from .processor import Processor
-from .quantize import (MODES, ConvertWhileLoading, QuantizeError, convert_linears, empty_converted, pack_all,
+from .quantize import (ConvertWhileLoading, QuantizeError, convert_linears, empty_converted, pack_all,
                        quantized_state)
 from .prompt import PromptError, normalize_messages
 
@@ -166,9 +167,9 @@ def allocate(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 def build_model(cfg: LlavaConfig, files: list[Path], dtype: torch.dtype, device: torch.device, progress: bool,
                 for_inference: bool = True, rename=map_weight_name, more=(), convert: str | None = None,
-                group_size: int = 128) -> tuple[LlavaModel, dict[str, str]]:
-    """The model filled from the files, its linears converted to `convert`'s form (quantize.MODES or "fast") as
-    they are loaded; returns it and {linear: what it became}."""
+                group_size: int = DEFAULT_GROUP_SIZE) -> tuple[LlavaModel, dict[str, str]]:
+    """The model filled from the files, its linears converted to `convert`'s form (one of QUANTIZE_MODES, or "fast")
+    as they are loaded; returns it and {linear: what it became}."""
     # Built on the meta device and filled from the files: no time spent on random init, no second copy in memory.
     with torch.device("meta"):
         model = LlavaModel(cfg, for_inference=for_inference)
@@ -251,8 +252,8 @@ def write_checkpoint(directory: Path, cfg: LlavaConfig, processor: Processor, st
 
 
 def load(
-    model: str | os.PathLike = "demo",
-    dtype: str | torch.dtype | None = "auto",
+    model: str | os.PathLike = DEFAULT_MODEL,
+    dtype: str | torch.dtype | None = DEFAULT_DTYPE,
     device: str | torch.device | None = None,
     revision: str | None = None,
     chat_template: str | None = None,
@@ -261,7 +262,7 @@ def load(
     image_cache_bytes: int = 256 * 2**20,
     prefix_cache: bool = True,
     quantize: str | None = None,
-    group_size: int = 128,
+    group_size: int = DEFAULT_GROUP_SIZE,
     compile: bool = False,
     trainable: bool = False,
     vision_tower: str | os.PathLike | None = None,
@@ -313,8 +314,8 @@ def load(
                             "vision_tower and conv_template apply to checkpoints of the original LLaVA code only")
         cfg = read_config(directory / "config.json")
     saved_quantization = raw_config.get("quantization")
-    if quantize is not None and quantize not in MODES:
-        raise QuantizeError(f"quantize must be one of {', '.join(MODES)}, not {quantize!r}")
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise QuantizeError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, not {quantize!r}")
     if saved_quantization and quantize not in (None, saved_quantization["mode"]):
         raise QuantizeError(f"{directory} is already quantized ({saved_quantization['mode']}); load it without "
                             f"quantize, or quantize the original checkpoint to {quantize}")

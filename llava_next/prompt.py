@@ -23,7 +23,6 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer as HFTokenizer
 
-from .checkpoint import read_json
 from .errors import LlavaError
 from .sentencepiece_model import SlowDecoder, build_backend, check_slow_supported, read_model
 
@@ -112,6 +111,8 @@ class Tokenizer:
         """tokenizer.json and tokenizer_config.json; a directory with only a sentencepiece tokenizer.model is read
         as an original-layout checkpoint (from_sentencepiece, slow flavour, the added tokens its config.json asks
         for)."""
+        from .checkpoint import read_json  # (here: checkpoint.py imports torch, which the command line's --help avoids)
+
         path = directory / "tokenizer.json"
         if not path.exists():
             if (directory / "tokenizer.model").exists():
@@ -146,6 +147,8 @@ class Tokenizer:
         that the model replaces with image features. encode, encode_batch and encode_literal_text all follow it;
         decode skips that id.
         """
+        from .checkpoint import read_json
+
         config_path = directory / "tokenizer_config.json"
         config = read_json(config_path) if config_path.exists() else {}
         # transformers lets special_tokens_map.json override tokenizer_config.json
@@ -447,6 +450,8 @@ def builtin_template(name: str) -> str:
 
 def find_chat_template(directory: Path, tokenizer: Tokenizer) -> tuple[str | None, str]:
     """The checkpoint's chat template and where it came from, in transformers 5's order of precedence."""
+    from .checkpoint import read_json
+
     processor_config = directory / "processor_config.json"
     if processor_config.exists():
         template = read_json(processor_config).get("chat_template")

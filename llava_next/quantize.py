@@ -44,10 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LlavaError
+from .load_options import DEFAULT_GROUP_SIZE, GROUP_SIZES, QUANTIZE_MODES
 from .memory import release_free_memory
 
-MODES = ("int8", "int4", "w8a8")
-GROUP_SIZES = (32, 64, 128, 256)
 DECODE_ROWS = 8  # up to this many rows, weight-only kernels; above, dequantize and run a float matmul
 # On the CPU the weight-only kernels stay faster than dequantizing a prompt's weights up to more rows than a decoding
 # step has: follow-up turns use them. From `benchmarks/bench_kernels.py --preset mistral-7b --layers 0 --prompt-rows
@@ -521,10 +520,10 @@ def shared_weights(model: nn.Module) -> set[int]:
     return {i for i, n in counts.items() if n > 1}
 
 
-def conversion_plan(model: nn.Module, mode: str, group_size: int = 128) -> dict[str, str]:
+def conversion_plan(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, str]:
     """{module name: what `mode` makes of it} for the model's linear layers, without touching them."""
-    if mode not in MODES + ("fast",):
-        raise QuantizeError(f"quantize must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode not in QUANTIZE_MODES + ("fast",):
+        raise QuantizeError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, not {mode!r}")
     if mode == "int4" and group_size not in GROUP_SIZES:
         raise QuantizeError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size!r}")
     plan = {}
@@ -564,7 +563,7 @@ def convert_linear(model: nn.Module, name: str, kind: str) -> None:
     setattr(parent, attr, new)
 
 
-def convert_linears(model: nn.Module, mode: str, group_size: int = 128) -> dict[str, str]:
+def convert_linears(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, str]:
     """Swap the model's linear layers for `mode`'s runtime form, in place, one at a time (each float weight is
     freed as soon as its replacement exists). Returns {module name: what it became}."""
     plan = conversion_plan(model, mode, group_size)
@@ -580,7 +579,7 @@ class ConvertWhileLoading:
     (pages are committed when written), the peak is then the converted model plus about one layer's float weights,
     instead of the float model plus the conversion's temporaries."""
 
-    def __init__(self, model: nn.Module, mode: str, group_size: int = 128):
+    def __init__(self, model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE):
         self.model = model
         self.plan = conversion_plan(model, mode, group_size)
         owner = {}  # a linear's weight and bias storage -> the linear's name

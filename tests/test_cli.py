@@ -173,3 +173,43 @@ def test_errors_are_one_clear_line(change, message, tiny, picture, capsys, tmp_p
     code, out, err = run_cli(args, capsys)
     assert code == 2
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+HELP_AND_MISTAKES = """
+import contextlib, io, sys
+from llava_next.cli import main
+shown = io.StringIO()
+for argv in (["--help"], ["generate", "--help"], ["chat", "--help"], ["info", "--help"], ["quantize", "--help"],
+             ["eval", "--help"], ["serve", "--help"], ["data", "synth", "--help"],
+             ["generate", "--prompt", "Hi", "--quantize", "int5"], ["info", "--group-size", "100"]):
+    with contextlib.redirect_stdout(shown), contextlib.redirect_stderr(shown), contextlib.suppress(SystemExit):
+        main(argv)
+print(shown.getvalue())
+print("torch imported" if "torch" in sys.modules else "torch not imported")
+"""
+
+
+def test_help_and_mistyped_flags_answer_without_importing_torch():
+    # importing torch takes ~2 s, which --help and a mistyped flag need not wait for (cli.py imports it only to run)
+    result = subprocess.run([sys.executable, "-c", HELP_AND_MISTAKES], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("torch not imported")
+    # ... and it still takes load()'s and SamplingParams' own defaults, shows them, and refuses what load() refuses
+    import inspect
+
+    from llava_next import SamplingParams, load
+    from llava_next.quantize import QuantizeError
+
+    defaults = {name: p.default for name, p in inspect.signature(load).parameters.items()}
+    args = cli.build_parser().parse_args(["generate", "--prompt", "Hi"])
+    assert [args.model, args.dtype, args.max_image_pixels, args.group_size, args.quantize, args.compile] == [
+        defaults[name] for name in ("model", "dtype", "max_image_pixels", "group_size", "quantize", "compile")]
+    shown = " ".join(result.stdout.split())  # (argparse wraps the help's lines)
+    assert f"inputs per int4 scale (default {defaults['group_size']})" in shown
+    assert f"more pixels than this (default {defaults['max_image_pixels']})" in shown
+    assert f"--max-new-tokens MAX_NEW_TOKENS default: the checkpoint's generation_config, else " \
+           f"{SamplingParams().max_new_tokens}" in shown
+    assert "argument --quantize: invalid choice: 'int5'" in shown
+    with pytest.raises(QuantizeError, match="quantize must be one of int8, int4, w8a8, not 'int5'"):
+        load("demo", quantize="int5")
+    assert "argument --group-size: invalid choice: 100 (choose from 32, 64, 128, 256)" in shown

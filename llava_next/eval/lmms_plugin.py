@@ -38,6 +38,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
+from ..load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from ..pipeline import Pipeline, load
 
 MODEL_ID = "llava_next_pkg"
@@ -145,8 +146,8 @@ class LlavaNextLmms(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str = "demo", dtype: str = "auto", device: str | None = None,
-                 quantize: str | None = None, group_size: int = 128, batch_size: int | str = 1,
+    def __init__(self, pretrained: str = DEFAULT_MODEL, dtype: str = DEFAULT_DTYPE, device: str | None = None,
+                 quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE, batch_size: int | str = 1,
                  max_batch_size: int | None = None, pipeline: Pipeline | None = None, **unknown: Any) -> None:
         super().__init__()
         if unknown:

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..engine import MAX_LOGPROBS
+from ..sampling_params import MAX_LOGPROBS
 
 MAX_CHOICES = 8
 

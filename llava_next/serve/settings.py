@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..image import DEFAULT_MAX_PIXELS
+from ..load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 
 
 @dataclass
 class ServeSettings:
     """Everything `llava-next serve` can be told; the CLI's defaults are these."""
 
-    model: str = "demo"
+    model: str = DEFAULT_MODEL
     served_name: str | None = None  # the model id clients send and /v1/models lists (default: from `model`)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -30,11 +31,11 @@ class ServeSettings:
     fetch_timeout: float = 10.0
     log_prompts: bool = False
     # loading, as load() takes them
-    dtype: str = "auto"
+    dtype: str = DEFAULT_DTYPE
     device: str | None = None
     revision: str | None = None
     quantize: str | None = None
-    group_size: int = 128
+    group_size: int = DEFAULT_GROUP_SIZE
     compile: bool = False
     vision_tower: str | None = None  # original-layout checkpoints only
     conv_template: str | None = None
