@@ -213,3 +213,7 @@ def test_help_and_mistyped_flags_answer_without_importing_torch():
     with pytest.raises(QuantizeError, match="quantize must be one of int8, int4, w8a8, not 'int5'"):
         load("demo", quantize="int5")
     assert "argument --group-size: invalid choice: 100 (choose from 32, 64, 128, 256)" in shown
+    # `python -m llava_next` is the same command
+    module = subprocess.run([sys.executable, "-m", "llava_next", "info", "--group-size", "100"], capture_output=True,
+                            text=True, timeout=300)
+    assert module.returncode == 2 and "argument --group-size: invalid choice: 100" in module.stderr
