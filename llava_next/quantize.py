@@ -13,8 +13,9 @@ As gpt-fast's `convert_for_runtime`: `convert_linears(model, mode)` replaces nn.
             plain one at 80-100% of it, so a CPU engine times both for its decoding layers and keeps the faster
             (time_bf16_layouts).
   int8      weight-only int8, one symmetric scale per output channel. A decoding step (few rows) runs
-            `torch._weight_int8pack_mm` on the int8 weights on the CPU, and on CUDA a matmul on the weights
-            converted in the same expression (fused into one kernel under `compile=True`); a prompt (many rows,
+            `torch._weight_int8pack_mm` on the int8 weights on the CPU; on CUDA a compiled step of up to
+            CUDA_SUMMED_ROWS rows a float32 sum over the int8 weight rows (summed_int8_matmul, one kernel), and
+            anything else a matmul on the weights converted to 16 bits (a copy); a prompt (many rows,
             where those are slow) runs a float matmul on the weights dequantized one layer at a time. Compiled
             CPU steps may hold the weights in column blocks instead (`block_int8_columns`): inductor's loop over
             them reads a one-row step's weights ~1.7x faster than PyTorch's kernel on some processors (an AMD
@@ -167,8 +168,14 @@ def blocked_int8_matmul(rows: torch.Tensor, blocks: torch.Tensor, scales: torch.
     contiguous weight row (CUDA_SUMMED_ROWS).
     Eagerly it would build an (M, out, in) temporary: compiled steps only."""
     x = torch.ops.llava_next.float_rows(rows)
-    acc = (x[:, None, :, None] * blocks.float()[None]).sum(2)  # (M, out / BLOCK_COLUMNS, BLOCK_COLUMNS) float32
+    acc = (x[:, None, :, None] * blocks.float()[None]).sum(2)  # (M, out / C, C) float32
     return (acc.view(rows.shape[0], -1) * scales.float()).to(rows.dtype)
+
+
+def summed_int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """rows (M, in) times plain int8 weights (out, in), scaled per output -> (M, out): blocked_int8_matmul on blocks
+    of one output, the form of compiled CUDA steps (CUDA_SUMMED_ROWS). Compiled steps only."""
+    return blocked_int8_matmul(rows, weight.unsqueeze(-1), scales)
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -384,7 +391,7 @@ class Int8Linear(nn.Module):
         elif not cpu and rows.shape[0] > DECODE_ROWS:
             out = F.linear(rows, self.dequantized(x.dtype))
         elif x.device.type == "cuda" and rows.shape[0] <= CUDA_SUMMED_ROWS and torch.compiler.is_compiling():
-            out = blocked_int8_matmul(rows, self.weight.unsqueeze(-1), self.scales)  # blocks of one output
+            out = summed_int8_matmul(rows, self.weight, self.scales)
         elif x.device.type == "cuda":
             # PyTorch's CUDA int8pack kernel is a naive one (a thread per output, uncoalesced): the weights made
             # 16-bit instead (a copy each call, eagerly or compiled: inductor gives a matmul its inputs whole)

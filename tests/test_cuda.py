@@ -56,6 +56,28 @@ def test_quantized_linears_on_cuda_equal_their_dequantized_weights(rows):
         assert relative_error(w8a8(x), base(x)) < 0.05
 
 
+def test_a_compiled_cuda_int8_layer_sums_over_its_int8_weights_up_to_its_rows():
+    # Int8Linear.forward's compiled CUDA route (quantize.CUDA_SUMMED_ROWS): right values, and no (out, in) 16-bit
+    # copy of the weights in the generated code up to that many rows; beyond, the copy (F.linear) as before
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from llava_next.quantize import CUDA_SUMMED_ROWS
+
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(512, 256).to(torch.bfloat16).cuda())
+    with torch.inference_mode():
+        for rows in (1, CUDA_SUMMED_ROWS, CUDA_SUMMED_ROWS + 1):
+            x = torch.randn(rows, 512, dtype=torch.bfloat16, device="cuda")
+            torch._dynamo.reset()
+            got, code = run_and_get_code(torch.compile(layer), x)
+            expected = F.linear(x.float(), layer.dequantized(torch.float32), layer.bias.float())
+            assert relative_error(got, expected) < 1e-2, rows
+            copies = re.findall(r"empty_strided_cuda\(\(256, 512\)", "\n".join(code))
+            assert bool(copies) == (rows > CUDA_SUMMED_ROWS), rows
+
+
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_compiled_cuda_graph_decoding_gives_the_eager_tokens(tiny, quantize):
     # float32 so that eager and compiled agree to the token; twice, so the second request replays in the KV space

@@ -399,20 +399,21 @@ def test_a_w8a8_layer_in_column_blocks_multiplies_a_prompt_as_the_plain_layer_do
         assert relative_error(blocked(x), F.linear(x.float(), plain.dequantized(torch.float32), base.bias.float())) < 1e-2
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_cuda_int8_steps_read_the_int8_weights_without_a_16_bit_copy():
     # CUDA's compiled decoding multiplies few rows as a sum over blocks of one output (Int8Linear.forward); its CPU
     # twin: the same form through inductor, whose fusion decisions do not depend on the device. The form CUDA took
     # before, F.linear on the weights made 16-bit, is compiled too: its copy of the weights is what is looked for.
     from torch._inductor.utils import run_and_get_code
 
-    from llava_next.quantize import CUDA_SUMMED_ROWS, blocked_int8_matmul
+    from llava_next.quantize import CUDA_SUMMED_ROWS, summed_int8_matmul
 
     layer = Int8Linear.from_linear(linear(256, 96, dtype=torch.bfloat16))
     norm = nn.RMSNorm(256).to(torch.bfloat16)  # a producer of the rows, as in a decoder
 
     def summed(x):
-        return blocked_int8_matmul(norm(x), layer.weight.unsqueeze(-1), layer.scales)
+        return summed_int8_matmul(norm(x), layer.weight, layer.scales)
 
     def made_16_bit(x):
         return F.linear(norm(x), layer.weight.to(x.dtype)) * layer.scales.to(x.dtype)
