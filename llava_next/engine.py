@@ -30,10 +30,10 @@ from .memory import keep_freed_memory, release_free_memory
 from .model.decoder import KVCache, whole_key_blocks
 from .model.llava import ImageTokenMismatch, LlavaModel
 from .prompt import IncrementalDetokenizer, Tokenizer
-from .sampling_params import GenerationError, SamplingParams
 from .quantize import (block_int8_columns, decoding_bf16_layers, decoding_int8_layers, float32_fast_linears,
                        lay_out_bf16_weights, runs_in_decoding, time_bf16_layouts, time_float32_kernels,
                        time_int8_layouts)
+from .sampling_params import GenerationError, SamplingParams
 
 
 # Temperatures this small are greedy: dividing float32 logits by them would overflow to infinity.
