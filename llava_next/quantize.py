@@ -66,8 +66,7 @@ INT4_KERNEL_ROWS = 128
 BLOCK_COLUMNS = 16
 BLOCKED_ROWS = 16
 # Compiled CUDA decoding steps of up to this many rows multiply int8 weights as a sum over the inputs
-# (blocked_int8_matmul on blocks of one output), which inductor fuses into one kernel reading each weight byte once per
-# row. F.linear on the weights made 16-bit instead reads them once for any number of rows, but compiled it first writes
+# (summed_int8_matmul), which inductor fuses into one kernel reading each weight byte once per row. F.linear on the weights made 16-bit instead reads them once for any number of rows, but compiled it first writes
 # and reads a 16-bit copy of every weight, 5 bytes a weight in all: the sum moves fewer bytes up to ~4 rows.
 CUDA_SUMMED_ROWS = 4
 QUANTIZE_SLICE_BYTES = 4 * 2**20

@@ -429,7 +429,8 @@ def test_compiled_cuda_int8_steps_read_the_int8_weights_without_a_16_bit_copy():
             got, code = run_and_get_code(torch.compile(summed), x)
             want = F.linear(norm(x).float(), layer.dequantized(torch.float32))
             assert got.dtype == torch.bfloat16 and relative_error(got, want) < 1e-2
-            assert buffer_sizes("\n".join(code)) and max(buffer_sizes("\n".join(code))) <= rows * 256, rows
+            sizes = buffer_sizes("\n".join(code))
+            assert sizes and max(sizes) <= rows * 256, rows
             torch._dynamo.reset()
             _, code = run_and_get_code(torch.compile(made_16_bit), x)
             assert 96 * 256 in buffer_sizes("\n".join(code))  # the copy, found where it is made
