@@ -5,6 +5,9 @@
 #   env.txt       the machine
 #   tests.txt     tests/test_cuda.py
 #   profile.txt   where the first token's time goes, ours by stage and transformers (medium preset)
+#   int8_step.txt bench_int8_step.py: compiled int8 steps at 1-8 rows, the sum over int8 weight rows against a
+#                 16-bit copy (what sets quantize.CUDA_SUMMED_ROWS); INT8_STEP_ARGS=--coordinate-descent adds both
+#                 compiled with coordinate descent tuning
 #   bench.txt     bench_generate.py on $PRESET (default the real-scale mistral-7b): ours eager and compiled with
 #                 CUDA graphs, transformers with sdpa; the rest of the $TOTAL_S seconds
 #
@@ -30,6 +33,12 @@ timeout "${PROFILE_S:-90}" python3 benchmarks/profile_first_token.py --device "$
     --dtype bfloat16 --top 15 > "$OUT/profile.txt" 2>&1
 echo "exit $?" >> "$OUT/profile.txt"
 grep -v "^USDT" "$OUT/profile.txt" | grep -E "first token|stage|kernel launches|Synchron|Memcpy|exit"
+echo "== int8 step ($SECONDS s)"
+timeout "${INT8_STEP_S:-120}" python3 benchmarks/bench_int8_step.py --device "$DEVICE" \
+    --preset "${INT8_STEP_PRESET:-mistral-7b}" --layers "${INT8_STEP_LAYERS:-4}" ${INT8_STEP_ARGS:-} \
+    > "$OUT/int8_step.txt" 2>&1
+echo "exit $?" >> "$OUT/int8_step.txt"
+grep -v "^{" "$OUT/int8_step.txt" | tail -10
 echo "== bench ($SECONDS s)"
 left=$(( ${TOTAL_S:-560} - SECONDS ))
 [ "$left" -gt 30 ] || { echo "no time left for the benchmark"; exit 1; }
