@@ -4,8 +4,9 @@ A compiled CUDA step multiplies its rows by the int8 weights in one of two forms
 
   summed       summed_int8_matmul: a float32 sum along each int8 weight row, which inductor fuses with the int8
                conversion; it reads every weight byte once per row (CUDA_SUMMED_ROWS rows or fewer)
-  16-bit copy  F.linear on the weights converted to the rows' dtype, times the scales: compiled, inductor writes the
-               16-bit copy and the matmul reads it back, 5 bytes moved per weight whatever the rows (more rows)
+  16-bit copy  copied_int8_matmul: F.linear on the weights converted to the rows' dtype, scaled; compiled, inductor
+               writes the 16-bit copy and the matmul reads it back, 5 bytes moved per weight whatever the rows (more
+               rows)
 
 The bound of 4 rows was reasoned from those bytes, not measured. This times both forms, compiled as the engine
 compiles a step (dynamic shapes; CUDA graphs on a GPU), over a preset's decoder matrices and lm_head (random int8
@@ -22,23 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_generate import memory_bandwidth_gb_s  # noqa: E402
-from bench_kernels import decoder_shapes  # noqa: E402
-
-
-def copy_form(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Int8Linear's CUDA form above CUDA_SUMMED_ROWS rows."""
-    return F.linear(rows, weight.to(rows.dtype)) * scales.to(rows.dtype)
+from bench_kernels import decoder_shapes, median_seconds  # noqa: E402
 
 
 def compiled_step(form, weights: list[tuple[torch.Tensor, torch.Tensor]], device: str, coordinate_descent: bool):
@@ -53,19 +46,6 @@ def compiled_step(form, weights: list[tuple[torch.Tensor, torch.Tensor]], device
     return torch.compile(step, dynamic=True, options=options)
 
 
-def median_ms(fn, device: str, repeats: int) -> float:
-    def timed() -> float:
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for _ in range(3):
-        timed()
-    return statistics.median(timed() for _ in range(repeats)) * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -76,7 +56,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--coordinate-descent", action="store_true")
     args = parser.parse_args()
-    from llava_next.quantize import summed_int8_matmul
+    from llava_next.quantize import copied_int8_matmul, summed_int8_matmul
 
     dtype = getattr(torch, args.dtype)
     layer, head, _ = decoder_shapes(args.preset)
@@ -88,13 +68,19 @@ def main() -> None:
     bandwidth = memory_bandwidth_gb_s(args.device)
     print(f"{args.preset}: {args.layers} layers + lm_head, {int8_bytes / 2**20:.0f} MiB of int8 weights, "
           f"{args.dtype} rows on {args.device}; memory read bandwidth {bandwidth:.0f} GB/s")
-    forms = {"summed": summed_int8_matmul, "16-bit copy": copy_form}
+    forms = {"summed": summed_int8_matmul, "16-bit copy": copied_int8_matmul}
     steps = {name: compiled_step(form, weights, args.device, False) for name, form in forms.items()}
     if args.coordinate_descent:
         steps |= {f"{name}, coordinate descent": compiled_step(form, weights, args.device, True)
                   for name, form in forms.items()}
     results = {}
     widths = {k for _, k in matrices}
+
+    def finished(outputs):  # timed to the GPU's end of the work, not its launch
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return outputs
+
     with torch.inference_mode():
         for count in [int(r) for r in args.rows.split(",")]:
             rows = {k: torch.randn(count, k, generator=generator).to(dtype).to(args.device) for k in widths}
@@ -104,7 +90,7 @@ def main() -> None:
                 outputs = step(rows)[:4]
                 for out, want in zip(outputs, expected):  # a wrong form is not timed
                     torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
-                ms = median_ms(lambda: step(rows), args.device, args.repeats)
+                ms = median_seconds(lambda: finished(step(rows)), args.repeats) * 1e3
                 results[count][name] = {"ms": ms, "gb_s": int8_bytes / ms / 1e6}
             print(f"  {count:2d} rows  " + "  ".join(f"{name} {r['ms']:7.3f} ms ({r['gb_s']:5.0f} GB/s)"
                                                     for name, r in results[count].items()), flush=True)

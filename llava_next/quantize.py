@@ -177,6 +177,13 @@ def summed_int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.T
     return blocked_int8_matmul(rows, weight.unsqueeze(-1), scales)
 
 
+def copied_int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """rows (M, in) times plain int8 weights (out, in) converted to the rows' dtype, scaled per output -> (M, out):
+    CUDA's form beyond CUDA_SUMMED_ROWS rows and eagerly. The conversion is a 16-bit copy of the weights each call,
+    eagerly or compiled (inductor gives a matmul its inputs whole)."""
+    return F.linear(rows, weight.to(rows.dtype)) * scales.to(rows.dtype)
+
+
 def can_pack(weight: torch.Tensor) -> bool:
     """Whether FastLinear can hold `weight` reordered: bfloat16 on a CPU whose oneDNN runs bfloat16 natively."""
     return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
@@ -393,8 +400,8 @@ class Int8Linear(nn.Module):
             out = summed_int8_matmul(rows, self.weight, self.scales)
         elif x.device.type == "cuda":
             # PyTorch's CUDA int8pack kernel is a naive one (a thread per output, uncoalesced): the weights made
-            # 16-bit instead (a copy each call, eagerly or compiled: inductor gives a matmul its inputs whole)
-            out = F.linear(rows, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+            # 16-bit instead
+            out = copied_int8_matmul(rows, self.weight, self.scales)
         else:
             out = torch._weight_int8pack_mm(rows, self.weight, self.scales.to(x.dtype))
         if self.bias is not None:

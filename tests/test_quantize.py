@@ -407,7 +407,7 @@ def test_compiled_cuda_int8_steps_read_the_int8_weights_without_a_16_bit_copy():
     # before, F.linear on the weights made 16-bit, is compiled too: its copy of the weights is what is looked for.
     from torch._inductor.utils import run_and_get_code
 
-    from llava_next.quantize import CUDA_SUMMED_ROWS, summed_int8_matmul
+    from llava_next.quantize import CUDA_SUMMED_ROWS, copied_int8_matmul, summed_int8_matmul
 
     layer = Int8Linear.from_linear(linear(256, 96, dtype=torch.bfloat16))
     norm = nn.RMSNorm(256).to(torch.bfloat16)  # a producer of the rows, as in a decoder
@@ -416,7 +416,7 @@ def test_compiled_cuda_int8_steps_read_the_int8_weights_without_a_16_bit_copy():
         return summed_int8_matmul(norm(x), layer.weight, layer.scales)
 
     def made_16_bit(x):
-        return F.linear(norm(x), layer.weight.to(x.dtype)) * layer.scales.to(x.dtype)
+        return copied_int8_matmul(norm(x), layer.weight, layer.scales)
 
     def buffer_sizes(code: str) -> list[int]:
         shapes = re.findall(r"empty_strided_cpu\(\(([0-9, ]*)\)", code)
