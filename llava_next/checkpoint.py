@@ -53,6 +53,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; point at the checkpoint's directory (the one with config.json)")
         if not (path / "config.json").exists():
+            if (path / "train_log.jsonl").exists():  # a training run's output, written when the run finishes
+                raise CheckpointError(f"{path} is a training run that has not finished (no config.json yet): finish "
+                                      "it (llava-next train ... --resume latest) before using its model")
             raise CheckpointError(f"{path} has no config.json: it is not a checkpoint directory")
         return path
     name = str(name_or_path)
@@ -179,6 +182,20 @@ def checkpoint_weight_name(name: str) -> str:
     if name.startswith("lm_head."):
         return "language_model." + name
     return name
+
+
+def new_checkpoint_directory(out: str | os.PathLike, source: Path | None = None, flag: str = "--out") -> Path:
+    """`out` as a directory to write a checkpoint into: absent or empty, so that writing it replaces nothing a
+    user has (a file, another checkpoint's weights, the checkpoint being read: `source`)."""
+    directory = Path(out)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{flag} {out} is a file; give a directory to write the checkpoint into")
+    if source is not None and directory.exists() and directory.resolve() == Path(source).resolve():
+        raise CheckpointError(f"{flag} {out} is the checkpoint being read; give another directory")
+    if directory.is_dir() and any(directory.iterdir()):
+        raise CheckpointError(f"{flag} {out} already holds files; give a new or empty directory (nothing in it "
+                              "is replaced)")
+    return directory
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], directory: Path, tied: bool,

@@ -24,6 +24,28 @@ from .sampling_params import SamplingParams
 USER_ERRORS = (LlavaError, FileNotFoundError)
 
 
+def whole_number(low: int, high: int | None = None):
+    """An argparse type: an integer from `low` (to `high`), so that a count like --n -3 is refused by its flag's name
+    before anything runs."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {f'from {low} to {high}' if high is not None else f'at least {low}'}"
+                                             f", got {value}")
+        return value
+
+    parse.__name__ = "whole number"  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE = whole_number(1)
+NON_NEGATIVE = whole_number(0)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="checkpoint directory, Hugging Face Hub id, or 'demo' (the bundled demo model; the default)")
@@ -32,7 +54,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "CPU bfloat16 for 16-bit checkpoints where the CPU has native bfloat16, else float32)")
     p.add_argument("--device", help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-image-pixels", type=POSITIVE, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--quantize", choices=list(QUANTIZE_MODES),
                    help="int8 / int4: weight-only (smaller, faster decoding); w8a8: int8 weights and activations "
@@ -59,9 +81,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     # Not given: the checkpoint's generation_config.json decides, then SamplingParams' defaults (shown here).
     d = SamplingParams()
     then = "default: the checkpoint's generation_config, else"
-    p.add_argument("--max-new-tokens", type=int, help=f"{then} {d.max_new_tokens}")
+    p.add_argument("--max-new-tokens", type=POSITIVE, help=f"{then} {d.max_new_tokens}")
     p.add_argument("--temperature", type=float, help=f"0 is greedy ({then} {d.temperature})")
-    p.add_argument("--top-k", type=int, help=f"0 is no limit ({then} {d.top_k})")
+    p.add_argument("--top-k", type=NON_NEGATIVE, help=f"0 is no limit ({then} {d.top_k})")
     p.add_argument("--top-p", type=float, help=f"{then} {d.top_p}")
     p.add_argument("--repetition-penalty", type=float, help=f"1 is off ({then} {d.repetition_penalty})")
     p.add_argument("--seed", type=int, help="for reproducible sampling")
@@ -69,8 +91,18 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling options given on the command line (the rest come from the checkpoint or the defaults)."""
-    return {f.name: getattr(args, f.name) for f in fields(SamplingParams) if getattr(args, f.name, None) is not None}
+    """The sampling options given on the command line (the rest come from the checkpoint or the defaults), checked
+    before the model loads; a bad one is named by its flag."""
+    from .sampling_params import GenerationError
+
+    given = {f.name: getattr(args, f.name) for f in fields(SamplingParams) if getattr(args, f.name, None) is not None}
+    try:
+        SamplingParams(**given).validate()
+    except GenerationError as e:
+        if e.param is None:
+            raise
+        raise GenerationError(f"--{e.param.replace('_', '-')}: {e}", param=e.param) from None
+    return given
 
 
 def _load(args: argparse.Namespace):
@@ -91,6 +123,7 @@ def user_message(text: str, n_images: int) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
     pipe = _load(args)
     images = list(args.image)
     if args.raw_prompt:
@@ -99,14 +132,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
             [user_message(args.prompt, len(images))]
     if args.json:
-        result = pipe.generate(prompt, images, **_sampling(args))
+        result = pipe.generate(prompt, images, **sampling)
         print(json.dumps({
             "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
             "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "model": str(args.model),
         }, ensure_ascii=False))
         return 0
-    stream = pipe.stream(prompt, images, **_sampling(args))
+    stream = pipe.stream(prompt, images, **sampling)
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -125,6 +158,7 @@ CHAT_HELP = """Type a message and press enter. Commands:
 def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
+    sampling = _sampling(args)
     pipe = _load(args)
     interactive = stdin.isatty()
     messages: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
@@ -162,7 +196,7 @@ def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
             continue
         turn = user_message(line, len(pending))
         try:
-            stream = pipe.stream(messages + [turn], images + pending, **_sampling(args))
+            stream = pipe.stream(messages + [turn], images + pending, **sampling)
             if interactive:
                 stdout.write("assistant> ")
             for piece in stream:
@@ -270,8 +304,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import new_checkpoint_directory
     from .convert import convert
 
+    new_checkpoint_directory(args.out)  # before the model loads: a bad --out costs nothing
     directory, changes = convert(args.model, args.out, vision_tower=args.vision_tower, conv_template=args.conv_template)
     print(f"wrote {directory} (llava-hf layout: transformers' LlavaForConditionalGeneration / "
           "LlavaNextForConditionalGeneration and llava-next load it)")
@@ -282,11 +318,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .checkpoint import new_checkpoint_directory
     from .pipeline import save_quantized
     from .quantize import QuantizeError, describe
 
     if args.quantize is None:
         raise QuantizeError("say how: --quantize int8, int4 or w8a8")
+    new_checkpoint_directory(args.out)  # before the model loads: a bad --out costs nothing
     pipe = _load(args)
     out = save_quantized(pipe, args.out)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -364,7 +402,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .serve.app import ServeSettings, parse_bytes, serve  # noqa: F811
     except ImportError as e:
-        raise LlavaError(f"the server needs the serve extra ({e.name} is missing): pip install 'llava-next[serve]'") from None
+        raise LlavaError(f"the server needs the serve extra ({e.name} is missing): in the checkout, "
+                         "pip install -e '.[serve]'") from None
     try:
         kv_memory = parse_bytes(args.kv_memory) if args.kv_memory else None
     except ValueError as e:
@@ -392,21 +431,21 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--served-model-name", help="the model id clients send (default: the --model directory's name)")
     p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host}: this machine only)")
-    p.add_argument("--port", type=int, default=d.port, help=f"(default {d.port})")
+    p.add_argument("--port", type=whole_number(0, 65535), default=d.port, help=f"(default {d.port})")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes (or set LLAVA_NEXT_API_KEY, "
                                      "which keeps the key out of the process list)")
-    p.add_argument("--max-concurrent", type=int, help="sequences generated at once (default: 8 on CPU, 32 on GPU, "
+    p.add_argument("--max-concurrent", type=POSITIVE, help="sequences generated at once (default: 8 on CPU, 32 on GPU, "
                                                       "fewer when the KV memory is short)")
     p.add_argument("--kv-memory", help="KV cache memory, e.g. 4GiB (default: a quarter of free memory on CPU, half "
                                        "of free GPU memory)")
-    p.add_argument("--max-queue", type=int, default=d.max_queue,
+    p.add_argument("--max-queue", type=NON_NEGATIVE, default=d.max_queue,
                    help=f"requests waiting beyond the running ones before answering 429 (default {d.max_queue})")
-    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
+    p.add_argument("--prefill-chunk", type=POSITIVE, default=d.prefill_chunk,
                    help=f"prompt tokens per step while other answers stream (default {d.prefill_chunk})")
-    p.add_argument("--max-images", type=int, default=d.max_images, help=f"per request (default {d.max_images})")
-    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes,
+    p.add_argument("--max-images", type=NON_NEGATIVE, default=d.max_images, help=f"per request (default {d.max_images})")
+    p.add_argument("--max-image-bytes", type=POSITIVE, default=d.max_image_bytes,
                    help=f"encoded bytes per image (default {d.max_image_bytes})")
-    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+    p.add_argument("--max-body-bytes", type=POSITIVE, default=d.max_body_bytes,
                    help=f"request body size (default {d.max_body_bytes})")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (public addresses only; off by default)")
@@ -466,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set train.lr.projector=1e-3 (repeatable)")
     t.add_argument("--output-dir", dest="output_dir", help="= --set train.output_dir=...")
-    t.add_argument("--max-steps", dest="max_steps", type=int, help="= --set train.max_steps=...")
+    t.add_argument("--max-steps", dest="max_steps", type=POSITIVE, help="= --set train.max_steps=...")
     t.add_argument("--data", help="= --set data.path=...")
     t.add_argument("--model", help="= --set model.path=... (a LLaVA checkpoint to continue from)")
     t.add_argument("--resume", help="'latest' (the newest checkpoint of the run) or a checkpoint directory")
@@ -476,15 +515,15 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="synthetic coloured-shapes images with captions and questions")
     s.add_argument("--out", required=True)
-    s.add_argument("--n", type=int, required=True, help="number of images")
+    s.add_argument("--n", type=POSITIVE, required=True, help="number of images")
     s.add_argument("--seed", type=int, default=0)
     turns = default_of(synth_generate, "turns")
-    s.add_argument("--turns", type=int, default=turns, help=f"questions per image in qa.json (default {turns})")
+    s.add_argument("--turns", type=POSITIVE, default=turns, help=f"questions per image in qa.json (default {turns})")
     s.set_defaults(run=cmd_data_synth)
     k = dsub.add_parser("tokenizer", help="train a small BPE tokenizer on LLaVA-format data")
     k.add_argument("--data", nargs="+", required=True, help="LLaVA-format files")
     k.add_argument("--out", required=True)
-    k.add_argument("--vocab-size", type=int, default=default_of(train_tokenizer, "vocab_size"))
+    k.add_argument("--vocab-size", type=POSITIVE, default=default_of(train_tokenizer, "vocab_size"))
     k.add_argument("--template", help="a built-in chat template whose markers the tokenizer should learn")
     k.set_defaults(run=cmd_data_tokenizer)
 
@@ -497,9 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="with --task: write results.json and predictions.jsonl here (and resume from "
                                     "them)")
     e.add_argument("--image-folder", help="image paths are relative to this (default: the data file's folder)")
-    e.add_argument("--limit", type=int, help="only the first N questions")
-    e.add_argument("--batch-size", type=int, default=default_of(evaluate, "batch_size"))
-    e.add_argument("--max-new-tokens", type=int, default=default_of(evaluate, "max_new_tokens"))
+    e.add_argument("--limit", type=POSITIVE, help="only the first N questions")
+    e.add_argument("--batch-size", type=POSITIVE, default=default_of(evaluate, "batch_size"))
+    e.add_argument("--max-new-tokens", type=POSITIVE, default=default_of(evaluate, "max_new_tokens"))
     e.add_argument("--predictions", help="write every prediction to this JSON-lines file")
     e.add_argument("--json", action="store_true")
     e.set_defaults(run=cmd_eval)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken
 
+from .checkpoint import new_checkpoint_directory
 from .errors import LlavaError
 from .pipeline import load, write_checkpoint
 from .processor import Processor
@@ -74,7 +75,7 @@ def convert(model: str | os.PathLike, out: str | os.PathLike, vision_tower: str 
     tokenizer = Tokenizer(backend, {**tokenizer_config, "tokenizer_class": "PreTrainedTokenizerFast"})
     processor = Processor(tokenizer, pipe.processor.image_processor, pipe.processor.chat_template, new)
 
-    directory = Path(out)
+    directory = new_checkpoint_directory(out, pipe.directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_checkpoint(directory, new, processor, state, pipe.engine.eos_token_ids)
     return directory, changes

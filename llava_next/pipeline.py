@@ -12,8 +12,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .adapter import is_adapter, merge_adapter, read_adapter_config
-from .checkpoint import (CheckpointError, load_weights, map_weight_name, read_json, read_safetensors_index,
-                         resolve_checkpoint, save_weights, weight_files)
+from .checkpoint import (CheckpointError, load_weights, map_weight_name, new_checkpoint_directory, read_json,
+                         read_safetensors_index, resolve_checkpoint, save_weights, weight_files)
 from .config import LlavaConfig, read_config, to_hf_dict
 from .engine import Engine, Generation, SamplingParams, TextStream
 from .errors import LlavaError
@@ -220,10 +220,8 @@ def save_quantized(pipe: "Pipeline", directory: str | os.PathLike) -> Path:
         raise QuantizeError(f"{pipe.directory} is a checkpoint of the original LLaVA code: quantize it at load "
                             "(--quantize), or write it in the llava-hf layout first (llava-next convert) and "
                             "quantize that")
-    directory = Path(directory)
+    directory = new_checkpoint_directory(directory, pipe.directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in list(directory.glob("*.safetensors")) + list(directory.glob("model.safetensors.index.json")):
-        stale.unlink()
     config = read_json(pipe.directory / "config.json")
     config["quantization"] = pipe.quantization
     (directory / "config.json").write_text(json.dumps(config, indent=2))
@@ -395,7 +393,9 @@ class Pipeline:
             if slot is None:
                 slot = next(separate, None)
                 if slot is None:
-                    raise PromptError(f"the messages have {len(slots)} image items but fewer images were given")
+                    wanted = sum(1 for s in slots if s is None)
+                    raise PromptError(f"the messages have {wanted} image item{'s' if wanted != 1 else ''} without an "
+                                      f"image of their own but {len(images)} image(s) were given; give one per item")
             filled.append(slot)
         left = sum(1 for _ in separate)
         if left:

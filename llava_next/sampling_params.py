@@ -13,7 +13,12 @@ MAX_LOGPROBS = 20
 
 
 class GenerationError(LlavaError, ValueError):
-    """Generation settings that cannot work."""
+    """Generation settings that cannot work. `param`: the SamplingParams field at fault, where one is (the command
+    line names its flag, the server its request field)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -34,27 +39,29 @@ class SamplingParams:
             value = getattr(self, name)
             kinds = (int,) if integer else (int, float)
             if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
-                kind = "an integer" if integer else "a finite number"
-                raise GenerationError(f"{name} must be {kind}, got {value!r}")
+                fail(name, f"must be {'an integer' if integer else 'a finite number'}, got {value!r}")
             return value
 
+        def fail(name: str, problem: str) -> typing.NoReturn:
+            raise GenerationError(f"{name} {problem}", param=name)
+
         if number("max_new_tokens", integer=True) < 1:
-            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+            fail("max_new_tokens", f"must be a positive integer, got {self.max_new_tokens!r}")
         if number("temperature") < 0:
-            raise GenerationError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+            fail("temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")
         if number("top_k", integer=True) < 0:
-            raise GenerationError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+            fail("top_k", f"must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < number("top_p") <= 1:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+            fail("top_p", f"must be in (0, 1], got {self.top_p}")
         if number("repetition_penalty") <= 0:
-            raise GenerationError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+            fail("repetition_penalty", f"must be > 0 (1 turns it off), got {self.repetition_penalty}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not -2**63 <= self.seed < 2**64):
-            raise GenerationError(f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}")
+            fail("seed", f"must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise GenerationError("stop strings must be non-empty strings")
+            raise GenerationError("stop strings must be non-empty strings", param="stop")
         if self.logprobs is not None and not 0 <= number("logprobs", integer=True) <= MAX_LOGPROBS:
-            raise GenerationError(f"logprobs must be from 0 to {MAX_LOGPROBS}, got {self.logprobs}")
+            fail("logprobs", f"must be from 0 to {MAX_LOGPROBS}, got {self.logprobs}")
         return self

@@ -595,7 +595,9 @@ for name, option, value, spelled in SAMPLING_BAD:
     if spelled is not None:
         flags = ["--temperature", "1", "--seed", "0"] if option in ("top_p", "top_k") else \
             ["--temperature", "1"] if option == "seed" else []
-        cli(f"options-cli-{name}", Fails(option), *flags, f"--{option.replace('_', '-')}", spelled)
+        # the command line names the flag
+        cli(f"options-cli-{name}", Fails(f"--{option.replace('_', '-')}"), *flags, f"--{option.replace('_', '-')}",
+            spelled)
 for name in ("temperature_nan", "top_p_nan", "stop_empty", "max_new_tokens_zero"):
     _, option, value, _ = next(s for s in SAMPLING_BAD if s[0] == name)
     generate(f"options-stream-{name}", Fails(option), PROMPT, stream=True, **{option: value})
@@ -634,7 +636,7 @@ generate("options-generate-max_new_tokens_2_63", answers(SMALL_WINDOW, max_new=W
          checkpoint=SMALL_WINDOW, max_new_tokens=2**63)
 cli("options-cli-max_new_tokens_huge", cli_json_answer(SMALL_WINDOW, max_new=WINDOW), "--max-new-tokens",
     str(10**12), checkpoint=SMALL_WINDOW)
-cli("options-cli-max_new_tokens_not_a_number", Fails(r"max-new-tokens.*invalid int"), "--max-new-tokens", "lots")
+cli("options-cli-max_new_tokens_not_a_number", Fails(r"max-new-tokens.*'lots' is not a whole number"), "--max-new-tokens", "lots")
 cli("options-cli-temperature_not_a_number", Fails(r"temperature.*invalid float"), "--temperature", "hot")
 
 # options: loading, through load() and the command line --------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_chat_keeps_the_conversation_and_its_images(tiny, picture, load_pipeline
     ({"--image": "missing.png"}, "no such image file"),
     ({"--model": "/no/such/dir"}, "neither an existing directory nor a Hub id"),
     ({"--raw-prompt": None}, "the prompt has 0 <image> placeholders but 1 image was given"),
-    ({"--max-new-tokens": "0"}, "max_new_tokens must be a positive integer"),
+    ({"--temperature": "-1"}, "--temperature: temperature must be >= 0 (0 is greedy), got -1.0"),
 ])
 def test_errors_are_one_clear_line(change, message, tiny, picture, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -15,6 +15,7 @@ import llava_next
 from conftest import smooth_image
 from llava_next import cli
 from llava_next.checkpoint import CheckpointError
+from llava_next.errors import LlavaError
 from llava_next.pipeline import sampling_defaults
 
 
@@ -37,6 +38,8 @@ def broken_copies(tiny, tmp_path, name):
 
 @pytest.mark.parametrize("name", ["vicuna", "v4_vicuna"])
 def test_every_corrupt_json_file_is_one_line_naming_it(name, tiny, tmp_path, capsys):
+    tiny(name)
+    capsys.readouterr()  # (what building the checkpoint printed, where this test is the first to need it)
     seen = []
     for file, directory in broken_copies(tiny, tmp_path, name):
         if file == "special_tokens_map.json":
@@ -163,3 +166,86 @@ def test_sampling_defaults_follow_generation_config(tiny, tmp_path):
 
     with pytest.raises(CheckpointError, match="generation_config.json: sampling settings that cannot work"):
         sampling_defaults({"do_sample": True, "temperature": -1})
+
+
+def test_a_checkpoint_is_written_only_into_a_new_or_empty_directory(tiny, tmp_path, capsys):
+    from llava_next.convert import convert
+    from llava_next.pipeline import save_quantized
+
+    source = tiny("mistral")
+    capsys.readouterr()
+    before = {p.name: p.stat().st_mtime_ns for p in source.iterdir()}
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "model.safetensors").write_bytes(b"someone else's weights")
+    for out, says in ((a_file, "is a file"), (full, "already holds files")):
+        code, _, err = run_cli(["quantize", "--model", source, "--quantize", "int8", "--out", out], capsys)
+        assert code == 2 and f"--out {out} {says}" in err and err.count("\n") == 1
+    assert a_file.read_text() == "mine" and (full / "model.safetensors").read_bytes() == b"someone else's weights"
+    pipe = llava_next.load(source, progress=False, quantize="int8")
+    with pytest.raises(CheckpointError, match="is the checkpoint being read"):
+        save_quantized(pipe, source)
+    with pytest.raises(CheckpointError, match="already holds files"):
+        convert(Path(__file__).parent / "original" / "llava-v1.5-tiny", full)
+    assert {p.name: p.stat().st_mtime_ns for p in source.iterdir()} == before
+    # an empty directory, or none, is written
+    (tmp_path / "empty").mkdir()
+    assert run_cli(["quantize", "--model", source, "--quantize", "int8", "--out", tmp_path / "empty"], capsys)[0] == 0
+    assert llava_next.load(tmp_path / "empty", progress=False).quantization["mode"] == "int8"
+
+
+def test_data_and_recipe_files_that_are_not_what_they_should_be_are_one_line(tmp_path, capsys):
+    picture = tmp_path / "p.png"
+    smooth_image(32, 32).save(picture)
+    for data, says in ((picture, "is not text (not UTF-8)"), (tmp_path, "is a directory")):
+        code, _, err = run_cli(["eval", "--model", "demo", "--data", data], capsys)
+        assert code == 2 and f"{data} {says}" in err and err.count("\n") == 1, err
+    not_yaml = tmp_path / "notes.md"
+    not_yaml.write_text("# Notes\n\nkey: value: another\n")
+    a_list = tmp_path / "list.yaml"
+    a_list.write_text("- model\n- data\n")
+    bad_json = tmp_path / "r.json"
+    bad_json.write_text('{"train": ')
+    for recipe, says in ((not_yaml, "not valid YAML (line 3, column 11)"), (picture, "not a text file"),
+                         (tmp_path / "none.yaml", "no such recipe file"), (tmp_path, "a directory"),
+                         (a_list, "must be a mapping of keys (model:, data:, train:), not list"),
+                         (bad_json, "not valid JSON (Expecting value: line 1 column 11")):
+        code, _, err = run_cli(["train", "--config", recipe], capsys)
+        assert code == 2 and f"recipe {recipe}: {says}" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["data", "synth", "--out", "x", "--n", "-3"], "argument --n: must be at least 1, got -3"),
+    (["data", "synth", "--out", "x", "--n", "2", "--turns", "0"], "argument --turns: must be at least 1, got 0"),
+    (["serve", "--port", "99999"], "argument --port: must be from 0 to 65535, got 99999"),
+    (["serve", "--max-queue", "-1"], "argument --max-queue: must be at least 0, got -1"),
+    (["eval", "--data", "d.json", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
+    (["generate", "--prompt", "Hi", "--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1, got 0"),
+    (["generate", "--prompt", "Hi", "--max-new-tokens", "many"], "argument --max-new-tokens: 'many' is not a whole number"),
+    (["info", "--max-image-pixels", "-5"], "argument --max-image-pixels: must be at least 1, got -5"),
+])
+def test_counts_out_of_range_are_refused_by_their_flag(argv, says, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_sampling_flag_out_of_range_is_named_by_its_flag_before_the_model_loads(capsys):
+    from llava_next.data.synth import generate
+    from llava_next.sampling_params import GenerationError
+
+    for flag, value, says in (("--temperature", "-1", "--temperature: temperature must be >= 0"),
+                              ("--top-p", "1.5", "--top-p: top_p must be in (0, 1], got 1.5"),
+                              ("--repetition-penalty", "0", "--repetition-penalty: repetition_penalty must be > 0")):
+        # the model does not exist: the flag's error comes first, so nothing was loaded to find that out
+        code, _, err = run_cli(["generate", "--model", "/no/such/model", "--prompt", "Hi", flag, value], capsys)
+        assert code == 2 and says in err and err.count("\n") == 1, err
+    with pytest.raises(GenerationError) as raised:
+        llava_next.SamplingParams(top_k=-2).validate()
+    assert raised.value.param == "top_k" and str(raised.value) == "top_k must be >= 0 (0 turns it off), got -2"
+    with pytest.raises(LlavaError, match="n .images. and turns"):
+        generate(Path("unused"), 0, seed=0)

@@ -58,8 +58,13 @@ def read_records(path: str | Path, image_folder: str | Path | None = None) -> li
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such data file")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give a LLaVA-format JSON or JSON-lines file")
     folder = Path(image_folder) if image_folder is not None else path.parent
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not text (not UTF-8); give a LLaVA-format JSON or JSON-lines file") from None
     try:
         raw = json.loads(text)
         if isinstance(raw, dict):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .records import DataError
+
 COLORS = {
     "red": (215, 38, 38),
     "green": (34, 160, 60),
@@ -178,6 +180,8 @@ def question_kinds(scene: Scene) -> list[str]:
 
 def generate(out: Path, n: int, seed: int, turns: int = 1) -> dict[str, int]:
     """Write n images with a caption record and a question record each; returns the count of questions by type."""
+    if n < 1 or turns < 1:
+        raise DataError(f"n (images) and turns (questions per image) must be at least 1, got n={n}, turns={turns}")
     rng = random.Random(seed)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)

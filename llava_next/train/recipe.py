@@ -166,12 +166,34 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _read_recipe_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"recipe {path}: " + ("a directory; give the recipe file" if path.is_dir() else
+                                                  "no such recipe file"))
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path}: not a text file; a recipe is YAML or JSON") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else f" ({e})" if kind == "JSON" else ""
+        raise RecipeError(f"recipe {path}: not valid {kind}{at}; a recipe's keys mirror "
+                          "llava_next.train.recipe.Recipe (see recipes/demo/stage1.yaml)") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"recipe {path}: must be a mapping of keys (model:, data:, train:), not "
+                          f"{type(values).__name__}; see recipes/demo/stage1.yaml")
+    return _numbers(values)
+
+
 def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     """A recipe from a YAML / JSON file (or none), then `key.sub=value` overrides applied in order."""
     values: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        values = _numbers((json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)) or {})
+        values = _read_recipe_file(Path(path))
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep:

@@ -22,7 +22,8 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +198,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def single_process_quiet(procs: Processes):
+    """torch.distributed.checkpoint warns on every save and load of one process that it assumes one process, even
+    when told so (no_dist=True); that is this run's normal case, not news to print at every checkpoint."""
+    with warnings.catch_warnings():
+        if procs.world == 1:
+            warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized, assuming the intent")
+        yield
+
+
 def save_checkpoint(directory: Path, model, optimizer, scheduler, position: dict, procs: Processes,
                     keep: int | None) -> None:
     """Write a resumable checkpoint, then delete all but the newest `keep` (None: keep all)."""
@@ -205,8 +216,9 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, position: dict
 
     step_dir = directory / f"step-{position['step']:07d}"
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(step_dir / "state"),
-             no_dist=procs.world == 1)
+    with single_process_quiet(procs):
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(step_dir / "state"),
+                 no_dist=procs.world == 1)
     torch.save(_rng_state(), step_dir / f"rng-{procs.rank}.pt")
     if procs.main:
         (step_dir / "trainer_state.json").write_text(json.dumps(
@@ -241,7 +253,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, procs: Processes) -
         raise RecipeError(f"{path} was written by {position['world_size']} processes; resume it with as many")
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(path / "state"), no_dist=procs.world == 1)
+    with single_process_quiet(procs):
+        dcp.load(state, checkpoint_id=str(path / "state"), no_dist=procs.world == 1)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(position.pop("scheduler"))
     _set_rng_state(torch.load(path / f"rng-{procs.rank}.pt", weights_only=True))
