@@ -162,7 +162,7 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_answering(tiny_server):
     big_image = data_url(random_image(400, 400, seed=1))  # noise: a PNG of about 480 kB
     assert len(big_image) > 300_000 * 4 / 3
     cases = [
-        (b"{not json", 400, "invalid request"),
+        (b"{not json", 400, "the body is not valid JSON"),
         ({"model": "tiny"}, 400, "messages"),
         ({**good, "messages": []}, 400, "messages"),
         ({**good, "temperature": 7}, 400, "temperature"),
@@ -194,6 +194,30 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_answering(tiny_server):
             assert says in error_of(response), (says, response.text[:300])
         after = client.chat.completions.create(**good)
         assert after.choices[0].finish_reason in ("stop", "length")
+
+
+def test_rejected_requests_say_what_is_wrong_name_the_field_and_log_one_line(tiny_server, caplog):
+    pipe, base, client = tiny_server
+    url = f"{base}/v1/chat/completions"
+    with caplog.at_level("INFO", logger="llava_next.serve"):
+        not_json = httpx.post(url, content=b'{"model": tiny}', headers={"content-type": "application/json"})
+        as_form = httpx.post(url, content=b"model=tiny", headers={"content-type": "application/x-www-form-urlencoded"})
+        bad_field = httpx.post(url, json={"model": "tiny", "messages": ask("Hi"), "temperature": -1})
+        no_route = httpx.get(f"{base}/v1/nothing")
+        wrong_method = httpx.delete(f"{base}/v1/models")
+    assert error_of(not_json) == "the body is not valid JSON (Expecting value at character 10)"
+    assert error_of(as_form) == ("the body must be a JSON object; send it with the header "
+                                 "'Content-Type: application/json'")
+    assert bad_field.json()["error"]["param"] == "temperature" and "temperature" in error_of(bad_field)
+    assert [r.status_code for r in (not_json, as_form, bad_field, no_route, wrong_method)] == [400, 400, 400, 404, 405]
+    lines = [r.getMessage() for r in caplog.records if r.name == "llava_next.serve"]
+    assert lines == ["- 400 POST /v1/chat/completions: the body is not valid JSON (Expecting value at character 10)",
+                     "- 400 POST /v1/chat/completions: the body must be a JSON object; send it with the header "
+                     "'Content-Type: application/json'",
+                     "- 400 POST /v1/chat/completions: invalid request: temperature: Input should be greater than or "
+                     "equal to 0",
+                     "- 404 GET /v1/nothing: Not Found", "- 405 DELETE /v1/models: Method Not Allowed"]
+    assert "Hi" not in " ".join(lines)  # no prompt text without --log-prompts
 
 
 def test_limits_auth_and_queue(tiny):
@@ -254,7 +278,8 @@ def test_health_models_metrics_and_disconnect(tiny_server):
     assert answered >= 1
 
 
-def test_health_is_503_while_loading_and_after_a_failed_load(monkeypatch, tiny):
+def test_health_is_503_while_loading_and_after_a_failed_load(monkeypatch, tiny, caplog):
+    caplog.set_level("INFO", logger="llava_next.serve")
     from llava_next.serve import app as app_module
 
     release = threading.Event()
@@ -282,6 +307,8 @@ def test_health_is_503_while_loading_and_after_a_failed_load(monkeypatch, tiny):
             time.sleep(0.05)
         response = httpx.get(f"{base}/health")
         assert response.status_code == 503 and "nonexistent" in response.json()["error"]
+    failed = [r for r in caplog.records if r.getMessage().startswith("loading /nonexistent/model failed: ")]
+    assert len(failed) == 1 and failed[0].exc_info is None  # the operator's mistake: one line, no traceback
 
 
 def test_the_command_serves_and_shuts_down_cleanly_on_sigterm():
@@ -318,6 +345,52 @@ def test_the_command_serves_and_shuts_down_cleanly_on_sigterm():
         log = process.stdout.read()
         assert "chatcmpl-" in log and "completion_tokens=" in log
         assert "What color" not in log  # no prompt text without --log-prompts
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+INTERRUPTED_WHILE_LOADING = """
+import sys, time
+from llava_next import cli
+from llava_next.serve import app
+real = app.load
+def slow(*args, **kwargs):
+    time.sleep(120)
+    return real(*args, **kwargs)
+app.load = slow
+sys.exit(cli.main(["serve", "--model", "demo", "--port", sys.argv[1]]))
+"""
+
+
+def test_a_port_in_use_is_one_line_and_ctrl_c_while_loading_stops_cleanly():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "llava_next.cli", "serve", "--model", "demo", "--port",
+                                 str(port)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr == (f"llava-next: error: cannot listen on 127.0.0.1:{port}: Address already in use; pick "
+                             "another --port, or stop what listens there\n")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", INTERRUPTED_WHILE_LOADING, str(port)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # wait for the server to answer "loading"
+            assert process.poll() is None and time.monotonic() < deadline
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "loading"}:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 130
+        log = process.stdout.read()
+        assert "stopped while demo was loading" in log and "terminate called" not in log, log
     finally:
         if process.poll() is None:
             process.kill()

@@ -8,11 +8,13 @@ which applies the operator's policy; message text reaches the tokenizer as liter
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -40,6 +42,7 @@ from .settings import ServeSettings
 log = logging.getLogger("llava_next.serve")
 
 GiB = 2**30
+LOAD_THREAD = "llava-next-load"
 
 
 class ApiError(Exception):
@@ -143,7 +146,10 @@ class ServerState:
             self.start(pipe)
         except Exception as e:  # noqa: BLE001 - reported by /health and every request, and logged
             self.failure = f"{type(e).__name__}: {e}"
-            log.exception("loading %s failed", s.model)
+            if isinstance(e, (LlavaError, FileNotFoundError)):  # the operator's to fix: the message says it all
+                log.error("loading %s failed: %s", s.model, e)
+            else:
+                log.exception("loading %s failed", s.model)
 
 
 # -- the request body limit ------------------------------------------------------------------------------------------
@@ -307,7 +313,7 @@ def create_app(settings: ServeSettings, pipe: Pipeline | None = None) -> FastAPI
         if pipe is not None:
             state.start(pipe)
         else:
-            threading.Thread(target=state.load, name="llava-next-load", daemon=True).start()
+            threading.Thread(target=state.load, name=LOAD_THREAD, daemon=True).start()
         yield
         if state.engine is not None:  # uvicorn has let in-flight responses finish (or timed out): cancel the rest
             await run_in_threadpool(state.engine.shutdown, True, 30)
@@ -317,21 +323,39 @@ def create_app(settings: ServeSettings, pipe: Pipeline | None = None) -> FastAPI
     app.state.server = state
     app.state.metrics = metrics
 
+    def rejected(request: Request, response: JSONResponse, message: str) -> JSONResponse:
+        """A request answered with an error: counted, and logged in one line as every request is."""
+        metrics.requests.labels(str(response.status_code)).inc()
+        request_id = getattr(request.state, "request_id", None) or "-"
+        log.info("%s %d %s %s: %s", request_id, response.status_code, request.method, request.url.path, message)
+        return response
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
-        metrics.requests.labels(str(e.status)).inc()
-        return e.response()
+        return rejected(request, e.response(), e.message)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}"
-                             for err in e.errors()[:5])
-        metrics.requests.labels("400").inc()
-        return error_response(400, f"invalid request: {problems}", "invalid_request_error")
+        errors = e.errors()
+        if errors and (errors[0]["type"] == "json_invalid" or tuple(errors[0]["loc"]) == ("body",)):
+            # the body as a whole: not JSON, or JSON but no object (or sent as a form, which is no JSON at all)
+            where = errors[0]["loc"][-1]
+            problem = errors[0].get("ctx", {}).get("error", "")
+            message = f"the body is not valid JSON ({problem} at character {where})" if isinstance(where, int) else \
+                "the body must be a JSON object"
+            if "json" not in request.headers.get("content-type", ""):
+                message += "; send it with the header 'Content-Type: application/json'"
+            return rejected(request, error_response(400, message, "invalid_request_error"), message)
+        fields = [".".join(str(p) for p in err["loc"] if p != "body") or "body" for err in errors]
+        message = "invalid request: " + "; ".join(f"{where}: {err['msg']}" for where, err in zip(fields, errors[:5]))
+        return rejected(request, error_response(400, message, "invalid_request_error",
+                                                param=fields[0] if fields else None), message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail), ApiError.TYPES.get(e.status_code, "invalid_request_error"))
+        return rejected(request, error_response(e.status_code, str(e.detail),
+                                                ApiError.TYPES.get(e.status_code, "invalid_request_error")),
+                        str(e.detail))
 
     @app.exception_handler(Exception)
     async def _fault(request: Request, e: Exception):
@@ -533,13 +557,50 @@ def finish_log(summary: dict[str, Any], status: str, seqs: list[Sequence], began
     log.info(line)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use is one clear error, and no load is
+    started only to be thrown away (uvicorn binds after the app's startup)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, OverflowError) as e:
+        raise LlavaError(f"cannot listen on {host}:{port}: {e}; check --host and --port") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        hint = "pick another --port, or stop what listens there" if e.errno == errno.EADDRINUSE else \
+            "check --host (an address of this machine) and --port"
+        raise LlavaError(f"cannot listen on {host}:{port}: {e.strerror or e}; {hint}") from None
+    return sock
+
+
 def serve(settings: ServeSettings) -> None:
     """Runs the server until SIGINT/SIGTERM; in-flight requests get `shutdown_timeout` seconds to finish."""
     import uvicorn
 
+    sock = listening_socket(settings.host, settings.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30,
-                access_log=False)
-
-
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=30, access_log=False))
+    host, port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d (the chat page at /, the API at /v1; Ctrl-C stops)",
+             f"[{host}]" if ":" in host else host, port)
+    interrupted = False
+    try:
+        server.run(sockets=[sock])  # uvicorn re-raises the signal that stopped it: Ctrl-C as KeyboardInterrupt
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        sock.close()
+    if any(t.name == LOAD_THREAD and t.is_alive() for t in threading.enumerate()):
+        # Stopped while the model was still loading: letting the interpreter finalize under a thread that is
+        # inside torch aborts the process ("terminate called without an active exception"); leave at once.
+        log.info("stopped while %s was loading", settings.model)
+        logging.shutdown()
+        os._exit(130 if interrupted else 0)
+    if interrupted:
+        raise KeyboardInterrupt
+    if not server.started:
+        raise LlavaError("the server did not start; the log above says why")
