@@ -184,16 +184,16 @@ def checkpoint_weight_name(name: str) -> str:
     return name
 
 
-def new_checkpoint_directory(out: str | os.PathLike, source: Path | None = None, flag: str = "--out") -> Path:
+def new_checkpoint_directory(out: str | os.PathLike, source: Path | None = None) -> Path:
     """`out` as a directory to write a checkpoint into: absent or empty, so that writing it replaces nothing a
     user has (a file, another checkpoint's weights, the checkpoint being read: `source`)."""
     directory = Path(out)
     if directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"{flag} {out} is a file; give a directory to write the checkpoint into")
+        raise CheckpointError(f"the output {out} is a file; give a directory to write the checkpoint into")
     if source is not None and directory.exists() and directory.resolve() == Path(source).resolve():
-        raise CheckpointError(f"{flag} {out} is the checkpoint being read; give another directory")
+        raise CheckpointError(f"the output {out} is the checkpoint being read; give another directory")
     if directory.is_dir() and any(directory.iterdir()):
-        raise CheckpointError(f"{flag} {out} already holds files; give a new or empty directory (nothing in it "
+        raise CheckpointError(f"the output {out} already holds files; give a new or empty directory (nothing in it "
                               "is replaced)")
     return directory
 

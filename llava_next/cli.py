@@ -34,8 +34,8 @@ def whole_number(low: int, high: int | None = None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {f'from {low} to {high}' if high is not None else f'at least {low}'}"
-                                             f", got {value}")
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
         return value
 
     parse.__name__ = "whole number"  # argparse names the type in its messages
@@ -442,7 +442,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help=f"requests waiting beyond the running ones before answering 429 (default {d.max_queue})")
     p.add_argument("--prefill-chunk", type=POSITIVE, default=d.prefill_chunk,
                    help=f"prompt tokens per step while other answers stream (default {d.prefill_chunk})")
-    p.add_argument("--max-images", type=NON_NEGATIVE, default=d.max_images, help=f"per request (default {d.max_images})")
+    p.add_argument("--max-images", type=NON_NEGATIVE, default=d.max_images,
+                   help=f"per request (default {d.max_images})")
     p.add_argument("--max-image-bytes", type=POSITIVE, default=d.max_image_bytes,
                    help=f"encoded bytes per image (default {d.max_image_bytes})")
     p.add_argument("--max-body-bytes", type=POSITIVE, default=d.max_body_bytes,

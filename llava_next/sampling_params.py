@@ -14,7 +14,7 @@ MAX_LOGPROBS = 20
 
 class GenerationError(LlavaError, ValueError):
     """Generation settings that cannot work. `param`: the SamplingParams field at fault, where one is (the command
-    line names its flag, the server its request field)."""
+    line names its flag by it)."""
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)

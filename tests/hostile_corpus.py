@@ -636,7 +636,8 @@ generate("options-generate-max_new_tokens_2_63", answers(SMALL_WINDOW, max_new=W
          checkpoint=SMALL_WINDOW, max_new_tokens=2**63)
 cli("options-cli-max_new_tokens_huge", cli_json_answer(SMALL_WINDOW, max_new=WINDOW), "--max-new-tokens",
     str(10**12), checkpoint=SMALL_WINDOW)
-cli("options-cli-max_new_tokens_not_a_number", Fails(r"max-new-tokens.*'lots' is not a whole number"), "--max-new-tokens", "lots")
+cli("options-cli-max_new_tokens_not_a_number", Fails(r"max-new-tokens.*'lots' is not a whole number"),
+    "--max-new-tokens", "lots")
 cli("options-cli-temperature_not_a_number", Fails(r"temperature.*invalid float"), "--temperature", "hot")
 
 # options: loading, through load() and the command line --------------------------------------------------------------

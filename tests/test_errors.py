@@ -182,7 +182,7 @@ def test_a_checkpoint_is_written_only_into_a_new_or_empty_directory(tiny, tmp_pa
     (full / "model.safetensors").write_bytes(b"someone else's weights")
     for out, says in ((a_file, "is a file"), (full, "already holds files")):
         code, _, err = run_cli(["quantize", "--model", source, "--quantize", "int8", "--out", out], capsys)
-        assert code == 2 and f"--out {out} {says}" in err and err.count("\n") == 1
+        assert code == 2 and f"the output {out} {says}" in err and err.count("\n") == 1
     assert a_file.read_text() == "mine" and (full / "model.safetensors").read_bytes() == b"someone else's weights"
     pipe = llava_next.load(source, progress=False, quantize="int8")
     with pytest.raises(CheckpointError, match="is the checkpoint being read"):
@@ -223,7 +223,8 @@ def test_data_and_recipe_files_that_are_not_what_they_should_be_are_one_line(tmp
     (["serve", "--max-queue", "-1"], "argument --max-queue: must be at least 0, got -1"),
     (["eval", "--data", "d.json", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
     (["generate", "--prompt", "Hi", "--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1, got 0"),
-    (["generate", "--prompt", "Hi", "--max-new-tokens", "many"], "argument --max-new-tokens: 'many' is not a whole number"),
+    (["generate", "--prompt", "Hi", "--max-new-tokens", "many"],
+     "argument --max-new-tokens: 'many' is not a whole number"),
     (["info", "--max-image-pixels", "-5"], "argument --max-image-pixels: must be at least 1, got -5"),
 ])
 def test_counts_out_of_range_are_refused_by_their_flag(argv, says, capsys, tmp_path, monkeypatch):

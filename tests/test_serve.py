@@ -203,7 +203,7 @@ def test_rejected_requests_say_what_is_wrong_name_the_field_and_log_one_line(tin
         not_json = httpx.post(url, content=b'{"model": tiny}', headers={"content-type": "application/json"})
         as_form = httpx.post(url, content=b"model=tiny", headers={"content-type": "application/x-www-form-urlencoded"})
         bad_field = httpx.post(url, json={"model": "tiny", "messages": ask("Hi"), "temperature": -1})
-        no_route = httpx.get(f"{base}/v1/nothing")
+        no_route = httpx.get(f"{base}/v1/nothing%1B[2Jcleared")  # a terminal escape
         wrong_method = httpx.delete(f"{base}/v1/models")
     assert error_of(not_json) == "the body is not valid JSON (Expecting value at character 10)"
     assert error_of(as_form) == ("the body must be a JSON object; send it with the header "
@@ -216,7 +216,10 @@ def test_rejected_requests_say_what_is_wrong_name_the_field_and_log_one_line(tin
                      "'Content-Type: application/json'",
                      "- 400 POST /v1/chat/completions: invalid request: temperature: Input should be greater than or "
                      "equal to 0",
-                     "- 404 GET /v1/nothing: Not Found", "- 405 DELETE /v1/models: Method Not Allowed"]
+                     f"- 404 GET /v1/nothing\\x1b[2Jcleared: {error_of(no_route)}",
+                     "- 405 DELETE /v1/models: DELETE is not allowed on /v1/models"]
+    assert error_of(no_route).startswith("no such path /v1/nothing\\x1b[2Jcleared; this server answers POST "
+                                         "/v1/chat/completions, GET /v1/models")
     assert "Hi" not in " ".join(lines)  # no prompt text without --log-prompts
 
 

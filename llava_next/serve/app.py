@@ -327,7 +327,7 @@ def create_app(settings: ServeSettings, pipe: Pipeline | None = None) -> FastAPI
         """A request answered with an error: counted, and logged in one line as every request is."""
         metrics.requests.labels(str(response.status_code)).inc()
         request_id = getattr(request.state, "request_id", None) or "-"
-        log.info("%s %d %s %s: %s", request_id, response.status_code, request.method, request.url.path, message)
+        log.info("%s %d %s %s: %s", request_id, response.status_code, request.method, printable_path(request), message)
         return response
 
     @app.exception_handler(ApiError)
@@ -353,9 +353,13 @@ def create_app(settings: ServeSettings, pipe: Pipeline | None = None) -> FastAPI
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return rejected(request, error_response(e.status_code, str(e.detail),
-                                                ApiError.TYPES.get(e.status_code, "invalid_request_error")),
-                        str(e.detail))
+        message = str(e.detail)
+        if e.status_code == 404 and message == "Not Found":  # a path no route has
+            message = f"no such path {printable_path(request)}; this server answers {ROUTES}"
+        elif e.status_code == 405:
+            message = f"{request.method} is not allowed on {printable_path(request)}"
+        return rejected(request, error_response(e.status_code, message,
+                                                ApiError.TYPES.get(e.status_code, "invalid_request_error")), message)
 
     @app.exception_handler(Exception)
     async def _fault(request: Request, e: Exception):
@@ -523,6 +527,17 @@ def create_app(settings: ServeSettings, pipe: Pipeline | None = None) -> FastAPI
     return BodyLimit(app, settings.max_body_bytes) if settings.max_body_bytes else app
 
 
+ROUTES = "POST /v1/chat/completions, GET /v1/models, POST /v1/image_tokens, GET /health, GET /metrics and GET / " \
+         "(the chat page)"
+
+
+def printable_path(request: Request) -> str:
+    """The request's path for a log line or a message: escaped (a client's %0A must not start a log line of its
+    own) and cut short."""
+    path = request.url.path.encode("unicode_escape").decode("ascii")
+    return path if len(path) <= 200 else path[:200] + "..."
+
+
 def new_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
@@ -561,13 +576,13 @@ def listening_socket(host: str, port: int) -> socket.socket:
     """The server's socket, bound before the model loads: a port in use is one clear error, and no load is
     started only to be thrown away (uvicorn binds after the app's startup)."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, OverflowError) as e:
         raise LlavaError(f"cannot listen on {host}:{port}: {e}; check --host and --port") from None
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock.bind(address)
     except OSError as e:
         sock.close()
         hint = "pick another --port, or stop what listens there" if e.errno == errno.EADDRINUSE else \
