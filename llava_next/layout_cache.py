@@ -12,7 +12,8 @@ A timing is trusted once two loads have measured it (MEASUREMENTS_TO_TRUST): eac
 layout, the faster of its own time and the remembered one (a busy machine only ever adds time), so one measurement
 taken while something else ran does not decide for good. Processes that start together (a server's workers) measure
 one after another, under a lock next to the file, so that none times its layers while another's timing competes for
-the memory, and the later ones find the timing remembered.
+the memory, and the later ones find the timing remembered. Each write of the file (read, change, replace) takes a
+short lock of its own, so that no process's entry is lost to another's write.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import platform
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +44,8 @@ MEASUREMENTS_TO_TRUST = 2
 # How long a process waits for another one's measurement (~1 s on medium, ~7 s for a 7B model's compiled int8 layers)
 # before measuring anyway.
 LOCK_WAIT_SECONDS = 120.0
+# ... and for another's write of the file (milliseconds) before writing anyway.
+WRITE_WAIT_SECONDS = 10.0
 
 
 def cache_dir() -> Path | None:
@@ -110,43 +115,63 @@ def recall(key: str, layouts: tuple[str, ...]) -> dict | None:
     return {**entry, "measurements": measurements}
 
 
+# How deep in `measuring()` each thread is: an inner one (a load inside a load) holds the lock already.
+_held = threading.local()
+
+
+def _open_lock(name: str):
+    """The lock file `name` in the cache directory, or None (no directory, no locks here, not writable or readable)."""
+    directory = cache_dir()
+    if importlib.util.find_spec("fcntl") is None or directory is None:  # (Windows has no fcntl)
+        return None
+    for mode in ("a", "r"):  # (read-only suffices to lock: a lock file another user made, a read-only cache)
+        try:
+            if mode == "a":
+                directory.mkdir(parents=True, exist_ok=True)
+            return open(directory / name, mode)
+        except OSError:
+            continue
+    return None
+
+
+def _take(lock, wait_seconds: float) -> str:
+    """flock `lock` (None: "no lock"): "locked", "no lock" (a file system without locks) or "not waited"."""
+    import fcntl
+
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return "locked"
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return "not waited"
+            time.sleep(0.05)
+        except OSError:
+            return "no lock"
+
+
 @contextlib.contextmanager
 def measuring():
     """Held while a process recalls, measures and remembers timings: one process at a time measures. Yields
     "locked", "no lock" (no cache directory, a file system without locks, Windows: measured without one) or
     "not waited" (another process held the lock longer than LOCK_WAIT_SECONDS). A process that dies holding it
-    releases it. Not reentrant: a second `measuring()` inside the first, in one process, waits for itself."""
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    directory = cache_dir()
-    lock = None
-    if fcntl is not None and directory is not None:
-        for mode in ("a", "r"):  # (read-only suffices to lock: a lock file another user made, a read-only cache)
-            try:
-                if mode == "a":
-                    directory.mkdir(parents=True, exist_ok=True)
-                lock = open(directory / "layouts.lock", mode)
-                break
-            except OSError:
-                continue
-    state = "no lock"
-    deadline = time.monotonic() + LOCK_WAIT_SECONDS
-    while lock is not None and state == "no lock":
+    releases it. Within one thread it nests: an inner `measuring()` is given the lock the outer one holds."""
+    depth = getattr(_held, "depth", 0)
+    if depth:
+        _held.depth = depth + 1
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            state = "locked"
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                state = "not waited"
-            else:
-                time.sleep(0.05)
-        except OSError:
-            break
+            yield _held.state
+        finally:
+            _held.depth = depth
+        return
+    lock = _open_lock("layouts.lock")
+    state = _take(lock, LOCK_WAIT_SECONDS) if lock is not None else "no lock"
+    _held.depth, _held.state = 1, state
     try:
         yield state
     finally:
+        _held.depth = 0
         if lock is not None:
             # (closing the file releases the lock; a child forked without exec while measuring would keep it until it
             # ends, but files are opened close-on-exec, so a child that runs a new program does not)
@@ -157,8 +182,22 @@ def remember(key: str, seconds: dict[str, float], measurements: int = 1) -> None
     path = cache_file()
     if path is None:
         return
+    # Read, change and replace under a lock of its own, held only for that: a process that measured without the
+    # measuring lock (it waited too long, or found none) still loses no other process's entry.
+    lock = _open_lock("layouts.write.lock")
+    try:
+        if lock is not None:
+            _take(lock, WRITE_WAIT_SECONDS)
+        _write(path, key, {"seconds": seconds, "date": datetime.date.today().isoformat(),
+                           "measurements": measurements})
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _write(path: Path, key: str, entry: dict) -> None:
     entries = _entries()
-    entries[key] = {"seconds": seconds, "date": datetime.date.today().isoformat(), "measurements": measurements}
+    entries[key] = entry
     written = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -770,6 +770,37 @@ def test_a_cpu_engine_runs_its_float32_linears_through_the_kernel_it_measured_fa
     assert pipe.engine.float32_kernel is None and pipe.engine.float32_kernel_reason is None
 
 
+REMEMBER_MANY = """
+import sys
+from llava_next import layout_cache
+for i in range(40):
+    layout_cache.remember(f"{sys.argv[1]}-{i}", {"oneDNN": 1.0, "PyTorch": 2.0})
+"""
+
+
+def test_the_measuring_lock_nests_and_writers_that_measured_without_it_lose_no_entry(monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    from llava_next import layout_cache
+
+    pytest.importorskip("fcntl")  # (Windows has no locks)
+    # a load inside a load (one thread) is given the lock its outer one holds, at once, instead of waiting for itself
+    monkeypatch.setattr(layout_cache, "LOCK_WAIT_SECONDS", 2.0)
+    with layout_cache.measuring() as outer:
+        began = time.monotonic()
+        with layout_cache.measuring() as inner:
+            assert (outer, inner) == ("locked", "locked") and time.monotonic() - began < 1
+        with layout_cache.measuring() as again:  # (and again after the inner one let go: the outer still holds it)
+            assert again == "locked"
+    # processes writing at once, without the measuring lock (one that waited too long, say): every entry survives
+    writers = [subprocess.Popen([sys.executable, "-c", REMEMBER_MANY, f"writer{n}"]) for n in range(4)]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0, 0, 0]
+    entries = json.loads(layout_cache.cache_file().read_text())
+    assert sorted(entries) == sorted(f"writer{n}-{i}" for n in range(4) for i in range(40))
+
+
 def test_an_unknown_int8_layout_in_the_environment_is_refused_by_name(tiny, monkeypatch):
     monkeypatch.setattr(llava_next.engine, "INT8_LAYOUT", "columns")
     with pytest.raises(llava_next.errors.LlavaError,
