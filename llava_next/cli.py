@@ -184,6 +184,9 @@ def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
                 messages, images, pending = messages[:1] if args.system else [], [], []
                 print("(conversation cleared)", file=stdout)
             elif command == "/image":
+                if not rest.strip():
+                    print("usage: /image PATH (an image file, attached to your next message)", file=stdout)
+                    continue
                 try:
                     pending.append(pipe.processor.load_image(rest.strip()))
                     print(f"(image attached: {rest.strip()})", file=stdout)
@@ -205,6 +208,11 @@ def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
             stdout.write("\n")
         except LlavaError as e:
             print(f"error: {e}", file=stdout)
+            if messages:  # (a conversation grows each turn until it no longer fits)
+                print("(the conversation so far is part of every prompt: /reset starts a new one)", file=stdout)
+            if pending:  # they went with the message that was not answered, and go with it
+                print(f"(not sent: the message and its {len(pending)} image(s); /image attaches again)", file=stdout)
+                pending = []
             continue
         messages += [turn, {"role": "assistant", "content": stream.generation.text}]
         images += pending
@@ -370,7 +378,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .eval.vqa import write_predictions
+    from .outputs import output_directory, output_file
 
+    # where results go, checked before the model loads and the questions are answered
+    if args.output:
+        output_directory(args.output)
+    if args.predictions:
+        output_file(args.predictions)
     if args.task:
         from .eval.runner import run_task
         from .eval.tasks import get_task
@@ -384,12 +398,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pipe = _load(args)
     result = evaluate(pipe, args.data, args.image_folder, args.limit, args.batch_size, args.max_new_tokens,
                       progress=sys.stderr.isatty())
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     if args.predictions:
         write_predictions(result, Path(args.predictions))
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print(result.table())
     return 0
 
 
@@ -524,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     k = dsub.add_parser("tokenizer", help="train a small BPE tokenizer on LLaVA-format data")
     k.add_argument("--data", nargs="+", required=True, help="LLaVA-format files")
     k.add_argument("--out", required=True)
-    k.add_argument("--vocab-size", type=POSITIVE, default=default_of(train_tokenizer, "vocab_size"))
+    k.add_argument("--vocab-size", type=POSITIVE, default=default_of(train_tokenizer, "vocab_size"),
+                   help="what BPE learns, the special tokens and the characters seen included; the 256 byte tokens "
+                        "come on top (default %(default)s)")
     k.add_argument("--template", help="a built-in chat template whose markers the tokenizer should learn")
     k.set_defaults(run=cmd_data_tokenizer)
 

@@ -102,6 +102,28 @@ def test_chat_survives_bad_image_commands(tmp_path):
     assert text.strip().splitlines()[-1] not in ("", f"(image attached: {picture})")  # the question was answered
 
 
+def test_chat_after_a_turn_that_failed_says_why_and_sends_nothing_of_it_later(tmp_path):
+    picture = tmp_path / "p.png"
+    smooth_image(64, 64).save(picture)
+    too_long = "word " * 3000  # past the demo model's context window
+    lines = ["/image", f"/image {picture}", "What is it?", f"/image {picture}", too_long, "What color is it?", "/quit"]
+    out = io.StringIO()
+    assert cli.cmd_chat(cli.build_parser().parse_args(["chat", "--max-new-tokens", "4"]),
+                        stdin=io.StringIO("\n".join(lines) + "\n"), stdout=out) == 0
+    shown = out.getvalue().splitlines()
+    assert shown[0] == "usage: /image PATH (an image file, attached to your next message)"
+    assert shown[1:2] == [f"(image attached: {picture})"] and shown[3:4] == [f"(image attached: {picture})"]
+    assert shown[4].startswith("error: ") and "context window" in shown[4]
+    assert shown[5:7] == ["(the conversation so far is part of every prompt: /reset starts a new one)",
+                          "(not sent: the message and its 1 image(s); /image attaches again)"]
+    # the next question goes with the first turn's image alone: its answer is that conversation's
+    pipe = llava_next.load("demo", progress=False)
+    first = pipe.generate([cli.user_message("What is it?", 1)], [picture], max_new_tokens=4).text
+    last = pipe.generate([cli.user_message("What is it?", 1), {"role": "assistant", "content": first},
+                          cli.user_message("What color is it?", 0)], [picture], max_new_tokens=4).text
+    assert shown[2] == first and shown[7:] == [last]
+
+
 def test_command_line_defaults_are_the_functions_defaults():
     import inspect
 
@@ -250,3 +272,67 @@ def test_a_sampling_flag_out_of_range_is_named_by_its_flag_before_the_model_load
     assert raised.value.param == "top_k" and str(raised.value) == "top_k must be >= 0 (0 turns it off), got -2"
     with pytest.raises(LlavaError, match="n .images. and turns"):
         generate(Path("unused"), 0, seed=0)
+
+
+def test_outputs_that_cannot_be_written_are_one_line_before_the_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a_file = tmp_path / "taken"
+    a_file.write_text("mine")
+    questions = tmp_path / "q"
+    assert run_cli(["data", "synth", "--out", questions, "--n", "2"], capsys)[0] == 0
+    for argv in (["data", "synth", "--out", a_file, "--n", "2"],
+                 ["data", "tokenizer", "--data", questions / "qa.json", "--out", a_file],
+                 ["train", "--model", "demo", "--data", questions / "qa.json", "--output-dir", a_file],
+                 ["eval", "--model", "/no/such/model", "--task", "pope", "--data", "d", "--output", a_file]):
+        code, _, err = run_cli(argv, capsys)
+        assert code == 2 and err == f"llava-next: error: cannot write into {a_file}: it is a file; give a directory\n"
+    # predictions: refused before the model loads (it does not exist: that would be the error otherwise)
+    code, _, err = run_cli(["eval", "--model", "/no/such/model", "--data", questions / "qa.json", "--predictions",
+                            questions], capsys)
+    assert code == 2 and err == f"llava-next: error: cannot write {questions}: it is a directory; give a file name\n"
+    assert a_file.read_text() == "mine"
+    # and a file in a folder that is not there yet is written, the folder made
+    code, out, _ = run_cli(["eval", "--model", "demo", "--data", questions / "qa.json", "--predictions",
+                            tmp_path / "new" / "p.jsonl"], capsys)
+    assert code == 0 and "all" in out and len((tmp_path / "new" / "p.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_dataset_that_is_neither_here_nor_on_the_hub_is_one_line(tmp_path, capsys, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def unreachable(*args, **kwargs):  # what datasets raises offline, after its retries
+        raise ConnectionError("Couldn't reach 'POPE/data' on the Hub (LocalEntryNotFoundError)\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["eval", "--model", "demo", "--task", "pope", "--data", "POPE/data"], capsys)
+    assert code == 2 and "Traceback" not in err
+    lines = err.splitlines()
+    assert lines[0] == "POPE/data: no such file or directory here; reading it as a Hub dataset id"
+    assert lines[1:] == ["llava-next: error: POPE/data: no such file or directory here, and reading it from the "
+                         "Hugging Face Hub failed (ConnectionError: Couldn't reach 'POPE/data' on the Hub "
+                         "(LocalEntryNotFoundError)). Check the path; or, on a machine with network access, run `hf "
+                         "download POPE/data --repo-type dataset --local-dir DIR` and pass that DIR"]
+
+
+def test_python_callers_mistakes_are_named(tmp_path):
+    from llava_next.data.tokenizer import train_tokenizer
+    from llava_next.prompt import PromptError
+
+    pipe = llava_next.load("demo", progress=False)
+    for role in ("usr", "tool", None):
+        with pytest.raises(PromptError, match=f"message 0: role {role!r} is not one of system, user, assistant"):
+            pipe.generate([{"role": role, "content": "What color is the circle?"}])
+    chat = pipe.conversation()
+    with pytest.raises(PromptError, match="images must be a list .one entry per image., not a str"):
+        chat.ask("Again?", images="examples/shapes.png")
+    with pytest.raises(PromptError, match="the question must be a string, not NoneType"):
+        chat.ask(None)
+    assert chat.messages == [] and chat.images == []  # nothing of a refused turn is kept
+    for option in ("prefix_cache", "compile"):
+        with pytest.raises(LlavaError, match=f"{option} must be True or False, got 'no'"):
+            llava_next.load("demo", progress=False, **{option: "no"})
+    with pytest.raises(LlavaError, match="no model given: name a checkpoint directory, a Hub id or 'demo'"):
+        llava_next.load("", progress=False)
+    with pytest.raises(LlavaError, match="there is no text to train a tokenizer on"):
+        train_tokenizer(["", "  "], tmp_path / "tok")

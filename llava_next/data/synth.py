@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..outputs import output_directory
 from .records import DataError
 
 COLORS = {
@@ -183,8 +184,8 @@ def generate(out: Path, n: int, seed: int, turns: int = 1) -> dict[str, int]:
     if n < 1 or turns < 1:
         raise DataError(f"n (images) and turns (questions per image) must be at least 1, got n={n}, turns={turns}")
     rng = random.Random(seed)
-    out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    out = output_directory(out)
+    (out / "images").mkdir(exist_ok=True)
     captions, qa, counts = [], [], {k: 0 for k in QUESTION_TYPES}
     for i in range(n):
         scene = _scene(rng)

@@ -12,13 +12,18 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from .records import read_records
+from ..outputs import output_directory
+from .records import DataError, read_records
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
 
 
 def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 512) -> Path:
-    """Train on `texts` and write tokenizer.json and tokenizer_config.json into `out`."""
+    """Train on `texts` and write tokenizer.json and tokenizer_config.json into `out`. `vocab_size` bounds what BPE
+    learns (the special tokens and the characters seen included); the 256 byte tokens come on top."""
+    texts = list(texts)
+    if not any(text.strip() for text in texts):
+        raise DataError("there is no text to train a tokenizer on: the data has no turns with text")
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     # words never merge across a space, and the first word gets its "▁" too, as sentencepiece does
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace("\u2581", prepend_scheme="first", split=True)
@@ -39,8 +44,7 @@ def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 512) -> P
     tokenizer = Tokenizer.from_str(json.dumps(spec))
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_directory(out)
     tokenizer.save(str(out / "tokenizer.json"))
     decoder = {str(tokenizer.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                                "single_word": False, "special": True} for t in SPECIALS}

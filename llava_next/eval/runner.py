@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..outputs import output_directory
 from .tasks import Sample, Skip, Task, TaskDataError, get_task
 
 
@@ -113,7 +115,15 @@ def _hub_rows(dataset_id: str, task: Task) -> tuple[Iterator[dict[str, Any]], in
         import datasets
     except ImportError:
         raise TaskDataError("reading a Hub dataset needs the datasets library: pip install datasets") from None
-    loaded = datasets.load_dataset(dataset_id, task.hub_config, split=task.split)
+    print(f"{dataset_id}: no such file or directory here; reading it as a Hub dataset id", file=sys.stderr)
+    try:
+        loaded = datasets.load_dataset(dataset_id, task.hub_config, split=task.split)
+    except Exception as e:  # noqa: BLE001 - datasets' and the Hub client's many errors: the same advice for each
+        first_line = (str(e).splitlines() or [""])[0][:300]
+        raise TaskDataError(
+            f"{dataset_id}: no such file or directory here, and reading it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {first_line}). Check the path; or, on a machine with network access, run `hf "
+            f"download {dataset_id} --repo-type dataset --local-dir DIR` and pass that DIR") from None
     return iter(loaded), len(loaded)
 
 
@@ -216,9 +226,7 @@ def run_task(pipe, task_name: str, data: str | Path, output: str | Path | None =
     task = get_task(task_name)
     rank, world = shard()
     began = time.perf_counter()
-    out = Path(output) if output is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    out = output_directory(output) if output is not None else None
     predictions = out / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl") if out else None
     done = read_predictions(predictions) if predictions else {}
     if predictions is not None and predictions.exists():

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.records import Record, read_records
+from ..outputs import output_file
 from ..image import ImageError
 from ..prompt import IMAGE_TOKEN
 
@@ -172,4 +173,4 @@ def evaluate(pipe, data: str | Path, image_folder: str | Path | None = None, lim
 
 
 def write_predictions(result: EvalResult, path: Path) -> None:
-    path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result.predictions))
+    output_file(path).write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result.predictions))
