@@ -406,7 +406,7 @@ def test_build_from_a_clip_and_a_language_model_checkpoint(tmp_path, tiny, shape
 
 
 def test_recipe_errors_are_clear(tmp_path):
-    with pytest.raises(RecipeError, match="unknown key.*in the recipe.train: lerning_rate"):
+    with pytest.raises(RecipeError, match="unknown key.*in train: lerning_rate"):
         read_recipe(None, ["model.path=x", "data.path=d.json", "train.lerning_rate=1"])
     with pytest.raises(RecipeError, match="model.init=parts needs model.vision"):
         read_recipe(None, ["model.init=parts", "data.path=d.json"])
@@ -414,6 +414,32 @@ def test_recipe_errors_are_clear(tmp_path):
         read_recipe(None, ["model.path=x", "data.path=d.json", "train.lr.visoin=1e-4"])
     with pytest.raises(RecipeError, match="train.lr.vision must be a non-negative number, not 'fast'"):
         read_recipe(None, ["model.path=x", "data.path=d.json", "train.lr.vision=fast"])
+
+
+@pytest.mark.parametrize("override,says", [
+    ("train.batch_size=abc", "train.batch_size must be a whole number, not 'abc'"),
+    ("train.batch_size=2.5", "train.batch_size must be a whole number, not 2.5"),
+    ("train.max_grad_norm=abc", "train.max_grad_norm must be a number, not 'abc'"),
+    ("train.betas=abc", "train.betas must be a list of 2 numbers, not 'abc'"),
+    ("train.gradient_checkpointing=maybe", "train.gradient_checkpointing must be true or false, not 'maybe'"),
+    ("train.lr=0.001", "train.lr must be a mapping of part to learning rate (e.g. train.lr.projector=1e-3), not 0.001"),
+    ("train.lora.r=x", "train.lora.r must be a whole number, not 'x'"),
+    ("model.scratch.pinpoints=[[1,x]]", "model.scratch.pinpoints must be a list of lists of whole numbers"),
+    ("train.keep_checkpoints=x", "train.keep_checkpoints must be a whole number or null, not 'x'"),
+    ("train.epochs=0", "train.epochs must be above 0, not 0"),
+    ("train.max_steps=0", "train.max_steps must be at least 1, not 0"),
+    ("train.warmup_ratio=5", "train.warmup_ratio must be at least 0 and at most 1, not 5"),
+    ("data.max_bad_fraction=-0.5", "data.max_bad_fraction must be at least 0 and at most 1, not -0.5"),
+    ("train.save_dtype=int8", "train.save_dtype must be one of float32, bfloat16, float16, fp32, bf16, fp16"),
+    ("train=5", "train must be a mapping"),
+])
+def test_recipe_values_of_the_wrong_type_or_range_are_named_before_anything_runs(override, says):
+    with pytest.raises(RecipeError) as raised:
+        read_recipe(None, ["model.path=x", "data.path=d.json", override])
+    assert says in str(raised.value)
+    # (the command line's own overrides go through a key the user set to a value: named, not a TypeError)
+    with pytest.raises(RecipeError, match="override 'train.output_dir=o': train is 5, not a mapping"):
+        read_recipe(None, ["model.path=x", "data.path=d.json", "train=5", "train.output_dir=o"])
 
 
 def test_learning_rates_in_exponent_notation_are_numbers(tmp_path):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from ..errors import LlavaError
 from .lora import LoraConfig
 
 PARTS = ("projector", "vision", "language")
+SAVE_DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")  # (pipeline.DTYPES)
 
 
 class RecipeError(LlavaError, ValueError):
@@ -114,6 +117,23 @@ class Recipe:
             raise RecipeError(f"train.keep_checkpoints must be a count (0: none) or null (all), not {t.keep_checkpoints!r}")
         if t.batch_size < 1 or t.grad_accum < 1:
             raise RecipeError("train.batch_size and train.grad_accum must be at least 1")
+        ranges = [  # (key, value, lowest, highest or None, whether the lowest itself is refused)
+            ("data.max_length", d.max_length, 1, None, False),
+            ("data.max_bad_fraction", d.max_bad_fraction, 0, 1, False),
+            ("train.epochs", t.epochs, 0, None, True), ("train.max_steps", t.max_steps, 1, None, False),
+            ("train.warmup_ratio", t.warmup_ratio, 0, 1, False), ("train.min_lr_ratio", t.min_lr_ratio, 0, 1, False),
+            ("train.weight_decay", t.weight_decay, 0, None, False),
+            ("train.max_grad_norm", t.max_grad_norm, 0, None, True),
+            ("train.save_every", t.save_every, 0, None, False), ("train.log_every", t.log_every, 1, None, False),
+            ("train.betas[0]", t.betas[0], 0, 1, False), ("train.betas[1]", t.betas[1], 0, 1, False)]
+        for key, value, low, high, low_refused in ranges:
+            if value is None:  # (max_steps: none, the epochs decide)
+                continue
+            if value < low or (low_refused and value == low) or (high is not None and value > high):
+                bound = f"{'above' if low_refused else 'at least'} {low}" + (f" and at most {high}" if high else "")
+                raise RecipeError(f"{key} must be {bound}, not {value!r}")
+        if t.save_dtype not in SAVE_DTYPES:
+            raise RecipeError(f"train.save_dtype must be one of {', '.join(SAVE_DTYPES)}, not {t.save_dtype!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,16 +153,64 @@ def _build(cls, values: Any, where: str):
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise RecipeError(f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(hints)})")
+    types = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
         default = hints[name].default_factory() if hints[name].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(default, dict) and isinstance(value, dict):
+            kwargs[name] = _build(type(default), value, name if where == "the recipe" else f"{where}.{name}")
+            continue
+        if not _conforms(value, types[name]):
+            key = name if where == "the recipe" else f"{where}.{name}"
+            raise RecipeError(f"{key} must be {_describe(types[name])}, not {value!r}")
+        if isinstance(default, dict):
             kwargs[name] = {**default, **value}  # setting one learning rate keeps the others
         else:
             kwargs[name] = value
     return cls(**kwargs)
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a value read from YAML or JSON fits a recipe field's annotation (bool is no number here)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_conforms, value, args))
+    if origin is dict:  # (train.lr: Recipe.validate names a part or a learning rate that is wrong)
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if arg is type(None) else _describe(arg) for arg in args)
+    if origin is list:
+        return f"a list of {_plural(args[0])}"
+    if origin is tuple:
+        return f"a list of {len(args)} numbers"
+    if origin is dict:
+        return "a mapping of part to learning rate (e.g. train.lr.projector=1e-3)"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _plural(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"lists of {_plural(typing.get_args(hint)[0])}"
+    return {bool: "trues or falses", int: "whole numbers", float: "numbers", str: "strings"}.get(hint, str(hint))
 
 
 _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -200,8 +268,11 @@ def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             raise RecipeError(f"override {override!r} must look like key.sub=value")
         node = values
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {override!r}: {'.'.join(parts[:i + 1])} is {node!r}, not a mapping of "
+                                  "keys")
         node[parts[-1]] = _parse_value(value)
     data = values.get("data", {})
     if isinstance(data.get("path"), str):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import yaml
 
 from ..data.records import DataError, read_records
+from ..outputs import output_directory
 from ..pipeline import DTYPES, Pipeline
 from .build import build_from_parts, build_scratch, load_for_training
 from .lora import apply_lora, save_adapter, split_lora_state
@@ -292,7 +293,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, stop
     t = recipe.train
     out = Path(t.output_dir)
     if procs.main:
-        out.mkdir(parents=True, exist_ok=True)
+        output_directory(out)
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     procs.barrier()
     log = print if procs.main else (lambda *a, **k: None)
