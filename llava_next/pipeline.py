@@ -296,6 +296,12 @@ def load(
     for name, value, low in (("max_image_pixels", max_image_pixels, 1), ("image_cache_bytes", image_cache_bytes, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise LoadError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name, value in (("progress", progress), ("prefix_cache", prefix_cache), ("compile", compile),
+                        ("trainable", trainable)):
+        if not isinstance(value, bool):  # ("no" is true to Python)
+            raise LoadError(f"{name} must be True or False, got {value!r}")
+    if not str(model).strip():
+        raise LoadError("no model given: name a checkpoint directory, a Hub id or 'demo'")
     adapter = Path(model).expanduser() if str(model) != "demo" else None
     adapter_config = read_adapter_config(adapter) if adapter is not None and is_adapter(adapter) else None
     if adapter_config is not None:
@@ -487,6 +493,10 @@ class Conversation:
     images: list[Any] = field(default_factory=list)
 
     def _turn(self, text: str, images: Sequence[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+        if not isinstance(text, str):
+            raise PromptError(f"the question must be a string, not {type(text).__name__}")
+        if not isinstance(images, (list, tuple)):
+            raise PromptError(f"images must be a list (one entry per image), not a {type(images).__name__}")
         loaded = [self.pipe.processor.load_image(im) for im in images]
         turn = {"role": "user", "content": [{"type": "image"}] * len(loaded) + [{"type": "text", "text": text}]}
         return self.messages + [turn], self.images + loaded

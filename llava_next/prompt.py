@@ -27,6 +27,7 @@ from .errors import LlavaError
 from .sentencepiece_model import SlowDecoder, build_backend, check_slow_supported, read_model
 
 IMAGE_TOKEN = "<image>"
+ROLES = ("system", "user", "assistant")  # what LLaVA's chat templates have speakers for
 
 
 class PromptError(LlavaError, ValueError):
@@ -527,6 +528,8 @@ def normalize_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[st
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             raise PromptError(f"message {i} must be a dict with a 'role' and a 'content'")
+        if message["role"] not in ROLES:  # (a checkpoint's template would render "usr" as a speaker of its own)
+            raise PromptError(f"message {i}: role {message['role']!r} is not one of {', '.join(ROLES)}")
         content = message.get("content")
         if content is None:
             content = []

@@ -188,7 +188,7 @@ def test_unknown_name_lists_the_known_ones():
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 1 is from the user"),
     ([{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "system", "content": "t"}],
      "message 2 is a system message"),
-    ([{"role": "tool", "content": "a"}], "message 0 has role 'tool'"),
+    ([{"role": "tool", "content": "a"}], "message 0: role 'tool' is not one of system, user, assistant"),
     ([{"role": "system", "content": "s"}], "no user message"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "ends with an assistant message"),
 ])
