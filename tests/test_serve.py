@@ -209,6 +209,15 @@ def test_rejected_requests_say_what_is_wrong_name_the_field_and_log_one_line(tin
     assert error_of(as_form) == ("the body must be a JSON object; send it with the header "
                                  "'Content-Type: application/json'")
     assert bad_field.json()["error"]["param"] == "temperature" and "temperature" in error_of(bad_field)
+    # a part of a kind the server does not take: where, in the request's own terms (no pydantic union branches)
+    video = httpx.post(url, json={"model": "tiny", "messages": [
+        {"role": "user", "content": [{"type": "video", "video_url": {"url": "v.mp4"}}]}]})
+    assert error_of(video) == ("invalid request: messages[0].content[0].type: Input should be 'text' or 'image_url'; "
+                               "messages[0].content[0].video_url: Extra inputs are not permitted")
+    assert video.json()["error"]["param"] == "messages[0].content[0].type"
+    neither = httpx.post(url, json={"model": "tiny", "messages": [{"role": "user", "content": 5}]})
+    assert error_of(neither) == ("invalid request: messages[0].content: Input should be a valid string; or Input "
+                                 "should be a valid list")
     assert [r.status_code for r in (not_json, as_form, bad_field, no_route, wrong_method)] == [400, 400, 400, 404, 405]
     lines = [r.getMessage() for r in caplog.records if r.name == "llava_next.serve"]
     assert lines == ["- 400 POST /v1/chat/completions: the body is not valid JSON (Expecting value at character 10)",

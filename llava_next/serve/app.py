@@ -346,10 +346,13 @@ def create_app(settings: ServeSettings, pipe: Pipeline | None = None) -> FastAPI
             if "json" not in request.headers.get("content-type", ""):
                 message += "; send it with the header 'Content-Type: application/json'"
             return rejected(request, error_response(400, message, "invalid_request_error"), message)
-        fields = [".".join(str(p) for p in err["loc"] if p != "body") or "body" for err in errors]
-        message = "invalid request: " + "; ".join(f"{where}: {err['msg']}" for where, err in zip(fields, errors[:5]))
+        problems: dict[str, list[str]] = {}  # where -> what is wrong there, in pydantic's order
+        for where, msg in field_problems(errors):
+            problems.setdefault(where, []).append(msg)
+        message = "invalid request: " + "; ".join(f"{where}: {'; or '.join(msgs)}"
+                                                  for where, msgs in list(problems.items())[:5])
         return rejected(request, error_response(400, message, "invalid_request_error",
-                                                param=fields[0] if fields else None), message)
+                                                param=next(iter(problems), None)), message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
@@ -529,6 +532,26 @@ def create_app(settings: ServeSettings, pipe: Pipeline | None = None) -> FastAPI
 
 ROUTES = "POST /v1/chat/completions, GET /v1/models, POST /v1/image_tokens, GET /health, GET /metrics and GET / " \
          "(the chat page)"
+
+
+def field_problems(errors: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """pydantic's errors as (messages[0].content[0].type, what is wrong), the branches of a union left out of the
+    place (content's 'str' and 'list[ContentPart]'), and a branch that the value is not even the kind of (a string
+    where a list was given, with errors inside the list) left out."""
+    def place(loc) -> tuple:
+        return tuple(p for p in loc if p != "body" and not (isinstance(p, str) and (
+            "[" in p or p[:1].isupper() or p in ("str", "int", "float", "bool"))))
+
+    deeper = {place(e["loc"]) for e in errors if len(place(e["loc"])) > 0}
+    kept = []
+    for e in errors:
+        where = place(e["loc"])
+        if e["type"].endswith("_type") and any(other[:len(where)] == where and len(other) > len(where)
+                                               for other in deeper):
+            continue  # e.g. "should be a valid string" for a list that has its own errors inside
+        text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in where).lstrip(".") or "body"
+        kept.append((text, e["msg"]))
+    return kept
 
 
 def printable_path(request: Request) -> str:
