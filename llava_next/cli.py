@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import inspect
 import json
 import sys
@@ -472,8 +473,25 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 # -- entry point -----------------------------------------------------------------------------------------------------
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, and an unknown option answered with the known one it is closest to (--imge: did you mean --image?)."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self
+            for name in ("command", "data_command"):  # the (sub)command that was run: its options are the known ones
+                subcommands = command._subparsers._group_actions[0].choices if command._subparsers else {}
+                command = subcommands.get(getattr(parsed, name, None), command)
+            known = [o for action in command._actions for o in action.option_strings]
+            guesses = [f"{u} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+                u.split("=")[0], known, n=1)) else u for u in unknown]
+            command.error(f"unrecognized arguments: {' '.join(guesses)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llava-next", description="Run LLaVA 1.5 and LLaVA-NeXT models.")
+    parser = Parser(prog="llava-next", description="Run LLaVA 1.5 and LLaVA-NeXT models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="answer one prompt about images")

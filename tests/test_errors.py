@@ -248,8 +248,12 @@ def test_data_and_recipe_files_that_are_not_what_they_should_be_are_one_line(tmp
     (["generate", "--prompt", "Hi", "--max-new-tokens", "many"],
      "argument --max-new-tokens: 'many' is not a whole number"),
     (["info", "--max-image-pixels", "-5"], "argument --max-image-pixels: must be at least 1, got -5"),
+    (["generate", "--prompt", "Hi", "--imge", "x.png"], "unrecognized arguments: --imge (did you mean --image?) x.png"),
+    (["data", "synth", "--out", "x", "--n", "1", "--seeed=3"], "data synth: error: unrecognized arguments: --seeed=3 "
+                                                               "(did you mean --seed?)"),
+    (["info", "--json", "extra"], "info: error: unrecognized arguments: extra"),
 ])
-def test_counts_out_of_range_are_refused_by_their_flag(argv, says, capsys, tmp_path, monkeypatch):
+def test_counts_out_of_range_and_mistyped_flags_are_refused_by_name(argv, says, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stopped:
         cli.main(argv)
