@@ -352,8 +352,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for flag, key in (("output_dir", "train.output_dir"), ("max_steps", "train.max_steps"),
                       ("data", "data.path"), ("model", "model.path")):
         value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+        if value is not None:  # (quoted: a path like 2024-05-01 or "run #2" is a string, not YAML's date or comment)
+            overrides.append(f"{key}={json.dumps(value)}")
     recipe = read_recipe(args.config, overrides)
     train(recipe, resume=args.resume, progress=sys.stderr.isatty())
     return 0

@@ -428,15 +428,22 @@ def test_recipe_errors_are_clear(tmp_path):
     ("train.keep_checkpoints=x", "train.keep_checkpoints must be a whole number or null, not 'x'"),
     ("train.epochs=0", "train.epochs must be above 0, not 0"),
     ("train.max_steps=0", "train.max_steps must be at least 1, not 0"),
-    ("train.warmup_ratio=5", "train.warmup_ratio must be at least 0 and at most 1, not 5"),
-    ("data.max_bad_fraction=-0.5", "data.max_bad_fraction must be at least 0 and at most 1, not -0.5"),
+    ("train.warmup_ratio=5", "train.warmup_ratio must be in [0, 1], not 5"),
+    ("data.max_bad_fraction=-0.5", "data.max_bad_fraction must be in [0, 1], not -0.5"),
+    ("train.betas=[1,0.999]", "train.betas[0] must be in [0, 1), not 1"),
+    ("train.lora.r=-4", "train.lora.r must be at least 0, not -4"),
+    ("train.lora.dropout=1.5", "train.lora.dropout must be in [0, 1), not 1.5"),
+    ("model.scratch.text_layers=0", "model.scratch.text_layers must be at least 1, not 0"),
+    ("data=my.json", "data must be a mapping of keys, not 'my.json'"),
     ("train.save_dtype=int8", "train.save_dtype must be one of float32, bfloat16, float16, fp32, bf16, fp16"),
-    ("train=5", "train must be a mapping"),
+    ("train=5", "train must be a mapping of keys, not 5"),
 ])
 def test_recipe_values_of_the_wrong_type_or_range_are_named_before_anything_runs(override, says):
     with pytest.raises(RecipeError) as raised:
         read_recipe(None, ["model.path=x", "data.path=d.json", override])
     assert says in str(raised.value)
+    # a section left empty in YAML ("data:") is an empty one, which the flags fill
+    assert read_recipe(None, ["model.path=x", "data=", "data.path=d.json"]).data.path == ["d.json"]
     # (the command line's own overrides go through a key the user set to a value: named, not a TypeError)
     with pytest.raises(RecipeError, match="override 'train.output_dir=o': train is 5, not a mapping"):
         read_recipe(None, ["model.path=x", "data.path=d.json", "train=5", "train.output_dir=o"])
@@ -549,3 +556,17 @@ def test_data_synth_and_eval_commands(shapes, tmp_path, capsys):
 
     assert all(r["correct"] == (normalize_answer(r["prediction"]) == normalize_answer(r["answer"])) for r in rows)
     assert normalize_answer("  Red. ") == "red" and normalize_answer("two  words!") == "two words"
+
+
+def test_train_flags_are_taken_as_the_strings_they_are(monkeypatch):
+    # a flag's value is a path or a name; read as YAML, 2024-05-01 would be a date, 1e5 a number, "#2" a comment
+    import llava_next.train.trainer as trainer
+    from llava_next import cli
+
+    ran = []
+    monkeypatch.setattr(trainer, "train", lambda recipe, **options: ran.append(recipe))
+    assert cli.main(["train", "--model", "1e5", "--data", "data: x.json", "--output-dir", "runs/2024-05-01 #2",
+                     "--max-steps", "3"]) == 0
+    (recipe,) = ran
+    assert (recipe.model.path, recipe.data.path, recipe.train.output_dir, recipe.train.max_steps) == (
+        "1e5", ["data: x.json"], "runs/2024-05-01 #2", 3)

@@ -117,20 +117,27 @@ class Recipe:
             raise RecipeError(f"train.keep_checkpoints must be a count (0: none) or null (all), not {t.keep_checkpoints!r}")
         if t.batch_size < 1 or t.grad_accum < 1:
             raise RecipeError("train.batch_size and train.grad_accum must be at least 1")
-        ranges = [  # (key, value, lowest, highest or None, whether the lowest itself is refused)
-            ("data.max_length", d.max_length, 1, None, False),
-            ("data.max_bad_fraction", d.max_bad_fraction, 0, 1, False),
-            ("train.epochs", t.epochs, 0, None, True), ("train.max_steps", t.max_steps, 1, None, False),
-            ("train.warmup_ratio", t.warmup_ratio, 0, 1, False), ("train.min_lr_ratio", t.min_lr_ratio, 0, 1, False),
-            ("train.weight_decay", t.weight_decay, 0, None, False),
-            ("train.max_grad_norm", t.max_grad_norm, 0, None, True),
-            ("train.save_every", t.save_every, 0, None, False), ("train.log_every", t.log_every, 1, None, False),
-            ("train.betas[0]", t.betas[0], 0, 1, False), ("train.betas[1]", t.betas[1], 0, 1, False)]
-        for key, value, low, high, low_refused in ranges:
+        ranges = [  # (key, value, lowest, highest or None, interval: "[" / "(" the lowest in or out, "]" / ")" the top)
+            ("data.max_length", d.max_length, 1, None, "["), ("data.max_bad_fraction", d.max_bad_fraction, 0, 1, "[]"),
+            ("train.epochs", t.epochs, 0, None, "("), ("train.max_steps", t.max_steps, 1, None, "["),
+            ("train.warmup_ratio", t.warmup_ratio, 0, 1, "[]"), ("train.min_lr_ratio", t.min_lr_ratio, 0, 1, "[]"),
+            ("train.weight_decay", t.weight_decay, 0, None, "["),
+            ("train.max_grad_norm", t.max_grad_norm, 0, None, "("),
+            ("train.save_every", t.save_every, 0, None, "["), ("train.log_every", t.log_every, 1, None, "["),
+            ("train.betas[0]", t.betas[0], 0, 1, "[)"), ("train.betas[1]", t.betas[1], 0, 1, "[)"),
+            ("train.lora.r", t.lora.r, 0, None, "["), ("train.lora.alpha", t.lora.alpha, 0, None, "("),
+            ("train.lora.dropout", t.lora.dropout, 0, 1, "[)")]
+        ranges += [(f"model.scratch.{f.name}", getattr(m.scratch, f.name), 1, None, "[")
+                   for f in dataclasses.fields(m.scratch) if isinstance(getattr(m.scratch, f.name), int)]
+        ranges += [("model.scratch.pinpoints", side, 1, None, "[") for pair in m.scratch.pinpoints for side in pair]
+        for key, value, low, high, interval in ranges:
             if value is None:  # (max_steps: none, the epochs decide)
                 continue
-            if value < low or (low_refused and value == low) or (high is not None and value > high):
-                bound = f"{'above' if low_refused else 'at least'} {low}" + (f" and at most {high}" if high else "")
+            below = value < low or (interval[0] == "(" and value == low)
+            above = high is not None and (value > high or (interval[-1] == ")" and value == high))
+            if below or above:
+                bound = f"in {interval[0]}{low}, {high}{interval[-1]}" if high is not None else \
+                    f"{'above' if interval == '(' else 'at least'} {low}"
                 raise RecipeError(f"{key} must be {bound}, not {value!r}")
         if t.save_dtype not in SAVE_DTYPES:
             raise RecipeError(f"train.save_dtype must be one of {', '.join(SAVE_DTYPES)}, not {t.save_dtype!r}")
@@ -148,7 +155,7 @@ def _build(cls, values: Any, where: str):
     if not dataclasses.is_dataclass(cls):
         return values
     if not isinstance(values, dict):
-        raise RecipeError(f"{where} must be a mapping")
+        raise RecipeError(f"{where} must be a mapping of keys, not {values!r:.80}")
     hints = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(hints))
     if unknown:
@@ -229,9 +236,11 @@ def _numbers(value: Any) -> Any:
 
 def _parse_value(text: str) -> Any:
     try:
-        return _numbers(yaml.safe_load(text))
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    quoted = isinstance(value, str) and text.strip()[:1] in ("'", '"')
+    return value if quoted else _numbers(value)  # a quoted value is the string it says, 1e5 included
 
 
 def _read_recipe_file(path: Path) -> dict[str, Any]:
@@ -269,13 +278,18 @@ def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         node = values
         parts = key.strip().split(".")
         for i, part in enumerate(parts[:-1]):
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # (absent, or YAML's empty "data:")
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise RecipeError(f"override {override!r}: {'.'.join(parts[:i + 1])} is {node!r}, not a mapping of "
                                   "keys")
         node[parts[-1]] = _parse_value(value)
-    data = values.get("data", {})
-    if isinstance(data.get("path"), str):
+    for section in ("model", "data", "train"):
+        if section in values and values[section] is None:  # (YAML's empty "data:")
+            values[section] = {}
+    data = values.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str):
         data["path"] = [data["path"]]
     recipe = _build(Recipe, values, "the recipe")
     if isinstance(recipe.train.betas, list):
