@@ -209,7 +209,7 @@ def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
             stdout.write("\n")
         except LlavaError as e:
             print(f"error: {e}", file=stdout)
-            if messages:  # (a conversation grows each turn until it no longer fits)
+            if any(m["role"] == "user" for m in messages):  # (a conversation grows each turn until it no longer fits)
                 print("(the conversation so far is part of every prompt: /reset starts a new one)", file=stdout)
             if pending:  # they went with the message that was not answered, and go with it
                 print(f"(not sent: the message and its {len(pending)} image(s); /image attaches again)", file=stdout)
@@ -382,6 +382,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .outputs import output_directory, output_file
 
     # where results go, checked before the model loads and the questions are answered
+    if args.output and not args.task:
+        raise LlavaError("--output goes with --task; without one, --predictions FILE writes the predictions")
+    if args.predictions and args.task:
+        raise LlavaError("--predictions goes without --task; with one, --output DIR writes predictions.jsonl")
     if args.output:
         output_directory(args.output)
     if args.predictions:

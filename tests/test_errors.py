@@ -122,6 +122,12 @@ def test_chat_after_a_turn_that_failed_says_why_and_sends_nothing_of_it_later(tm
     last = pipe.generate([cli.user_message("What is it?", 1), {"role": "assistant", "content": first},
                           cli.user_message("What color is it?", 0)], [picture], max_new_tokens=4).text
     assert shown[2] == first and shown[7:] == [last]
+    # with a system message but no turn yet, a first message too long is not "the conversation so far"
+    out = io.StringIO()
+    assert cli.cmd_chat(cli.build_parser().parse_args(["chat", "--system", "Be brief."]),
+                        stdin=io.StringIO(too_long + "\n"), stdout=out) == 0
+    shown = out.getvalue().splitlines()
+    assert len(shown) == 1 and "context window" in shown[0]
 
 
 def test_command_line_defaults_are_the_functions_defaults():
@@ -295,6 +301,11 @@ def test_outputs_that_cannot_be_written_are_one_line_before_the_work(tmp_path, c
                             questions], capsys)
     assert code == 2 and err == f"llava-next: error: cannot write {questions}: it is a directory; give a file name\n"
     assert a_file.read_text() == "mine"
+    for argv, says in ((["eval", "--data", "d.json", "--output", "o"], "--output goes with --task"),
+                       (["eval", "--task", "pope", "--data", "d", "--predictions", "p.jsonl"],
+                        "--predictions goes without --task")):
+        code, _, err = run_cli(argv, capsys)
+        assert code == 2 and says in err and not (tmp_path / "o").exists()
     # and a file in a folder that is not there yet is written, the folder made
     code, out, _ = run_cli(["eval", "--model", "demo", "--data", questions / "qa.json", "--predictions",
                             tmp_path / "new" / "p.jsonl"], capsys)

@@ -375,6 +375,29 @@ sys.exit(cli.main(["serve", "--model", "demo", "--port", sys.argv[1]]))
 """
 
 
+def test_the_server_listens_on_every_address_its_host_names(monkeypatch):
+    # localhost is 127.0.0.1 and ::1 on many systems: a client may try either (as asyncio's create_server binds both)
+    import socket
+
+    from llava_next.errors import LlavaError
+    from llava_next.serve.app import listening_sockets
+
+    port = free_port()
+    both = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: both + both[1:])  # (a repeat: bound once)
+    try:
+        sockets = listening_sockets("localhost", port)
+    except LlavaError as e:  # (a system without IPv6 on its loopback)
+        pytest.skip(str(e))
+    try:
+        assert [s.getsockname()[:2] for s in sockets] == [("::1", port), ("127.0.0.1", port)]
+        assert sockets[0].getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def test_a_port_in_use_is_one_line_and_ctrl_c_while_loading_stops_cleanly():
     import socket
 

@@ -534,13 +534,16 @@ ROUTES = "POST /v1/chat/completions, GET /v1/models, POST /v1/image_tokens, GET 
          "(the chat page)"
 
 
+# the names pydantic gives the branches of the request's unions (content: str | list[ContentPart], stop: str | list)
+UNION_BRANCHES = ("str", "list[ContentPart]", "list[str]")
+
+
 def field_problems(errors: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """pydantic's errors as (messages[0].content[0].type, what is wrong), the branches of a union left out of the
     place (content's 'str' and 'list[ContentPart]'), and a branch that the value is not even the kind of (a string
     where a list was given, with errors inside the list) left out."""
     def place(loc) -> tuple:
-        return tuple(p for p in loc if p != "body" and not (isinstance(p, str) and (
-            "[" in p or p[:1].isupper() or p in ("str", "int", "float", "bool"))))
+        return tuple(p for p in loc if p != "body" and p not in UNION_BRANCHES)
 
     deeper = {place(e["loc"]) for e in errors if len(place(e["loc"])) > 0}
     kept = []
@@ -595,43 +598,52 @@ def finish_log(summary: dict[str, Any], status: str, seqs: list[Sequence], began
     log.info(line)
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before the model loads: a port in use is one clear error, and no load is
-    started only to be thrown away (uvicorn binds after the app's startup)."""
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """The server's sockets, bound before the model loads: a port in use is one clear error, and no load is started
+    only to be thrown away (uvicorn binds after the app's startup). One for each address `host` names, as asyncio's
+    create_server binds them (localhost: 127.0.0.1 and, where the system says so, ::1), IPv6 ones IPv6-only."""
     try:
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, OverflowError) as e:
         raise LlavaError(f"cannot listen on {host}:{port}: {e}; check --host and --port") from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        hint = "pick another --port, or stop what listens there" if e.errno == errno.EADDRINUSE else \
-            "check --host (an address of this machine) and --port"
-        raise LlavaError(f"cannot listen on {host}:{port}: {e.strerror or e}; {hint}") from None
-    return sock
+    sockets: list[socket.socket] = []
+    for family, address in dict.fromkeys((family, address) for family, _, _, _, address in infos):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sockets.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            for s in sockets:
+                s.close()
+            hint = "pick another --port, or stop what listens there" if e.errno == errno.EADDRINUSE else \
+                "check --host (an address of this machine) and --port"
+            raise LlavaError(f"cannot listen on {host}:{port}: {e.strerror or e}; {hint}") from None
+    return sockets
 
 
 def serve(settings: ServeSettings) -> None:
     """Runs the server until SIGINT/SIGTERM; in-flight requests get `shutdown_timeout` seconds to finish."""
     import uvicorn
 
-    sock = listening_socket(settings.host, settings.port)
+    sockets = listening_sockets(settings.host, settings.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=30, access_log=False))
-    host, port = sock.getsockname()[:2]
-    log.info("listening on http://%s:%d (the chat page at /, the API at /v1; Ctrl-C stops)",
-             f"[{host}]" if ":" in host else host, port)
+    for sock in sockets:
+        host, port = sock.getsockname()[:2]
+        log.info("listening on http://%s:%d (the chat page at /, the API at /v1; Ctrl-C stops)",
+                 f"[{host}]" if ":" in host else host, port)
     interrupted = False
     try:
-        server.run(sockets=[sock])  # uvicorn re-raises the signal that stopped it: Ctrl-C as KeyboardInterrupt
+        server.run(sockets=sockets)  # uvicorn re-raises the signal that stopped it: Ctrl-C as KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()
     if any(t.name == LOAD_THREAD and t.is_alive() for t in threading.enumerate()):
         # Stopped while the model was still loading: letting the interpreter finalize under a thread that is
         # inside torch aborts the process ("terminate called without an active exception"); leave at once.
