@@ -294,6 +294,21 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(shapes, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_resumed_with_more_steps_and_another_rate_takes_them_from_its_next_step(shapes, tmp_path):
+    from llava_next.train.trainer import learning_rate_factor
+
+    run = tmp_path / "run"
+    train(recipe_for(shapes, run, max_steps=2, save_every=1, warmup_ratio=0.5), progress=False)
+    faster = recipe_for(shapes, run, max_steps=4, warmup_ratio=0.5)
+    faster.train.lr = {"projector": 0.01, "vision": 0.002, "language": 0.004}
+    train(faster, resume="latest", progress=False)
+    rates = [json.loads(line)["lr"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert len(rates) == 4
+    for step in (2, 3):  # (0-based: the resumed steps, at the 4-step schedule's factors and the new rates)
+        factor = learning_rate_factor(step, 4, 2, 0.0)
+        assert factor > 0 and rates[step] == pytest.approx({part: lr * factor for part, lr in faster.train.lr.items()})
+
+
 @pytest.mark.parametrize("keep, kept", [(2, [2, 3]), (0, []), (None, [1, 2, 3])], ids=["2", "0", "null"])
 def test_keep_checkpoints_keeps_the_newest_that_many_none_or_all(keep, kept, shapes, tmp_path):
     keep_text = "null" if keep is None else keep

@@ -327,7 +327,13 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, stop
     position = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
     if resume:
         position = load_checkpoint(find_checkpoint(resume, out), model, optimizer, scheduler, procs)
-        log(f"resumed at step {position['step']}")
+        # The optimizer's settings and the schedule are this recipe's, not the checkpoint's: a run resumed with more
+        # steps or another learning rate takes them from its next step on (the same recipe: the same numbers).
+        scheduler.base_lrs = [t.lr[g["name"]] for g in optimizer.param_groups]
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group.update(initial_lr=base, lr=base * factor(scheduler.last_epoch), betas=tuple(t.betas),
+                         weight_decay=t.weight_decay)
+        log(f"resumed at step {position['step']} of {total}, with this recipe's learning rates and schedule")
     collate = Collator(pipe)
     trainable = [p for g in groups for p in g["params"]]
     log(f"training {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} "
