@@ -61,6 +61,16 @@ def read_image_processor_config(directory: Path, cfg: LlavaConfig) -> ImageProce
     return ipc
 
 
+def image_costs(sizes: list[tuple[int, int]], costs: list[int]) -> str:
+    """What the images of a prompt cost, for a message: each one, or for many the total and the dearest."""
+    if not sizes:
+        return "no images"
+    if len(sizes) <= 3:
+        return ", ".join(f"{w}x{h} px: {c} tokens" for (h, w), c in zip(sizes, costs))
+    (h, w), dearest = max(zip(sizes, costs), key=lambda pair: pair[1])
+    return f"{len(sizes)} images: {sum(costs)} tokens in all, the dearest {w}x{h} px: {dearest}"
+
+
 class Processor:
     def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor, chat_template: ChatTemplate,
                  config: LlavaConfig, image_limits: ImageLimits = ImageLimits()):
@@ -190,15 +200,14 @@ class Processor:
         window = self.config.text.max_position_embeddings
         if not ids:
             raise PromptError("the prompt is empty (no tokens at all); give some text")
+        per_image = image_costs(sizes, costs)
         if self.truncation_limit is not None and len(ids) > self.truncation_limit:
-            per_image = ", ".join(f"{w}x{h} px: {c} tokens" for (h, w), c in zip(sizes, costs)) or "no images"
             raise PromptError(
                 f"the prompt is {len(ids)} tokens with its images ({per_image}), over this checkpoint's "
                 f"tokenizer_model_max_length of {self.truncation_limit}: the original LLaVA code would cut it there "
                 "and lose its end; use fewer or smaller images or a shorter text"
             )
         if len(ids) >= window:  # an answer needs at least one free position
-            per_image = ", ".join(f"{w}x{h} px: {c} tokens" for (h, w), c in zip(sizes, costs)) or "no images"
             raise PromptError(
                 f"the prompt is {len(ids)} tokens with its images ({per_image}) but the model's context window is "
                 f"{window} tokens; use fewer or smaller images or a shorter text"

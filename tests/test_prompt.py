@@ -129,6 +129,12 @@ def test_prompt_longer_than_the_context_window_says_what_each_image_costs(tiny):
     with pytest.raises(PromptError, match=rf"is {total} tokens with its images \(500x316 px: 1512 tokens, 1000x1000 px: "
                                           r"2928 tokens\) but the model's context window is 2000 tokens"):
         pipe.processor(prompt, [smooth_image(500, 316), smooth_image(1000, 1000)])
+    # many images (a long chat): their total and the dearest, not a line of each
+    many = "[INST] " + "<image>" * 5 + " compare [/INST]"
+    total = len(pipe.processor.tokenizer.encode(many)) - 5 + 4 * 1512 + 2928
+    with pytest.raises(PromptError, match=rf"is {total} tokens with its images \(5 images: {4 * 1512 + 2928} tokens in "
+                                          r"all, the dearest 1000x1000 px: 2928\) but the model's context window"):
+        pipe.processor(many, [smooth_image(500, 316)] * 2 + [smooth_image(1000, 1000)] + [smooth_image(500, 316)] * 2)
 
 
 def test_each_placeholder_becomes_its_images_token_count(tiny, load_pipeline):
