@@ -209,6 +209,8 @@ def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
             stdout.write("\n")
         except LlavaError as e:
             print(f"error: {e}", file=stdout)
+            if "<image>" in line:  # (the model's placeholder, which a message cannot carry as text)
+                print("(to show the model an image, attach it with /image PATH before your message)", file=stdout)
             if any(m["role"] == "user" for m in messages):  # (a conversation grows each turn until it no longer fits)
                 print("(the conversation so far is part of every prompt: /reset starts a new one)", file=stdout)
             if pending:  # they went with the message that was not answered, and go with it

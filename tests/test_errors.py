@@ -122,6 +122,13 @@ def test_chat_after_a_turn_that_failed_says_why_and_sends_nothing_of_it_later(tm
     last = pipe.generate([cli.user_message("What is it?", 1), {"role": "assistant", "content": first},
                           cli.user_message("What color is it?", 0)], [picture], max_new_tokens=4).text
     assert shown[2] == first and shown[7:] == [last]
+    # the placeholder typed into a message: the command that attaches an image
+    out = io.StringIO()
+    assert cli.cmd_chat(cli.build_parser().parse_args(["chat"]), stdin=io.StringIO("What is <image> here?\n"),
+                        stdout=out) == 0
+    shown = out.getvalue().splitlines()
+    assert len(shown) == 2 and shown[0].startswith("error: the prompt has 1 <image> placeholder")
+    assert shown[1] == "(to show the model an image, attach it with /image PATH before your message)"
     # with a system message but no turn yet, a first message too long is not "the conversation so far"
     out = io.StringIO()
     assert cli.cmd_chat(cli.build_parser().parse_args(["chat", "--system", "Be brief."]),
