@@ -453,6 +453,18 @@ def test_mme_perfect_and_broken_pairs():
         t.aggregate([t.score(s, "yes") for s in samples[1:]])
 
 
+def test_mme_on_another_benchmarks_data_says_so():
+    from llava_next.eval.tasks.mme import COGNITION
+
+    # MME's 14 categories are lmms-eval's
+    assert (PERCEPTION, COGNITION) == (set(REF.mme.eval_type_dict["Perception"]),
+                                       set(REF.mme.eval_type_dict["Cognition"]))
+    # POPE's rows have MME's fields, but categories MME has not: the whole run stops at the first, naming it
+    with pytest.raises(TaskDataError, match=r"mme row 0 has the category 'adversarial', not one of MME's 14 .*"
+                                            r"is --data MME's \(lmms-lab-encoder/MME\)\?"):
+        list(get_task("mme").samples(POPE_ROWS))
+
+
 def test_every_task_is_json_serialisable():
     import json
 

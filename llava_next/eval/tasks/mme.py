@@ -16,7 +16,7 @@ from .yesno_common import SHORT_ANSWER, build_samples, row_image, value_of
 
 PERCEPTION = frozenset({"existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
                         "artwork", "OCR"})
-# every other category (commonsense_reasoning, numerical_calculation, text_translation, code_reasoning) is cognition
+COGNITION = frozenset({"commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"})
 METRICS = ("mme_perception_score", "mme_cognition_score")
 
 _ASK_YES_NO = " Please answer yes or no."  # the dataset's own instruction, replaced by the post-prompt
@@ -28,6 +28,10 @@ def _samples(rows: Iterable[dict[str, Any]]) -> Iterator[Sample | Skip]:
         question = value_of(row, "question", str, where)
         answer = value_of(row, "answer", str, where).lower().strip().replace(".", "")
         category = value_of(row, "category", str, where)
+        if category not in PERCEPTION | COGNITION:  # (no row of MME's has another: another benchmark's data)
+            raise TaskDataError(f"{where} has the category {category!r}, not one of MME's 14 "
+                                f"({', '.join(sorted(PERCEPTION | COGNITION))}): is --data MME's "
+                                "(lmms-lab-encoder/MME)?")
         if answer not in ("yes", "no"):  # lmms-eval asserts this and stops the whole run
             raise RowError(f"the answer is {row['answer']!r}, not yes or no")
         prompt = question.strip().replace(_ASK_YES_NO, "") + SHORT_ANSWER
