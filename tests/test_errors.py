@@ -354,6 +354,10 @@ def test_python_callers_mistakes_are_named(tmp_path):
     for option in ("prefix_cache", "compile"):
         with pytest.raises(LlavaError, match=f"{option} must be True or False, got 'no'"):
             llava_next.load("demo", progress=False, **{option: "no"})
+    for quantize, says in ((None, "this load does not quantize"), ("int8", "int8 has no groups")):
+        with pytest.raises(LlavaError, match=rf"group_size \(--group-size\) 32 applies to int4 quantization only; "
+                                             rf"{says}"):
+            llava_next.load("demo", progress=False, quantize=quantize, group_size=32)
     with pytest.raises(LlavaError, match="no model given: name a checkpoint directory, a Hub id or 'demo'"):
         llava_next.load("", progress=False)
     with pytest.raises(LlavaError, match="there is no text to train a tokenizer on"):
