@@ -19,7 +19,7 @@ from .eval.tasks import TASK_MODULES as TASK_NAMES
 from .eval.vqa import evaluate
 from .image import DEFAULT_MAX_PIXELS
 from .load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL, GROUP_SIZES, QUANTIZE_MODES
-from .sampling_params import SamplingParams
+from .sampling_params import GenerationError, SamplingParams
 
 # Errors that are the user's to fix: one line on stderr, exit code 2, no traceback.
 USER_ERRORS = (LlavaError, FileNotFoundError)
@@ -94,8 +94,6 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling options given on the command line (the rest come from the checkpoint or the defaults), checked
     before the model loads; a bad one is named by its flag."""
-    from .sampling_params import GenerationError
-
     given = {f.name: getattr(args, f.name) for f in fields(SamplingParams) if getattr(args, f.name, None) is not None}
     try:
         SamplingParams(**given).validate()

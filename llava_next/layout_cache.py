@@ -135,7 +135,7 @@ def _open_lock(name: str):
 
 
 def _take(lock, wait_seconds: float) -> str:
-    """flock `lock` (None: "no lock"): "locked", "no lock" (a file system without locks) or "not waited"."""
+    """flock the open lock file `lock`: "locked", "no lock" (a file system without locks) or "not waited"."""
     import fcntl
 
     deadline = time.monotonic() + wait_seconds

@@ -371,6 +371,13 @@ def load(
                     sampling_defaults=sampling_defaults(generation_config, str(directory / "generation_config.json")))
 
 
+def image_list(images: Sequence[Any] | None) -> list[Any]:
+    """One prompt's images as a list (None: none); a single image or a path given bare is refused, not iterated."""
+    if images is not None and not isinstance(images, (list, tuple)):
+        raise PromptError(f"images must be a list (one entry per image), not a {type(images).__name__}")
+    return list(images or [])
+
+
 @dataclass
 class Pipeline:
     model: LlavaModel
@@ -391,9 +398,7 @@ class Pipeline:
 
     def prompt_text(self, prompt_or_messages: str | Sequence[dict], images: Sequence[Any] | None) -> tuple[str, list]:
         """One prompt (raw text with <image> placeholders, or chat messages) -> (prompt text, its images)."""
-        if images is not None and not isinstance(images, (list, tuple)):
-            raise PromptError(f"images must be a list (one entry per image), not a {type(images).__name__}")
-        images = list(images or [])
+        images = image_list(images)
         if isinstance(prompt_or_messages, str):
             return prompt_or_messages, images
         plain, slots = normalize_messages(prompt_or_messages)
@@ -499,9 +504,7 @@ class Conversation:
     def _turn(self, text: str, images: Sequence[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
         if not isinstance(text, str):
             raise PromptError(f"the question must be a string, not {type(text).__name__}")
-        if not isinstance(images, (list, tuple)):
-            raise PromptError(f"images must be a list (one entry per image), not a {type(images).__name__}")
-        loaded = [self.pipe.processor.load_image(im) for im in images]
+        loaded = [self.pipe.processor.load_image(im) for im in image_list(images)]
         turn = {"role": "user", "content": [{"type": "image"}] * len(loaded) + [{"type": "text", "text": text}]}
         return self.messages + [turn], self.images + loaded
 
