@@ -478,7 +478,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, and an unknown option answered with the known one it is closest to (--imge: did you mean --image?)."""
+    """argparse, and an unknown option answered with the known one it is closest to (--imge: did you mean --image?),
+    also when the mistyped option is a required one (--promt: argparse would only say --prompt is missing)."""
 
     def parse_args(self, args=None, namespace=None):
         parsed, unknown = self.parse_known_args(args, namespace)
@@ -487,11 +488,26 @@ class Parser(argparse.ArgumentParser):
             for name in ("command", "data_command"):  # the (sub)command that was run: its options are the known ones
                 subcommands = command._subparsers._group_actions[0].choices if command._subparsers else {}
                 command = subcommands.get(getattr(parsed, name, None), command)
-            known = [o for action in command._actions for o in action.option_strings]
-            guesses = [f"{u} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
-                u.split("=")[0], known, n=1)) else u for u in unknown]
-            command.error(f"unrecognized arguments: {' '.join(guesses)}")
+            command.error(f"unrecognized arguments: {command.guessed(unknown)}")
         return parsed
+
+    def guessed(self, unknown: list[str]) -> str:
+        known = [o for action in self._actions for o in action.option_strings]
+        return " ".join(f"{u} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+            u.split("=")[0], known, n=1)) else u for u in unknown)
+
+    def _parse_known_args(self, arg_strings, *rest, **options):
+        self._arg_strings = arg_strings  # for error(): argparse checks required options before it returns unknown ones
+        return super()._parse_known_args(arg_strings, *rest, **options)
+
+    def error(self, message):
+        if message.startswith("the following arguments are required"):
+            known = {o for action in self._actions for o in action.option_strings}
+            unknown = [a for a in getattr(self, "_arg_strings", [])
+                       if a.startswith("--") and a.split("=")[0] not in known]
+            if unknown:
+                message += f"; unrecognized arguments: {self.guessed(unknown)}"
+        super().error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -265,6 +265,11 @@ def test_data_and_recipe_files_that_are_not_what_they_should_be_are_one_line(tmp
     (["data", "synth", "--out", "x", "--n", "1", "--seeed=3"], "data synth: error: unrecognized arguments: --seeed=3 "
                                                                "(did you mean --seed?)"),
     (["info", "--json", "extra"], "info: error: unrecognized arguments: extra"),
+    # a required option mistyped: argparse's own message would only say that it is missing
+    (["generate", "--promt", "Hi"], "generate: error: the following arguments are required: --prompt; "
+                                    "unrecognized arguments: --promt (did you mean --prompt?)"),
+    (["data", "synth", "--n", "2", "--ot=x"], "the following arguments are required: --out; "
+                                             "unrecognized arguments: --ot=x (did you mean --out?)"),
 ])
 def test_counts_out_of_range_and_mistyped_flags_are_refused_by_name(argv, says, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
