@@ -19,6 +19,7 @@ from .eval.tasks import TASK_MODULES as TASK_NAMES
 from .eval.vqa import evaluate
 from .image import DEFAULT_MAX_PIXELS
 from .load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL, GROUP_SIZES, QUANTIZE_MODES
+from .prompt import IMAGE_TOKEN
 from .sampling_params import GenerationError, SamplingParams
 
 # Errors that are the user's to fix: one line on stderr, exit code 2, no traceback.
@@ -114,8 +115,10 @@ def _load(args: argparse.Namespace):
 
 
 def user_message(text: str, n_images: int) -> dict[str, Any]:
-    """The llava convention: the images first, then the question."""
-    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
+    """The llava convention: the images first, then the question; or where the question has `<image>` typed in it,
+    the images there (a habit of LLaVA's users: `--prompt "<image>\nWhat is this?"`)."""
+    items = [] if IMAGE_TOKEN in text else [{"type": "image"}] * n_images
+    return {"role": "user", "content": items + [{"type": "text", "text": text}]}
 
 
 # -- generate ------------------------------------------------------------------------------------------------------

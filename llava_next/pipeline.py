@@ -25,7 +25,7 @@ from .original import (OriginalLayout, end_of_turn_ids, is_original_layout, orig
 from .processor import Processor
 from .quantize import (ConvertWhileLoading, QuantizeError, convert_linears, empty_converted, pack_all,
                        quantized_state)
-from .prompt import PromptError, normalize_messages
+from .prompt import IMAGE_TOKEN, PromptError, normalize_messages
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -402,20 +402,20 @@ class Pipeline:
         if isinstance(prompt_or_messages, str):
             return prompt_or_messages, images
         plain, slots = normalize_messages(prompt_or_messages)
+        wanted = sum(1 for slot in slots if slot is None)
+        if len(images) != wanted:
+            places = f"{wanted} image place{'s' * (wanted != 1)} without an image of its own"
+            raise PromptError(f"the messages have {places} ({{'type': 'image'}} items and {IMAGE_TOKEN} typed in the "
+                              f"text) but {len(images)} image{'s' * (len(images) != 1)} "
+                              f"{'was' if len(images) == 1 else 'were'} given; give one image per place, in order")
+        if wanted < len(slots) and any(IMAGE_TOKEN in item.get("text", "") for m in plain for item in m["content"]):
+            # the template may render image items before the text (the llava templates do): which typed <image> an
+            # inline image would stand beside is not known here
+            raise PromptError(f"the messages have {IMAGE_TOKEN} typed in their text and images given inline; give "
+                              "the images in the images list instead (one per image item or typed placeholder, in "
+                              "order)")
         separate = iter(images)
-        filled = []
-        for slot in slots:
-            if slot is None:
-                slot = next(separate, None)
-                if slot is None:
-                    wanted = sum(1 for s in slots if s is None)
-                    raise PromptError(f"the messages have {wanted} image item{'s' if wanted != 1 else ''} without an "
-                                      f"image of their own but {len(images)} image(s) were given; give one per item")
-            filled.append(slot)
-        left = sum(1 for _ in separate)
-        if left:
-            raise PromptError(f"the messages have {len(slots)} image items but {left} more image(s) were given; "
-                              "add an {'type': 'image'} item for each")
+        filled = [next(separate) if slot is None else slot for slot in slots]
         return self.processor.chat_template.render(plain, add_generation_prompt=True).text, filled
 
     def prepare(self, prompt_or_messages, images=None) -> tuple[dict[str, torch.Tensor], bool]:

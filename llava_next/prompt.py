@@ -512,11 +512,12 @@ def default_template_name(tokenizer: Tokenizer, text_model_type: str) -> str:
 
 
 def normalize_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Messages in transformers' chat format -> (plain copies for the template, one entry per image item in order:
+    """Messages in transformers' chat format -> (plain copies for the template, one entry per image place in order:
     the image given inline, or None where the image is to come from the separate `images` list).
 
-    String content becomes one text item (transformers' templates would silently drop it) and OpenAI-style
-    `image_url` items become image items.
+    An image place is an image item, or `<image>` typed in a text item: as in transformers, typed text is rendered
+    as it is, and the processor takes each `<image>` in the prompt for an image. String content becomes one text
+    item (transformers' templates would silently drop it) and OpenAI-style `image_url` items become image items.
     """
     if isinstance(messages, (bytes, bytearray)):
         raise PromptError("the prompt is bytes; decode it to str first (e.g. data.decode('utf-8'))")
@@ -546,6 +547,7 @@ def normalize_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[st
                 if not isinstance(item.get("text"), str):
                     raise PromptError(f"message {i}, content item {j}: a text item needs a string 'text'")
                 items.append({"type": "text", "text": item["text"]})
+                images.extend([None] * item["text"].count(IMAGE_TOKEN))
             elif kind in ("image", "image_url"):
                 source = item.get("image", item.get("path", item.get("url")))
                 if kind == "image_url":

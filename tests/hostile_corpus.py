@@ -14,8 +14,8 @@ window exactly filled), checkpoints (copies of the tiny test checkpoints, broken
 
 The decisions the corpus asserts, where the code could reasonably do either:
   - `<image>` is the image placeholder wherever it is typed, in a raw prompt or in a chat message's text, as in
-    transformers: typed where no image item stands, it is a placeholder without an image, a clear error naming the
-    counts (the HTTP server, where strangers type, treats it as text: issue 8);
+    transformers: typed, it takes the next image as an image item does, and with no image for it the error names
+    the counts (the HTTP server, where strangers type, treats it as text: issue 8);
   - other special-token text typed in a message (`</s>`, `[INST]`, ...) is tokenized exactly as transformers does;
   - a prompt that fills the context window exactly leaves no room to answer: an error naming the context, as
     one token more is (not an empty answer that looks like a normal one);
@@ -696,17 +696,27 @@ generate("prompts-generate-raw_two_placeholders_one_image", Fails(r"2 <image> pl
 generate("prompts-generate-raw_no_placeholder_one_image", Fails(r"0 <image> placeholders but 1 image"),
          "USER: Hi ASSISTANT:", ("small.png",))
 generate("prompts-generate-raw_placeholder_is_the_image", answers(), "USER: <image>\nHi ASSISTANT:", ("small.png",))
-generate("prompts-generate-messages_two_items_one_image", Fails(r"2 image items"), user("Hi", 2), ("small.png",))
-generate("prompts-generate-messages_no_item_one_image", Fails(r"0 image items.*1 more"), user("Hi"), ("small.png",))
+generate("prompts-generate-messages_two_items_one_image",
+         Fails(r"2 image places without an image of its own .* but 1 image was given"), user("Hi", 2), ("small.png",))
+generate("prompts-generate-messages_no_item_one_image",
+         Fails(r"0 image places .* but 1 image was given"), user("Hi"), ("small.png",))
 typed = user("What does <image> mean?")
-generate("prompts-generate-messages_typed_image_token_is_a_placeholder", Fails(r"1 <image> placeholder but 0 images"),
-         typed)
+generate("prompts-generate-messages_typed_image_token_is_a_placeholder",
+         Fails(r"1 image place without .*<image> typed in the text\) but 0 images were given"), typed)
 typed_with_image = user("Compare this with <image>, the tag.", 1)
 generate("prompts-generate-messages_typed_image_token_beside_an_image",
-         Fails(r"2 <image> placeholders but 1 image"), typed_with_image, ("small.png",))
-cli("prompts-cli-typed_image_token_is_a_placeholder", Fails(r"1 <image> placeholder but 0 images"),
+         Fails(r"2 image places .* but 1 image was given"), typed_with_image, ("small.png",))
+generate("prompts-generate-messages_typed_image_token_takes_an_image", answers(), user("<image>\nWhat is this?"),
+         ("small.png",))
+generate("prompts-generate-messages_typed_image_token_and_an_inline_image", Fails(r"typed in their text and images "
+         r"given inline"), lambda world: [{"role": "user", "content": [
+             {"type": "image", "image": str(world.image("small.png"))}, {"type": "text", "text": "And <image>?"}]}],
+         ("small.png",))
+cli("prompts-cli-typed_image_token_is_a_placeholder", Fails(r"1 image place without .* but 0 images were given"),
     prompt="What does <image> mean?")
-
+cli("prompts-cli-typed_image_token_takes_the_image", cli_json_answer(), image="small.png", prompt="<image>\nWhat?")
+cli("prompts-cli-typed_image_tokens_and_one_image", Fails(r"2 image places .* but 1 image was given"),
+    image="small.png", prompt="<image> and <image>?")
 
 def _chat_error(result: CliResult, pattern: str) -> None:
     """chat prints a bad line's error as one line on stdout and goes on (exit code 0)."""
@@ -718,7 +728,7 @@ def _chat_answered(result: CliResult, world) -> None:
     assert result.out.strip() and not result.out.startswith("error:"), f"chat printed {result.out[:300]!r}"
 
 
-cli("prompts-chat-typed_image_token_is_an_error_line", Succeeds(lambda r, w: _chat_error(r, r"placeholder")),
+cli("prompts-chat-typed_image_token_is_an_error_line", Succeeds(lambda r, w: _chat_error(r, r"1 image place")),
     stdin="what is <image>?\n")
 cli("prompts-chat-million_chars_is_an_error_line", Succeeds(lambda r, w: _chat_error(r, r"context window")),
     stdin="word " * 200_000 + "\n")

@@ -127,7 +127,7 @@ def test_chat_after_a_turn_that_failed_says_why_and_sends_nothing_of_it_later(tm
     assert cli.cmd_chat(cli.build_parser().parse_args(["chat"]), stdin=io.StringIO("What is <image> here?\n"),
                         stdout=out) == 0
     shown = out.getvalue().splitlines()
-    assert len(shown) == 2 and shown[0].startswith("error: the prompt has 1 <image> placeholder")
+    assert len(shown) == 2 and shown[0].startswith("error: the messages have 1 image place without an image of its own")
     assert shown[1] == "(to show the model an image, attach it with /image PATH before your message)"
     # with a system message but no turn yet, a first message too long is not "the conversation so far"
     out = io.StringIO()

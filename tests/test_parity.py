@@ -171,3 +171,19 @@ def test_half_precision_runs_close_to_float32(dtype, tiny):
         b = half.model(**inputs, logits_to_keep=1).float()
     assert relative_error(b, a) < 0.05
     assert len(half.generate(chat(1), [smooth_image(300, 300)], max_new_tokens=3).token_ids) == 3
+
+
+@pytest.mark.parametrize("name", ["vicuna", "mistral"])
+def test_an_image_placeholder_typed_in_a_message_takes_an_image_as_in_transformers(name, tiny, load_pipeline):
+    directory = tiny(name)
+    pipe = load_pipeline(directory)
+    processor = reference_processor(directory)
+    model = reference_model(directory)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "<image>\nWhat is this, and <image>?"}]}]
+    images = [smooth_image(300, 200, seed=6), random_image(64, 90, seed=7)]
+    prompt = reference_prompt(processor, messages, FAMILIES[SPECS[name]["family"]]["template"])
+    theirs = processor(text=prompt, images=images, return_tensors="pt")
+    ours, _ = pipe.prepare(messages, images)
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    expected = model.generate(**theirs, max_new_tokens=6, do_sample=False)[0, theirs["input_ids"].shape[1]:]
+    assert pipe.generate(messages, images, max_new_tokens=6).token_ids == expected.tolist()
