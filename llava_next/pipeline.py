@@ -323,9 +323,14 @@ def load(
     if saved_quantization and quantize not in (None, saved_quantization["mode"]):
         raise QuantizeError(f"{directory} is already quantized ({saved_quantization['mode']}); load it without "
                             f"quantize, or quantize the original checkpoint to {quantize}")
-    if group_size != DEFAULT_GROUP_SIZE and quantize != "int4":  # (a group size given for nothing: not ignored)
-        what = (f"{directory} is quantized already, with its own groups" if saved_quantization else
-                "this load does not quantize" if quantize is None else f"{quantize} has no groups")
+    saved_groups = saved_quantization.get("group_size") if saved_quantization else None
+    if group_size != DEFAULT_GROUP_SIZE and (quantize != "int4" or saved_quantization and group_size != saved_groups):
+        # (a group size given for nothing, or not the one a quantized checkpoint has: never ignored)
+        if saved_quantization:
+            groups = f", in groups of {saved_groups}" if saved_quantization["mode"] == "int4" else ""
+            raise QuantizeError(f"group_size (--group-size) {group_size}: {directory} is quantized already "
+                                f"({saved_quantization['mode']}{groups}); load it without a group size")
+        what = "this load does not quantize" if quantize is None else f"{quantize} has no groups"
         raise QuantizeError(f"group_size (--group-size) {group_size} applies to int4 quantization only; {what}")
     if (quantize or saved_quantization) and trainable:
         raise QuantizeError("a quantized model cannot be trained; load the float checkpoint with trainable=True")
