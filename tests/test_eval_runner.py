@@ -126,6 +126,23 @@ def test_an_interrupted_run_resumes_without_asking_again(task, pipe, tmp_path, m
         runner.run_task(pipe, "shapes_test", other, tmp_path / "parts")
 
 
+def test_predictions_of_another_model_are_not_resumed_as_this_ones(task, pipe, tmp_path):
+    data = write_parquet(tmp_path / "data.parquet", rows(4))
+    first = runner.run_task(pipe, "shapes_test", data, tmp_path / "out", limit=2, model_name="demo")
+    assert json.loads((tmp_path / "out" / "model.json").read_text()) == \
+        {"model": "demo", "dtype": "float32", "quantize": None, "group_size": None}
+    assert {"model": "demo", "dtype": "float32", "quantize": None}.items() <= first.settings.items()
+    int8 = llava_next.load("demo", progress=False, quantize="int8")
+    for other, name, says in ((int8, "demo", r"answered by demo \(float32\), this run is demo \(int8, \w+\)"),
+                              (pipe, "my-model", r"answered by demo \(float32\), this run is my-model \(float32\)")):
+        with pytest.raises(TaskDataError, match=says + "; use another --output"):
+            runner.run_task(other, "shapes_test", data, tmp_path / "out", model_name=name)
+    # the same model resumes, and another one starts afresh in a directory of its own
+    assert runner.run_task(pipe, "shapes_test", data, tmp_path / "out", model_name="demo").resumed == 2
+    fresh = runner.run_task(int8, "shapes_test", data, tmp_path / "int8", model_name="demo")
+    assert fresh.resumed == 0 and fresh.settings["quantize"] == "int8"
+
+
 def test_shards_merge_to_the_single_process_result(task, pipe, tmp_path, monkeypatch):
     data = write_parquet(tmp_path / "data.parquet", rows(9, broken=(4,)))
     single = runner.run_task(pipe, "shapes_test", data, tmp_path / "single", batch_size=4)

@@ -216,6 +216,35 @@ def drop_partial_line(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def answering_model(pipe, model_name: str) -> dict[str, Any]:
+    """What answers: the model as named (else its directory), its dtype and quantization. An earlier run's
+    predictions are resumed only by the same."""
+    quantization = pipe.quantization or {}
+    mode = quantization.get("mode")
+    return {"model": model_name or str(pipe.directory), "dtype": str(pipe.model.dtype).removeprefix("torch."),
+            "quantize": mode, "group_size": quantization.get("group_size") if mode == "int4" else None}
+
+
+def describe_model(model: dict[str, Any]) -> str:
+    how = [model.get("quantize"), model.get("group_size") and f"groups of {model['group_size']}", model.get("dtype")]
+    return f"{model.get('model')} ({', '.join(str(h) for h in how if h)})"
+
+
+def check_same_model(out: Path, rank: int, model: dict[str, Any], resuming: bool) -> None:
+    """Records in `out/model.json` what answers; refuses to resume predictions another model (or the same one in
+    another dtype or quantization) gave, whose answers would be scored as this one's."""
+    record = out / "model.json"
+    if resuming and record.exists():
+        earlier = json.loads(record.read_text(encoding="utf-8"))
+        if earlier != model:
+            raise TaskDataError(f"{out}: its predictions were answered by {describe_model(earlier)}, this run is "
+                                f"{describe_model(model)}; use another --output (or move the predictions away to "
+                                "start over)")
+    temporary = out / f".model.json.{rank}"  # (every process of a torchrun writes it; each replaces it whole)
+    temporary.write_text(json.dumps(model, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, record)
+
+
 def shard() -> tuple[int, int]:
     """(rank, world size) under torchrun or any launcher that sets RANK and WORLD_SIZE; (0, 1) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -234,13 +263,16 @@ def run_task(pipe, task_name: str, data: str | Path, output: str | Path | None =
     if world > 1 and out is not None:
         (out / f"shard{rank}.done.json").unlink(missing_ok=True)  # from an earlier run: this one is not done yet
     resumed = len(done)
+    model = answering_model(pipe, model_name)
+    if out is not None:
+        check_same_model(out, rank, model, resuming=bool(done))
     rows, total = read_rows(data, task)
     if total is not None and limit is not None:
         total = min(total, limit)
     if total == 0:
         raise TaskDataError(f"{data}: the {task.split!r} split has no rows")
     settings = {"max_new_tokens": task.max_new_tokens, "temperature": 0, "batch_size": batch_size, "limit": limit,
-                "data": str(data), "split": task.split, "model": model_name, "world_size": world}
+                "data": str(data), "split": task.split, **model, "world_size": world}
     bar = None
     if progress:
         from tqdm import tqdm
