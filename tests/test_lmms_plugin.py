@@ -74,6 +74,16 @@ def test_the_entry_point_names_the_model_and_its_class():
     assert issubclass(LlavaNextLmms, lmms) and LlavaNextLmms.is_simple
 
 
+def test_batch_size_and_device_in_model_args_win_over_lmms_evals_own():
+    from llava_next.eval.lmms_plugin import LlavaNextLmms
+
+    # lmms-eval's evaluator passes these beside model_args, its --batch_size always (default 1)
+    lm = LlavaNextLmms.create_from_arg_string("pretrained=demo,batch_size=4,device=cpu",
+                                              {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"})
+    assert lm.batch_size == 4 and lm.device == torch.device("cpu")
+    assert LlavaNextLmms.create_from_arg_string("pretrained=demo", {"batch_size": 2, "device": None}).batch_size == 2
+
+
 def test_the_base_package_does_not_import_lmms_eval():
     code = "import sys, llava_next, llava_next.cli, llava_next.eval; assert 'lmms_eval' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -167,6 +167,16 @@ class LlavaNextLmms(lmms):
         self._device = self.pipe.model.device
         self._warned: set[str] = set()
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "LlavaNextLmms":
+        """As lmms-eval's, but an option given in model_args wins over the one lmms-eval passes from its command
+        line (--batch_size, which it always passes, and --device): lmms-eval's own passes both, and fails."""
+        from lmms_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string)
+        more = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **more)
+
     # the attributes lmms-eval's evaluator and loggers read
     @property
     def batch_size(self) -> int:
