@@ -195,6 +195,13 @@ def new_checkpoint_directory(out: str | os.PathLike, source: Path | None = None)
     if directory.is_dir() and any(directory.iterdir()):
         raise CheckpointError(f"the output {out} already holds files; give a new or empty directory (nothing in it "
                               "is replaced)")
+    made_in = directory.absolute()  # the directory it will be made in: checked now, made when the writing starts
+    while not made_in.exists() and made_in != made_in.parent:
+        made_in = made_in.parent
+    if not made_in.is_dir():
+        raise CheckpointError(f"cannot write {out}: {made_in} is a file, not a directory")
+    if not os.access(made_in, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {out}: {made_in} is not writable by this user")
     return directory
 
 

@@ -15,6 +15,7 @@ from tokenizers import AddedToken
 
 from .checkpoint import new_checkpoint_directory
 from .errors import LlavaError
+from .outputs import output_directory
 from .pipeline import load, write_checkpoint
 from .processor import Processor
 from .prompt import IMAGE_TOKEN, Tokenizer
@@ -76,6 +77,6 @@ def convert(model: str | os.PathLike, out: str | os.PathLike, vision_tower: str 
     processor = Processor(tokenizer, pipe.processor.image_processor, pipe.processor.chat_template, new)
 
     directory = new_checkpoint_directory(out, pipe.directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    output_directory(directory)
     write_checkpoint(directory, new, processor, state, pipe.engine.eos_token_ids)
     return directory, changes

@@ -20,6 +20,7 @@ from .errors import LlavaError
 from .image import DEFAULT_MAX_PIXELS, ImageLimits
 from .load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL, QUANTIZE_MODES
 from .model.llava import LlavaModel
+from .outputs import output_directory
 from .original import (OriginalLayout, end_of_turn_ids, is_original_layout, original_processor, read_layout,
                        weight_sources)
 from .processor import Processor
@@ -221,7 +222,7 @@ def save_quantized(pipe: "Pipeline", directory: str | os.PathLike) -> Path:
                             "(--quantize), or write it in the llava-hf layout first (llava-next convert) and "
                             "quantize that")
     directory = new_checkpoint_directory(directory, pipe.directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    output_directory(directory)
     config = read_json(pipe.directory / "config.json")
     config["quantization"] = pipe.quantization
     (directory / "config.json").write_text(json.dumps(config, indent=2))

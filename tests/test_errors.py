@@ -219,6 +219,9 @@ def test_a_checkpoint_is_written_only_into_a_new_or_empty_directory(tiny, tmp_pa
         code, _, err = run_cli(["quantize", "--model", source, "--quantize", "int8", "--out", out], capsys)
         assert code == 2 and f"the output {out} {says}" in err and err.count("\n") == 1
     assert a_file.read_text() == "mine" and (full / "model.safetensors").read_bytes() == b"someone else's weights"
+    for command in (["quantize", "--quantize", "int8"], ["convert"]):  # under a file: named before the load
+        code, _, err = run_cli([*command, "--model", source, "--out", a_file / "sub"], capsys)
+        assert code == 2 and f"cannot write {a_file / 'sub'}: {a_file} is a file, not a directory" in err, err
     pipe = llava_next.load(source, progress=False, quantize="int8")
     with pytest.raises(CheckpointError, match="is the checkpoint being read"):
         save_quantized(pipe, source)
