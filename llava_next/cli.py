@@ -381,6 +381,7 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .data.records import read_records
     from .eval.vqa import write_predictions
     from .outputs import output_directory, output_file
 
@@ -403,10 +404,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           progress=sys.stderr.isatty(), model_name=str(args.model))
         print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
         return 0
+    records = read_records(args.data, args.image_folder)  # a file or folder that will not do: before the load
     pipe = _load(args)
-    result = evaluate(pipe, args.data, args.image_folder, args.limit, args.batch_size, args.max_new_tokens,
+    result = evaluate(pipe, records, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       progress=sys.stderr.isatty())
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    if result.total == 0 and result.skipped:
+        n = len(result.skipped)
+        raise LlavaError(f"no question was answered: {'the one question was' if n == 1 else f'all {n} were'} "
+                         "skipped (the reasons are listed above)")
     if args.predictions:
         write_predictions(result, Path(args.predictions))
     return 0

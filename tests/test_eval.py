@@ -70,3 +70,21 @@ def test_an_unreadable_image_skips_its_questions_and_is_reported(tiny, tmp_path,
     assert "| type | questions | correct | accuracy | skipped |" in table
     assert "| **all** | 2 |" in table and table.split("| **all** |")[1].splitlines()[0].endswith(" 4 |")
     assert f"- record bad, image {tmp_path / 'garbage.png'}: not an image format" in table
+
+
+def test_a_run_with_nothing_answered_says_so_and_a_missing_image_folder_is_named(tiny, tmp_path, capsys):
+    data = _write(tmp_path / "qa.json", [{"id": "a", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]}])
+    model = str(tiny("vicuna"))
+    # the folder is named before the model loads, not every question skipped as missing
+    for folder, says in ((tmp_path / "nowhere", "does not exist"), (data, "is not a directory")):
+        assert cli.main(["eval", "--model", "/no/such/model", "--data", str(data), "--image-folder", str(folder)]) == 2
+        assert f"the image folder {folder} {says}" in capsys.readouterr().err
+    # every question skipped (its image is missing): no accuracy, and an error after the table that lists why
+    assert cli.main(["eval", "--model", model, "--data", str(data), "--max-new-tokens", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert "| **all** | 0 | 0 | - | 1 |" in out and "- record a, image" in out
+    assert err.strip().endswith("no question was answered: the one question was skipped (the reasons are listed above)")
+    assert cli.main(["eval", "--model", model, "--data", str(data), "--max-new-tokens", "2", "--json"]) == 2
+    result = json.loads(capsys.readouterr().out)
+    assert (result["accuracy"], result["total"], result["skipped"]) == (None, 0, 1)

@@ -61,6 +61,8 @@ def read_records(path: str | Path, image_folder: str | Path | None = None) -> li
     if path.is_dir():
         raise DataError(f"{path} is a directory; give a LLaVA-format JSON or JSON-lines file")
     folder = Path(image_folder) if image_folder is not None else path.parent
+    if not folder.is_dir():  # (every image would be skipped as missing)
+        raise DataError(f"the image folder {folder} {'is not a directory' if folder.exists() else 'does not exist'}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

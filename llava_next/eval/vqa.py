@@ -61,8 +61,8 @@ def questions_of(records: list[Record]) -> list[Question | Skipped]:
             kind = record.types[turn] if turn < len(record.types) else "all"
             turn += 1
             if placeholders != len(record.images):
-                out.append(Skipped(record.id, kind, None,
-                                   f"{placeholders} <image> in its turns but {len(record.images)} images"))
+                images = f"{len(record.images)} image{'s' * (len(record.images) != 1)}"
+                out.append(Skipped(record.id, kind, None, f"{placeholders} <image> in its turns but {images}"))
             else:
                 out.append(Question(record.id, kind, record.messages(upto=i), record.images[:shown], text))
     return out
@@ -83,8 +83,9 @@ class EvalResult:
         return sum(n for _, n in self.by_type.values())
 
     @property
-    def accuracy(self) -> float:
-        return self.correct / max(1, self.total)
+    def accuracy(self) -> float | None:
+        """Over the questions answered; None when none was."""
+        return self.correct / self.total if self.total else None
 
     def skipped_by_type(self) -> dict[str, int]:
         counts: dict[str, int] = defaultdict(int)
@@ -110,7 +111,8 @@ class EvalResult:
             right, n = self.by_type.get(kind, (0, 0))
             accuracy = f"{right / n:.1%}" if n else "-"
             lines.append(f"| {kind} | {n} | {right} | {accuracy} |" + (f" {skipped.get(kind, 0)} |" if extra else ""))
-        lines.append(f"| **all** | {self.total} | {self.correct} | {self.accuracy:.1%} |"
+        accuracy = f"{self.accuracy:.1%}" if self.accuracy is not None else "-"
+        lines.append(f"| **all** | {self.total} | {self.correct} | {accuracy} |"
                      + (f" {len(self.skipped)} |" if extra else ""))
         if extra:
             lines.append(f"\n{len(self.skipped)} question(s) skipped:")
@@ -130,9 +132,11 @@ class EvalResult:
                 "by_type": by_type, "skipped_records": self.skipped_records()}
 
 
-def evaluate(pipe, data: str | Path, image_folder: str | Path | None = None, limit: int | None = None,
+def evaluate(pipe, data: str | Path | list[Record], image_folder: str | Path | None = None, limit: int | None = None,
              batch_size: int = 16, max_new_tokens: int = 16, progress: bool = False) -> EvalResult:
-    items = questions_of(read_records(data, image_folder))[:limit]
+    """`data`: a LLaVA-format file, or its records as `read_records` gives them."""
+    records = data if isinstance(data, list) else read_records(data, image_folder)
+    items = questions_of(records)[:limit]
     questions = [q for q in items if isinstance(q, Question)]
     result = EvalResult(skipped=[s for s in items if isinstance(s, Skipped)])
     failed: dict[Path, str] = {}  # images that did not decode, and why: kept for the run, so each is tried once
