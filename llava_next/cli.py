@@ -7,6 +7,7 @@ import difflib
 import inspect
 import json
 import sys
+import warnings
 from dataclasses import fields
 from typing import Any, Sequence
 
@@ -14,7 +15,7 @@ from typing import Any, Sequence
 # import what they run.
 from .data.synth import generate as synth_generate
 from .data.tokenizer import texts_of, train_tokenizer
-from .errors import LlavaError
+from .errors import LlavaError, LlavaWarning
 from .eval.tasks import TASK_MODULES as TASK_NAMES
 from .eval.vqa import evaluate
 from .image import DEFAULT_MAX_PIXELS
@@ -610,9 +611,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line_warnings(message, category, filename, lineno, line=None, default=warnings.formatwarning) -> str:
+    """The package's own warnings as one line each, as its errors are; others as Python formats them."""
+    if issubclass(category, LlavaWarning):
+        return f"llava-next: warning: {message}\n"
+    return default(message, category, filename, lineno, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.formatwarning = one_line_warnings
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -7,3 +7,8 @@ one class and prints its message as one line, so no caller needs to know every p
 
 class LlavaError(Exception):
     """A problem the user can fix; the message names it and says what to do."""
+
+
+class LlavaWarning(UserWarning):
+    """Something the package did as asked that may not be what the user meant; the command line prints it as one
+    line (`llava-next: warning: ...`)."""

@@ -22,6 +22,7 @@ checkpoints keep transformers' behaviour). Every difference is a parameter of th
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from .checkpoint import IGNORED_SUFFIXES, CheckpointError, read_json, resolve_ch
 from .config import ConfigError, LlavaConfig, check_config, text_config_from_hf, vision_config_from_hf
 from .conversation import (IMAGE_TEXT, IMAGE_TEXT_START_END, original_chat_template, stop_strings,
                            template_for_model_name)
+from .errors import LlavaWarning
 
 # model_type of the original code -> the decoder family it wraps
 TEXT_FAMILIES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
@@ -223,6 +225,16 @@ def read_layout(directory: Path, d: dict[str, Any], model: str, vision_tower: st
         rope_tables_float16=text.rope_table_dtype == "float16",
     )
     original_chat_template(layout.conv_template)  # an unknown --conv-template name fails here, listing the known
+    if conv_template is None and layout.conv_template == "llava_v0" and (
+            layout.projector_type != "linear" or model_type == "llava_mistral"):
+        # the original code's choice, from the name: for a folder renamed on download (./ckpt), a template the
+        # checkpoint was not trained with, and answers that differ without an error
+        likely = "mistral_instruct" if model_type == "llava_mistral" else "llava_v1"
+        warnings.warn(f"{directory}: no conversation template matches its name {name!r}, so it is llava_v0, as the "
+                      f"original code chooses; this {model_type} checkpoint's {layout.projector_type} projector is "
+                      "LLaVA-1.5's or later's. If the folder was renamed, give it the model's name (which also "
+                      f"chooses the tokenizer), or pass --conv-template {likely} (conv_template= in Python)",
+                      LlavaWarning, stacklevel=2)
     return cfg, layout
 
 

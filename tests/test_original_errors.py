@@ -99,3 +99,24 @@ def test_a_prompt_the_original_would_cut_at_tokenizer_model_max_length_is_refuse
     with pytest.raises(LlavaError, match=r"over this checkpoint's tokenizer_model_max_length of 4096.*would cut"):
         pipe.generate([{"role": "user", "content": content}], images, max_new_tokens=1)
     assert len(pipe.generate([{"role": "user", "content": content[1:]}], images[:1], max_new_tokens=1).token_ids) == 1
+
+
+def test_a_renamed_folder_whose_name_picks_the_first_llavas_template_is_warned_about(tmp_path, capsys):
+    import warnings
+
+    from llava_next import cli
+    from llava_next.errors import LlavaWarning
+
+    renamed = tmp_path / "ckpt"  # llava-v1.6-mistral-tiny, downloaded into a folder of another name
+    shutil.copytree(ORIGINAL / "llava-v1.6-mistral-tiny", renamed)
+    with pytest.warns(LlavaWarning, match=r"its name 'ckpt', so it is llava_v0.*llava_mistral checkpoint's "
+                                          r"mlp2x_gelu projector.*--conv-template mistral_instruct"):
+        assert llava_next.load(renamed, progress=False, vision_tower=TOWER).original.conv_template == "llava_v0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither the template named, nor a name that picks one, nor the first LLaVA
+        llava_next.load(renamed, progress=False, vision_tower=TOWER, conv_template="mistral_instruct")
+        llava_next.load(ORIGINAL / "llava-v1.6-mistral-tiny", progress=False, vision_tower=TOWER)
+        shutil.copytree(ORIGINAL / "llava-v0-tiny", tmp_path / "first")
+        llava_next.load(tmp_path / "first", progress=False, vision_tower=ORIGINAL / "clip-tiny-224")
+    assert cli.main(["info", "--model", str(renamed), "--vision-tower", str(TOWER)]) == 0
+    assert capsys.readouterr().err.startswith(f"llava-next: warning: {renamed}: no conversation template matches")
