@@ -65,6 +65,7 @@ class OriginalLayout:
     padding_side: str
     added_tokens: list[str] = field(default_factory=list)
     rope_tables_float16: bool = False
+    tower_given: bool = False  # by --vision-tower, not mm_vision_tower
 
     @property
     def image_text(self) -> str:
@@ -72,11 +73,13 @@ class OriginalLayout:
 
     def rules(self) -> dict[str, str]:
         """The behaviours in effect, for `llava-next info`."""
+        tower_source = "given with --vision-tower" if self.tower_given else "named by mm_vision_tower"
+        weights_source = "the checkpoint itself" if self.tower_weights == "checkpoint" else "there"
         rules = {
             "layout": f"original LLaVA ({self.model_type}), read as the original code runs it",
             "conversation template": self.conv_template,
             "tokenizer": f"{self.tokenizer_class}; the prompt split at <image>, each piece tokenized on its own",
-            "vision tower": f"{self.vision_tower} (weights from the {self.tower_weights})",
+            "vision tower": f"{self.vision_tower} ({tower_source}; its weights from {weights_source})",
             "projector": self.projector_type,
             "image aspect ratio": self.image_aspect_ratio,
         }
@@ -127,15 +130,18 @@ def _projector_depth(projector_type: Any, where: str) -> int:
                       "mlpNx_gelu such as mlp2x_gelu)")
 
 
-def find_tower(spec: str, directory: Path) -> Path:
-    """mm_vision_tower -> the CLIP checkpoint's directory: a path (as given, or relative to the checkpoint, where a
-    copied checkpoint often keeps it), else a Hub id."""
+def find_tower(spec: str, directory: Path, given: bool = False) -> Path:
+    """mm_vision_tower, or the tower `given` instead -> the CLIP checkpoint's directory: a path (as given, or
+    relative to the checkpoint, where a copied checkpoint often keeps it), else a Hub id."""
     for candidate in (Path(spec).expanduser(), directory / spec):
         if (candidate / "config.json").exists():
             return candidate
     try:
         return resolve_checkpoint(spec)
     except CheckpointError as e:
+        if given:
+            raise CheckpointError(f"the vision tower {spec!r} given with --vision-tower (vision_tower=...) could not "
+                                  f"be found ({e}); give a CLIP checkpoint's directory or Hub id") from None
         raise CheckpointError(f"the vision tower {spec!r} that mm_vision_tower names could not be found ({e}); pass "
                               "its directory with --vision-tower (vision_tower=...)") from None
 
@@ -152,7 +158,7 @@ def read_layout(directory: Path, d: dict[str, Any], model: str, vision_tower: st
     tower_spec = vision_tower or d.get("mm_vision_tower") or d.get("vision_tower")
     if not tower_spec:
         raise ConfigError(f"{where}: mm_vision_tower is missing; pass the CLIP tower with --vision-tower")
-    tower_dir = find_tower(str(tower_spec), directory)
+    tower_dir = find_tower(str(tower_spec), directory, given=vision_tower is not None)
     tower_raw = read_json(tower_dir / "config.json")
     vision = vision_config_from_hf(tower_raw.get("vision_config", tower_raw), f"{tower_dir / 'config.json'}")
     text = text_config_from_hf({**d, "model_type": TEXT_FAMILIES[model_type]}, where)
@@ -214,7 +220,8 @@ def read_layout(directory: Path, d: dict[str, Any], model: str, vision_tower: st
     fast = has_json or "mistral" in name.lower()
     tower_inside = bool(d.get("unfreeze_mm_vision_tower", False)) and _has_tower_weights(directory)
     layout = OriginalLayout(
-        name=name, model_type=model_type, vision_tower=str(tower_spec), tower_directory=tower_dir,
+        name=name, model_type=model_type, vision_tower=str(tower_spec), tower_given=vision_tower is not None,
+        tower_directory=tower_dir,
         tower_weights="checkpoint" if tower_inside else "mm_vision_tower",
         projector_type=str(d.get("mm_projector_type", "linear")), image_aspect_ratio=aspect,
         patch_merge_type=merge, use_im_start_end=use_start_end, use_im_patch_token=use_patch_token,

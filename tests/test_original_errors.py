@@ -120,3 +120,12 @@ def test_a_renamed_folder_whose_name_picks_the_first_llavas_template_is_warned_a
         llava_next.load(tmp_path / "first", progress=False, vision_tower=ORIGINAL / "clip-tiny-224")
     assert cli.main(["info", "--model", str(renamed), "--vision-tower", str(TOWER)]) == 0
     assert capsys.readouterr().err.startswith(f"llava-next: warning: {renamed}: no conversation template matches")
+
+
+def test_the_tower_given_instead_of_mm_vision_tower_is_named_as_given():
+    with pytest.raises(LlavaError, match=r"the vision tower '\S*nope' given with --vision-tower .* could not be "
+                                         r"found .*; give a CLIP checkpoint's directory or Hub id"):
+        llava_next.load(ORIGINAL / "llava-v1.5-tiny", progress=False, vision_tower=ORIGINAL / "nope")
+    given = llava_next.load(ORIGINAL / "llava-v1.6-vicuna-tiny", progress=False, vision_tower=TOWER)
+    assert given.original.rules()["vision tower"] == f"{TOWER} (given with --vision-tower; its weights from the " \
+                                                      "checkpoint itself)"
