@@ -233,12 +233,12 @@ def measured_choice(kind: str, chosen: str, reason: str, seconds: dict[str, floa
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .quantize import describe
+    from .quantize import describe, parameter_count
 
     pipe = _load(args)
     cfg = pipe.config
     t, v = cfg.text, cfg.vision
-    params = sum(p.numel() for p in pipe.model.parameters())
+    params = parameter_count(pipe.model)
     info: dict[str, Any] = {
         "model": str(args.model),
         "directory": str(pipe.directory),

@@ -824,6 +824,16 @@ def pack_all(model: nn.Module) -> None:
             module.pack()
 
 
+def parameter_count(model: nn.Module) -> int:
+    """The model's parameters, each quantized linear's weights counted as the float ones they stand for (buffers of
+    int8 or packed int4 there, not parameters)."""
+    count = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            count += module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
+    return count
+
+
 def describe(converted: dict[str, str]) -> str:
     """'int4/g128 x 96, int8 x 1' for a model's converted layers."""
     return ", ".join(f"{kind} x {n}" for kind, n in sorted(Counter(converted.values()).items()))
