@@ -49,7 +49,9 @@ POSITIVE = whole_number(1)
 NON_NEGATIVE = whole_number(0)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, writes_checkpoint: bool = False) -> None:
+    """The loading options of every command that loads a model; `quantize`, which writes the model it loads, needs
+    --quantize and has no use for --compile."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="checkpoint directory, Hugging Face Hub id, or 'demo' (the bundled demo model; the default)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=DEFAULT_DTYPE,
@@ -59,13 +61,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--max-image-pixels", type=POSITIVE, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
-    p.add_argument("--quantize", choices=list(QUANTIZE_MODES),
+    p.add_argument("--quantize", choices=list(QUANTIZE_MODES), required=writes_checkpoint,
                    help="int8 / int4: weight-only (smaller, faster decoding); w8a8: int8 weights and activations "
-                        "(faster prompts on CPUs with VNNI). Default: none")
-    p.add_argument("--compile", action="store_true",
-                   help="run decoding steps through torch.compile (CUDA graphs on a GPU; on a CPU 1.1-2x faster "
-                        "decoding after a compile of 5-40 s, most with --quantize int8; `info --compile` shows the "
-                        "int8 layout the engine measured to be faster here)")
+                        "(faster prompts on CPUs with VNNI)" + ("" if writes_checkpoint else ". Default: none"))
+    if writes_checkpoint:
+        p.set_defaults(compile=False)
+    else:
+        p.add_argument("--compile", action="store_true",
+                       help="run decoding steps through torch.compile (CUDA graphs on a GPU; on a CPU 1.1-2x faster "
+                            "decoding after a compile of 5-40 s, most with --quantize int8; `info --compile` shows the "
+                            "int8 layout the engine measured to be faster here)")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=list(GROUP_SIZES),
                    help=f"inputs per int4 scale (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--vision-tower", help="original-layout checkpoints: the CLIP tower's directory or Hub id, instead "
@@ -333,10 +338,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .checkpoint import new_checkpoint_directory
     from .pipeline import save_quantized
-    from .quantize import QuantizeError, describe
+    from .quantize import describe
 
-    if args.quantize is None:
-        raise QuantizeError("say how: --quantize int8, int4 or w8a8")
     new_checkpoint_directory(args.out)  # before the model loads: a bad --out costs nothing
     pipe = _load(args)
     out = save_quantized(pipe, args.out)
@@ -556,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.set_defaults(run=cmd_convert)
 
     q = sub.add_parser("quantize", help="write a quantized copy of a checkpoint that loads without quantizing again")
-    _add_model_args(q)
+    _add_model_args(q, writes_checkpoint=True)
     q.add_argument("--out", required=True, help="directory for the quantized checkpoint")
     q.set_defaults(run=cmd_quantize)
 

@@ -177,7 +177,9 @@ def test_shapes_a_kernel_cannot_take_fall_back_to_int8_and_bad_settings_are_refu
         convert_linears(model, "int4", 48)
     with pytest.raises(QuantizeError, match="quantize must be one of"):
         convert_linears(model, "int3")
-    assert main(["quantize", "--model", "demo", "--out", "/nonexistent/x"]) == 2
+    with pytest.raises(SystemExit) as refused:  # how to quantize is required, before anything loads
+        main(["quantize", "--model", "demo", "--out", "/nonexistent/x"])
+    assert refused.value.code == 2
 
 
 def test_quantizing_a_slice_of_rows_at_a_time_gives_the_whole_matrix_values(monkeypatch):
