@@ -44,6 +44,9 @@ class CheckpointError(LlavaError, RuntimeError):
 
 def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
     """A local directory holding the checkpoint: the path itself, the bundled demo, or a Hub snapshot."""
+    if revision is not None and (str(name_or_path) == "demo" or Path(name_or_path).expanduser().exists()):
+        raise CheckpointError(f"a revision ({revision!r}) applies to Hub ids; {name_or_path} is a local "
+                              f"{'model' if str(name_or_path) == 'demo' else 'directory'}, read as it is")
     if str(name_or_path) == "demo":
         if not (DEMO_MODEL_DIR / "config.json").exists():
             raise CheckpointError(f"the bundled demo model is missing from {DEMO_MODEL_DIR}; run `make demo-model`")
