@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,9 @@ def weight_files(directory: Path) -> list[Path]:
         return _shards_of(directory / "pytorch_model.bin.index.json")
     if (directory / "pytorch_model.bin").exists():
         return [directory / "pytorch_model.bin"]
+    shards = sorted(directory.glob("pytorch_model*.bin"))  # (read like *.safetensors shards without their index)
+    if shards:
+        return shards
     raise CheckpointError(f"{directory} has no model.safetensors (nor sharded *.safetensors with an index, nor "
                           "pytorch_model.bin weights)")
 
@@ -369,10 +373,15 @@ def read_pickle_index(path: Path) -> list[PickledTensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # the unpickler's refusal, a zip error, a truncated file: all mean "not plain weights"
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a PyTorch weight file that can be read as plain data ({first}). A "
-                              "file that needs code to load is never run; get the checkpoint's safetensors or "
-                              "re-save it") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if len(first) > 300:
+            first = first[:300].rsplit(" ", 1)[0] + " ..."
+        if isinstance(e, pickle.UnpicklingError):  # torch's restricted unpickler met something other than data
+            raise CheckpointError(f"{path}: not a PyTorch weight file that can be read as plain data ({first}). A "
+                                  "file that needs code to load is never run; get the checkpoint's safetensors or "
+                                  "re-save it") from None
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch weight file ({first}); it may be truncated or "
+                              "damaged: download or copy it again") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise CheckpointError(f"{path}: expected a dictionary of named tensors (a state dict)")

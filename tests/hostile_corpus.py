@@ -320,6 +320,21 @@ def _bin_that_runs_code(directory: Path) -> None:
     (directory / "model.safetensors").unlink()
 
 
+def _as_bin_shards(count: int) -> Callable[[Path], None]:
+    """The weights as legacy PyTorch shards (pytorch_model-0000k-of-0000n.bin, or one pytorch_model.bin), no index."""
+    def convert(directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / "model.safetensors"))
+        names = sorted(state)
+        for k in range(count):
+            part = {n: state[n] for n in names[k::count]}
+            torch.save(part, directory / (f"pytorch_model-{k + 1:05d}-of-{count:05d}.bin" if count > 1
+                                          else "pytorch_model.bin"))
+        (directory / "model.safetensors").unlink()
+    return convert
+
+
 def _truncate(name: str, keep: float) -> Callable[[Path], None]:
     def damage(directory: Path) -> None:
         data = (directory / name).read_bytes()
@@ -396,6 +411,8 @@ BROKEN: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "pinpoints_one_number": (GOOD, _config("image_grid_pinpoints", value=[[336]]), r"image_grid_pinpoints"),
     "pinpoints_not_tiles": (GOOD, _config("image_grid_pinpoints", value=[[300, 500]]), r"image_grid_pinpoints|336"),
     "pytorch_bin_that_runs_code": (GOOD, _bin_that_runs_code, r"pytorch_model\.bin.*plain data.*never run"),
+    "pytorch_bin_truncated": (GOOD, _both(_as_bin_shards(1), _truncate("pytorch_model.bin", 0.5)),
+                              r"pytorch_model\.bin: cannot be read as a PyTorch weight file .*truncated or damaged"),
     "html_renamed_safetensors": (GOOD, _file("model.safetensors", "<html><body>404 Not Found</body></html>"),
                                  r"model\.safetensors.*(corrupt|not a safetensors|invalid|header)"),
     "truncated_safetensors": (GOOD, _truncate("model.safetensors", 0.5), r"model\.safetensors.*(truncated|corrupt|incomplete)"),
@@ -450,6 +467,7 @@ for _name, _content in NOT_JSON.items():
 # checkpoints that are not broken, only different: a 64-token context window for the context-length cases
 VARIANTS: dict[str, tuple[str, Callable[[Path], None]]] = {
     SMALL_WINDOW: (GOOD, _config("text_config", "max_position_embeddings", value=WINDOW)),
+    "bin_shards_without_index": (GOOD, _as_bin_shards(2)),
     **{f"broken_{name}": (base, damage) for name, (base, damage, _) in BROKEN.items()},
 }
 
@@ -858,6 +876,17 @@ for name, (_, _, message) in BROKEN.items():
     else:
         load_case(f"checkpoints-load-{name}", Fails(message), checkpoint=f"broken_{name}")
     cli(f"checkpoints-cli-{name}", Fails(message), checkpoint=f"broken_{name}", image="small.png")
+
+
+def _same_answer_as_the_safetensors(gen, world) -> None:
+    expected = world.pipe(GOOD).generate("USER: <image>\nHi ASSISTANT:", [world.image("small.png")],
+                                         max_new_tokens=MAX_NEW)
+    assert gen.token_ids == expected.token_ids
+
+
+# legacy .bin shards without their index are read, as *.safetensors shards without one are
+generate("checkpoints-generate-bin_shards_without_index", Succeeds(_same_answer_as_the_safetensors),
+         "USER: <image>\nHi ASSISTANT:", ("small.png",), checkpoint="bin_shards_without_index")
 
 
 def _unique(cases: list[Case]) -> list[Case]:
