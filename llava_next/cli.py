@@ -20,7 +20,7 @@ from .eval.tasks import TASK_MODULES as TASK_NAMES
 from .eval.vqa import evaluate
 from .image import DEFAULT_MAX_PIXELS
 from .load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL, GROUP_SIZES, QUANTIZE_MODES
-from .prompt import IMAGE_TOKEN
+from .prompt import user_turn
 from .sampling_params import GenerationError, SamplingParams
 
 # Errors that are the user's to fix: one line on stderr, exit code 2, no traceback.
@@ -120,13 +120,6 @@ def _load(args: argparse.Namespace):
                 conv_template=args.conv_template)
 
 
-def user_message(text: str, n_images: int) -> dict[str, Any]:
-    """The llava convention: the images first, then the question; or where the question has `<image>` typed in it,
-    the images there (a habit of LLaVA's users: `--prompt "<image>\nWhat is this?"`)."""
-    items = [] if IMAGE_TOKEN in text else [{"type": "image"}] * n_images
-    return {"role": "user", "content": items + [{"type": "text", "text": text}]}
-
-
 # -- generate ------------------------------------------------------------------------------------------------------
 
 
@@ -138,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt: Any = args.prompt
     else:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
-            [user_message(args.prompt, len(images))]
+            [user_turn(args.prompt, len(images))]
     if args.json:
         result = pipe.generate(prompt, images, **sampling)
         print(json.dumps({
@@ -205,7 +198,7 @@ def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
             else:
                 print(f"unknown command {command}; /help lists them", file=stdout)
             continue
-        turn = user_message(line, len(pending))
+        turn = user_turn(line, len(pending))
         try:
             stream = pipe.stream(messages + [turn], images + pending, **sampling)
             if interactive:
@@ -514,13 +507,32 @@ class Parser(argparse.ArgumentParser):
         return super()._parse_known_args(arg_strings, *rest, **options)
 
     def error(self, message):
+        if getattr(self, "_rechecking", False):
+            raise _Recheck
         if message.startswith("the following arguments are required"):
-            known = {o for action in self._actions for o in action.option_strings}
-            unknown = [a for a in getattr(self, "_arg_strings", [])
-                       if a.startswith("--") and a.split("=")[0] not in known]
+            unknown = self._unrecognized()
             if unknown:
                 message += f"; unrecognized arguments: {self.guessed(unknown)}"
         super().error(message)
+
+    def _unrecognized(self) -> list[str]:
+        """What argparse leaves unparsed in this (sub)command's arguments, its required options waived."""
+        required = [action for action in self._actions if action.required]
+        self._rechecking = True
+        try:
+            for action in required:
+                action.required = False
+            return self.parse_known_args(list(getattr(self, "_arg_strings", [])))[1]
+        except _Recheck:  # another mistake: argparse's own message for the first one stands
+            return []
+        finally:
+            for action in required:
+                action.required = True
+            self._rechecking = False
+
+
+class _Recheck(Exception):
+    """Parser._unrecognized's parse met an error of its own."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -614,19 +626,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def one_line_warnings(message, category, filename, lineno, line=None, default=warnings.formatwarning) -> str:
-    """The package's own warnings as one line each, as its errors are; others as Python formats them."""
+def show_warning(message, category, filename, lineno, file=None, line=None, default=warnings.showwarning) -> None:
+    """The package's own warnings as one line each on stderr, as its errors are; others as Python shows them."""
     if issubclass(category, LlavaWarning):
-        return f"llava-next: warning: {message}\n"
-    return default(message, category, filename, lineno, line)
+        print(f"llava-next: warning: {message}", file=sys.stderr)
+    else:
+        default(message, category, filename, lineno, file, line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    warnings.formatwarning = one_line_warnings
     try:
-        return args.run(args)
+        with warnings.catch_warnings():  # (restores Python's filters and display for callers of main())
+            warnings.simplefilter("always", LlavaWarning)  # every run says it, not only a process's first
+            warnings.showwarning = show_warning
+            return args.run(args)
     except KeyboardInterrupt:
         return 130
     except Exception as e:

@@ -236,7 +236,8 @@ def read_layout(directory: Path, d: dict[str, Any], model: str, vision_tower: st
             layout.projector_type != "linear" or model_type == "llava_mistral"):
         # the original code's choice, from the name: for a folder renamed on download (./ckpt), a template the
         # checkpoint was not trained with, and answers that differ without an error
-        likely = "mistral_instruct" if model_type == "llava_mistral" else "llava_v1"
+        likely = {"llava_mistral": "mistral_instruct", "llava_qwen": "qwen_1_5"}.get(
+            model_type, "its template, e.g. llava_v1 for a vicuna model")
         warnings.warn(f"{directory}: no conversation template matches its name {name!r}, so it is llava_v0, as the "
                       f"original code chooses; this {model_type} checkpoint's {layout.projector_type} projector is "
                       "LLaVA-1.5's or later's. If the folder was renamed, give it the model's name (which also "

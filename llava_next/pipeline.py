@@ -26,7 +26,7 @@ from .original import (OriginalLayout, end_of_turn_ids, is_original_layout, orig
 from .processor import Processor
 from .quantize import (ConvertWhileLoading, QuantizeError, convert_linears, empty_converted, pack_all,
                        quantized_state)
-from .prompt import IMAGE_TOKEN, PromptError, normalize_messages
+from .prompt import IMAGE_TOKEN, PromptError, normalize_messages, user_turn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -511,7 +511,7 @@ class Conversation:
         if not isinstance(text, str):
             raise PromptError(f"the question must be a string, not {type(text).__name__}")
         loaded = [self.pipe.processor.load_image(im) for im in image_list(images)]
-        turn = {"role": "user", "content": [{"type": "image"}] * len(loaded) + [{"type": "text", "text": text}]}
+        turn = user_turn(text, len(loaded))
         return self.messages + [turn], self.images + loaded
 
     def ask(self, text: str, images: Sequence[Any] = (), **sampling) -> Generation:

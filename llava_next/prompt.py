@@ -511,6 +511,13 @@ def default_template_name(tokenizer: Tokenizer, text_model_type: str) -> str:
     return "vicuna"
 
 
+def user_turn(text: str, n_images: int) -> dict[str, Any]:
+    """A user's message with `n_images` images: the llava convention, the images first, then the text; or where the
+    text has `<image>` typed in it (a habit of LLaVA's users: "<image>\nWhat is this?"), the images there."""
+    items = [] if IMAGE_TOKEN in text else [{"type": "image"}] * n_images
+    return {"role": "user", "content": items + [{"type": "text", "text": text}]}
+
+
 def normalize_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
     """Messages in transformers' chat format -> (plain copies for the template, one entry per image place in order:
     the image given inline, or None where the image is to come from the separate `images` list).

@@ -14,6 +14,7 @@ import torch
 from conftest import reference_model, reference_processor, smooth_image
 import llava_next
 from llava_next import cli
+from llava_next.prompt import user_turn
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ def test_generate_streams_the_same_text(tiny, picture, capsys, load_pipeline):
                             "--max-new-tokens", "9"], capsys)
     assert code == 0
     expected = load_pipeline(directory).generate(
-        [cli.user_message("Describe.", 1)], [picture], max_new_tokens=9)
+        [user_turn("Describe.", 1)], [picture], max_new_tokens=9)
     assert out == expected.text + "\n"
 
 
@@ -165,10 +166,10 @@ def test_chat_keeps_the_conversation_and_its_images(tiny, picture, load_pipeline
     assert cli.cmd_chat(args, stdin=stdin, stdout=stdout) == 0
     lines = stdout.getvalue().splitlines()
     pipe = load_pipeline(directory)
-    first = pipe.generate([cli.user_message("What is it?", 1)], [picture], max_new_tokens=5).text
-    second = pipe.generate([cli.user_message("What is it?", 1), {"role": "assistant", "content": first},
-                            cli.user_message("And the colours?", 0)], [picture], max_new_tokens=5).text
-    third = pipe.generate([cli.user_message("New topic.", 0)], max_new_tokens=5).text
+    first = pipe.generate([user_turn("What is it?", 1)], [picture], max_new_tokens=5).text
+    second = pipe.generate([user_turn("What is it?", 1), {"role": "assistant", "content": first},
+                            user_turn("And the colours?", 0)], [picture], max_new_tokens=5).text
+    third = pipe.generate([user_turn("New topic.", 0)], max_new_tokens=5).text
     assert lines == [f"(image attached: {picture})", first, second, "(conversation cleared)", third]
 
 

@@ -17,6 +17,7 @@ from llava_next import cli
 from llava_next.checkpoint import CheckpointError
 from llava_next.errors import LlavaError
 from llava_next.pipeline import sampling_defaults
+from llava_next.prompt import user_turn
 
 
 def run_cli(args, capsys) -> tuple[int, str, str]:
@@ -118,9 +119,9 @@ def test_chat_after_a_turn_that_failed_says_why_and_sends_nothing_of_it_later(tm
                           "(not sent: the message and its 1 image(s); /image attaches again)"]
     # the next question goes with the first turn's image alone: its answer is that conversation's
     pipe = llava_next.load("demo", progress=False)
-    first = pipe.generate([cli.user_message("What is it?", 1)], [picture], max_new_tokens=4).text
-    last = pipe.generate([cli.user_message("What is it?", 1), {"role": "assistant", "content": first},
-                          cli.user_message("What color is it?", 0)], [picture], max_new_tokens=4).text
+    first = pipe.generate([user_turn("What is it?", 1)], [picture], max_new_tokens=4).text
+    last = pipe.generate([user_turn("What is it?", 1), {"role": "assistant", "content": first},
+                          user_turn("What color is it?", 0)], [picture], max_new_tokens=4).text
     assert shown[2] == first and shown[7:] == [last]
     # the placeholder typed into a message: the command that attaches an image
     out = io.StringIO()
@@ -282,6 +283,15 @@ def test_counts_out_of_range_and_mistyped_flags_are_refused_by_name(argv, says, 
     assert not (tmp_path / "x").exists()
 
 
+def test_a_missing_required_option_names_only_what_argparse_could_not_parse(capsys):
+    # an abbreviation argparse takes, an option's value that looks like an option: not "unrecognized"
+    for argv in (["generate", "--max-new", "5"], ["generate", "--system=--be-brief"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert capsys.readouterr().err.splitlines()[-1] == \
+            "llava-next generate: error: the following arguments are required: --prompt"
+
+
 def test_a_sampling_flag_out_of_range_is_named_by_its_flag_before_the_model_loads(capsys):
     from llava_next.data.synth import generate
     from llava_next.sampling_params import GenerationError
@@ -359,6 +369,12 @@ def test_python_callers_mistakes_are_named(tmp_path):
     with pytest.raises(PromptError, match="the question must be a string, not NoneType"):
         chat.ask(None)
     assert chat.messages == [] and chat.images == []  # nothing of a refused turn is kept
+    # <image> typed in a question is where its image goes, as in generate()
+    image = smooth_image(60, 40, seed=3)
+    typed = chat.ask("<image>\nWhat color is it?", images=[image], max_new_tokens=4)
+    assert typed.token_ids == pipe.generate([{"role": "user", "content": "<image>\nWhat color is it?"}], [image],
+                                            max_new_tokens=4).token_ids
+    chat = pipe.conversation()
     for option in ("prefix_cache", "compile"):
         with pytest.raises(LlavaError, match=f"{option} must be True or False, got 'no'"):
             llava_next.load("demo", progress=False, **{option: "no"})

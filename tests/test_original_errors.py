@@ -118,8 +118,14 @@ def test_a_renamed_folder_whose_name_picks_the_first_llavas_template_is_warned_a
         llava_next.load(ORIGINAL / "llava-v1.6-mistral-tiny", progress=False, vision_tower=TOWER)
         shutil.copytree(ORIGINAL / "llava-v0-tiny", tmp_path / "first")
         llava_next.load(tmp_path / "first", progress=False, vision_tower=ORIGINAL / "clip-tiny-224")
-    assert cli.main(["info", "--model", str(renamed), "--vision-tower", str(TOWER)]) == 0
-    assert capsys.readouterr().err.startswith(f"llava-next: warning: {renamed}: no conversation template matches")
+    for _ in range(2):  # each run of the command says it, not only the process's first
+        assert cli.main(["info", "--model", str(renamed), "--vision-tower", str(TOWER)]) == 0
+        assert capsys.readouterr().err.startswith(f"llava-next: warning: {renamed}: no conversation template matches")
+    from llava_next.original import read_layout
+
+    config = {**json.loads((renamed / "config.json").read_text()), "model_type": "llava_qwen"}
+    with pytest.warns(LlavaWarning, match="llava_qwen checkpoint's .* --conv-template qwen_1_5 "):
+        read_layout(renamed, config, str(renamed), str(TOWER))  # (the layout alone: the weights are llama's)
 
 
 def test_the_tower_given_instead_of_mm_vision_tower_is_named_as_given():
