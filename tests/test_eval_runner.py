@@ -12,6 +12,7 @@ pq = pytest.importorskip("pyarrow.parquet", reason="the eval extra (pyarrow) is 
 import pyarrow as pa  # noqa: E402
 
 import llava_next  # noqa: E402
+from llava_next.errors import LlavaWarning  # noqa: E402
 from llava_next.eval import runner  # noqa: E402
 from llava_next.eval.tasks import Sample, Skip, Task, TaskDataError  # noqa: E402
 from llava_next.eval.tasks.base import field_of, image_of  # noqa: E402
@@ -126,7 +127,7 @@ def test_an_interrupted_run_resumes_without_asking_again(task, pipe, tmp_path, m
         runner.run_task(pipe, "shapes_test", other, tmp_path / "parts")
 
 
-def test_predictions_of_another_model_are_not_resumed_as_this_ones(task, pipe, tmp_path):
+def test_predictions_of_another_model_are_not_resumed_as_this_ones(task, pipe, tmp_path, monkeypatch):
     data = write_parquet(tmp_path / "data.parquet", rows(4))
     first = runner.run_task(pipe, "shapes_test", data, tmp_path / "out", limit=2, model_name="demo")
     assert json.loads((tmp_path / "out" / "model.json").read_text()) == \
@@ -141,6 +142,28 @@ def test_predictions_of_another_model_are_not_resumed_as_this_ones(task, pipe, t
     assert runner.run_task(pipe, "shapes_test", data, tmp_path / "out", model_name="demo").resumed == 2
     fresh = runner.run_task(int8, "shapes_test", data, tmp_path / "int8", model_name="demo")
     assert fresh.resumed == 0 and fresh.settings["quantize"] == "int8"
+    # a run written before model.json: resumed, and said so
+    (tmp_path / "int8" / "model.json").unlink()
+    with pytest.warns(LlavaWarning, match="do not say which model gave them"):
+        assert runner.run_task(int8, "shapes_test", data, tmp_path / "int8", model_name="demo").resumed == 4
+    # a local model is the same model by any path to it
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    runner.run_task(pipe, "shapes_test", data, tmp_path / "local", limit=1, model_name=str(local))
+    monkeypatch.chdir(tmp_path)
+    assert runner.run_task(pipe, "shapes_test", data, tmp_path / "local", model_name="ckpt/").resumed == 1
+
+
+def test_under_torchrun_every_process_checks_every_processes_predictions(task, pipe, tmp_path, monkeypatch):
+    data = write_parquet(tmp_path / "data.parquet", rows(4))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    runner.run_task(pipe, "shapes_test", data, tmp_path / "out", limit=1, model_name="demo")  # rank 0's answer alone
+    int8 = llava_next.load("demo", progress=False, quantize="int8")
+    for rank in ("1", "0"):  # rank 1 has no answers of its own, and starts first
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(TaskDataError, match=r"answered by demo \(float32\), this run is demo \(int8"):
+            runner.run_task(int8, "shapes_test", data, tmp_path / "out", model_name="demo")
 
 
 def test_shards_merge_to_the_single_process_result(task, pipe, tmp_path, monkeypatch):

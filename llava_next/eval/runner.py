@@ -15,10 +15,12 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..errors import LlavaWarning
 from ..outputs import output_directory
 from .tasks import Sample, Skip, Task, TaskDataError, get_task
 
@@ -217,11 +219,13 @@ def drop_partial_line(path: Path) -> None:
 
 
 def answering_model(pipe, model_name: str) -> dict[str, Any]:
-    """What answers: the model as named (else its directory), its dtype and quantization. An earlier run's
-    predictions are resumed only by the same."""
+    """What answers: the model as named (a local one by its absolute path, else its directory), its dtype and
+    quantization. An earlier run's predictions are resumed only by the same."""
     quantization = pipe.quantization or {}
     mode = quantization.get("mode")
-    return {"model": model_name or str(pipe.directory), "dtype": str(pipe.model.dtype).removeprefix("torch."),
+    local = model_name not in ("", "demo") and Path(model_name).expanduser().exists()
+    name = str(Path(model_name).expanduser().resolve()) if local else model_name or str(pipe.directory)
+    return {"model": name, "dtype": str(pipe.model.dtype).removeprefix("torch."),
             "quantize": mode, "group_size": quantization.get("group_size") if mode == "int4" else None}
 
 
@@ -230,16 +234,22 @@ def describe_model(model: dict[str, Any]) -> str:
     return f"{model.get('model')} ({', '.join(str(h) for h in how if h)})"
 
 
-def check_same_model(out: Path, rank: int, model: dict[str, Any], resuming: bool) -> None:
-    """Records in `out/model.json` what answers; refuses to resume predictions another model (or the same one in
-    another dtype or quantization) gave, whose answers would be scored as this one's."""
+def check_same_model(out: Path, rank: int, model: dict[str, Any]) -> None:
+    """Records in `out/model.json` what answers; refuses to resume predictions that another model (or the same one
+    in another dtype or quantization) gave, whose answers would be scored as this one's. Every process of a
+    torchrun checks against every process's predictions, so the order they start in does not matter."""
     record = out / "model.json"
-    if resuming and record.exists():
+    answered = any(p.stat().st_size > 0 for p in out.glob("predictions*.jsonl"))
+    if answered and record.exists():
         earlier = json.loads(record.read_text(encoding="utf-8"))
         if earlier != model:
             raise TaskDataError(f"{out}: its predictions were answered by {describe_model(earlier)}, this run is "
                                 f"{describe_model(model)}; use another --output (or move the predictions away to "
                                 "start over)")
+        return
+    if answered:  # a run of a version that did not record its model
+        warnings.warn(f"{out}: its predictions do not say which model gave them (written before model.json was); "
+                      f"they are resumed as {describe_model(model)}'s", LlavaWarning, stacklevel=3)
     temporary = out / f".model.json.{rank}"  # (every process of a torchrun writes it; each replaces it whole)
     temporary.write_text(json.dumps(model, indent=2) + "\n", encoding="utf-8")
     os.replace(temporary, record)
@@ -265,7 +275,7 @@ def run_task(pipe, task_name: str, data: str | Path, output: str | Path | None =
     resumed = len(done)
     model = answering_model(pipe, model_name)
     if out is not None:
-        check_same_model(out, rank, model, resuming=bool(done))
+        check_same_model(out, rank, model)
     rows, total = read_rows(data, task)
     if total is not None and limit is not None:
         total = min(total, limit)
