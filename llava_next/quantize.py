@@ -828,7 +828,10 @@ def parameter_count(model: nn.Module) -> int:
     """The model's parameters, each quantized linear's weights counted as the float ones they stand for (buffers of
     int8 or packed int4 there, not parameters)."""
     count = sum(p.numel() for p in model.parameters())
-    for module in model.modules():
+    tied = getattr(getattr(model, "cfg", None), "tie_word_embeddings", False)
+    for name, module in model.named_modules():
+        if tied and name == "lm_head":  # its weights are the embedding's, counted once (a quantized copy here)
+            continue
         if isinstance(module, (Int8Linear, Int4Linear)):
             count += module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
     return count

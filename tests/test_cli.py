@@ -79,15 +79,17 @@ def test_info_reports_the_image_token_cost(tiny, picture, capsys):
     assert "costs 576 tokens" in out and "llava, llama text model" in out
 
 
-def test_info_counts_a_quantized_models_weights_as_the_parameters_they_stand_for(tiny, capsys):
+@pytest.mark.parametrize("name", ["qwen2", "vicuna_tied"])
+def test_info_counts_a_quantized_models_weights_as_the_parameters_they_stand_for(name, tiny, capsys):
     counts = {}
     for quantize in ([], ["--quantize", "int8"], ["--quantize", "int4", "--group-size", "32"], ["--quantize", "w8a8"]):
-        code, out, _ = run_cli(["info", "--model", tiny("qwen2"), "--json", *quantize], capsys)
+        code, out, _ = run_cli(["info", "--model", tiny(name), "--json", *quantize], capsys)
         counts[" ".join(quantize)] = json.loads(out)["parameters"]
     float_count = counts.pop("")
-    pipe = llava_next.load(tiny("qwen2"), progress=False)
+    pipe = llava_next.load(tiny(name), progress=False)
     assert float_count == sum(p.numel() for p in pipe.model.parameters())
-    assert set(counts.values()) == {float_count}, counts  # int8 and int4 weights are buffers, not parameters
+    # int8 and int4 weights are buffers, not parameters; a tied lm_head's quantized copy is not counted twice
+    assert set(counts.values()) == {float_count}, counts
 
 
 def assert_info_recalls_then_remeasures(args, capsys, monkeypatch, setting, line, timings):
