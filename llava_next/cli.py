@@ -379,7 +379,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .data.records import read_records
-    from .eval.vqa import write_predictions
+    from .eval.vqa import questions_of, write_predictions
     from .outputs import output_directory, output_file
 
     # where results go, checked before the model loads and the questions are answered
@@ -402,6 +402,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
         return 0
     records = read_records(args.data, args.image_folder)  # a file or folder that will not do: before the load
+    if not questions_of(records):
+        raise LlavaError(f"{args.data}: no questions to ask: none of its records has a gpt turn to score")
     pipe = _load(args)
     result = evaluate(pipe, records, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       progress=sys.stderr.isatty())

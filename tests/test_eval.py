@@ -80,6 +80,12 @@ def test_a_run_with_nothing_answered_says_so_and_a_missing_image_folder_is_named
     for folder, says in ((tmp_path / "nowhere", "does not exist"), (data, "is not a directory")):
         assert cli.main(["eval", "--model", "/no/such/model", "--data", str(data), "--image-folder", str(folder)]) == 2
         assert f"the image folder {folder} {says}" in capsys.readouterr().err
+    # data without images does not need the folder
+    text_only = _write(tmp_path / "text.json", [{"id": "t", "conversations": [
+        {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "hello"}]}])
+    assert cli.main(["eval", "--model", "demo", "--data", str(text_only), "--image-folder", str(tmp_path / "nowhere"),
+                     "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
     # every question skipped (its image is missing): no accuracy, and an error after the table that lists why
     assert cli.main(["eval", "--model", model, "--data", str(data), "--max-new-tokens", "2"]) == 2
     out, err = capsys.readouterr()
@@ -88,3 +94,21 @@ def test_a_run_with_nothing_answered_says_so_and_a_missing_image_folder_is_named
     assert cli.main(["eval", "--model", model, "--data", str(data), "--max-new-tokens", "2", "--json"]) == 2
     result = json.loads(capsys.readouterr().out)
     assert (result["accuracy"], result["total"], result["skipped"]) == (None, 0, 1)
+
+
+def test_a_record_with_image_in_an_answer_is_skipped_and_data_without_questions_is_refused(tmp_path, capsys):
+    smooth_image(60, 40).save(tmp_path / "ok.png")
+    ask = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    data = _write(tmp_path / "qa.json", [
+        {"id": "tagged", "image": "ok.png",
+         "conversations": ask("<image>\nWhat?", "an <image> tag") + ask("Sure?", "yes")},
+        {"id": "fine", "image": "ok.png", "conversations": ask("<image>\nWhat?", "red")}])
+    assert cli.main(["eval", "--model", "demo", "--data", str(data), "--max-new-tokens", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["total"], result["skipped"]) == (1, 2)  # not the whole run stopped by one record
+    assert result["skipped_records"] == [{"id": "tagged", "image": None, "questions": 2,
+                                          "reason": "<image> in the text of an answer (a gpt turn)"}]
+    for records in ([], [{"id": "q", "conversations": [{"from": "human", "value": "Hi?"}]}]):
+        empty = _write(tmp_path / "empty.json", records)  # the model is not loaded for it
+        assert cli.main(["eval", "--model", "/no/such/model", "--data", str(empty)]) == 2
+        assert "no questions to ask: none of its records has a gpt turn to score" in capsys.readouterr().err

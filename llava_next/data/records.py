@@ -61,8 +61,6 @@ def read_records(path: str | Path, image_folder: str | Path | None = None) -> li
     if path.is_dir():
         raise DataError(f"{path} is a directory; give a LLaVA-format JSON or JSON-lines file")
     folder = Path(image_folder) if image_folder is not None else path.parent
-    if not folder.is_dir():  # (every image would be skipped as missing)
-        raise DataError(f"the image folder {folder} {'is not a directory' if folder.exists() else 'does not exist'}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -96,4 +94,6 @@ def read_records(path: str | Path, image_folder: str | Path | None = None) -> li
             turns.append((role, t["value"]))
         types = r.get("types") or ([r["type"]] if "type" in r else [])
         records.append(Record(rid, [folder / p for p in images], turns, [str(x) for x in types]))
+    if any(r.images for r in records) and not folder.is_dir():  # (every image would be skipped as missing)
+        raise DataError(f"the image folder {folder} {'is not a directory' if folder.exists() else 'does not exist'}")
     return records

@@ -51,6 +51,7 @@ def questions_of(records: list[Record]) -> list[Question | Skipped]:
     out: list[Question | Skipped] = []
     for record in records:
         placeholders = sum(text.count(IMAGE_TOKEN) for role, text in record.turns if role == "user")
+        in_answers = any(IMAGE_TOKEN in text for role, text in record.turns if role == "assistant")
         shown = 0  # the <image> placeholders in the user turns so far: they take the record's images in order
         turn = 0
         for i, (role, text) in enumerate(record.turns):
@@ -60,7 +61,9 @@ def questions_of(records: list[Record]) -> list[Question | Skipped]:
                 continue
             kind = record.types[turn] if turn < len(record.types) else "all"
             turn += 1
-            if placeholders != len(record.images):
+            if in_answers:  # (an earlier answer is part of the next question's prompt, where it would take an image)
+                out.append(Skipped(record.id, kind, None, "<image> in the text of an answer (a gpt turn)"))
+            elif placeholders != len(record.images):
                 images = f"{len(record.images)} image{'s' * (len(record.images) != 1)}"
                 out.append(Skipped(record.id, kind, None, f"{placeholders} <image> in its turns but {images}"))
             else:
