@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     """A local directory holding the checkpoint: the path itself, the bundled demo, or a Hub snapshot."""
     if revision is not None and (str(name_or_path) == "demo" or Path(name_or_path).expanduser().exists()):
         raise CheckpointError(f"a revision ({revision!r}) applies to Hub ids; {name_or_path} is a local "
-                              f"{'model' if str(name_or_path) == 'demo' else 'directory'}, read as it is")
+                              f"{'model' if str(name_or_path) == 'demo' else 'path'}: drop --revision (revision=) "
+                              "to read it as it is")
     if str(name_or_path) == "demo":
         if not (DEMO_MODEL_DIR / "config.json").exists():
             raise CheckpointError(f"the bundled demo model is missing from {DEMO_MODEL_DIR}; run `make demo-model`")
@@ -371,9 +373,15 @@ def read_pickle_index(path: Path) -> list[PickledTensor]:
     tensors and plain containers only, so a file that tries to run code (a pickled function call) is refused here
     rather than executed. It does not vouch for the numbers: those are checked like any checkpoint's."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "_use_new_zipfile_serialization" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # the pre-1.6 format: read, not mapped
     except Exception as e:  # the unpickler's refusal, a zip error, a truncated file: all mean "not plain weights"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # (torch's refusal is in bold on a terminal)
+        first = text.splitlines()[0] if text else type(e).__name__
         if len(first) > 300:
             first = first[:300].rsplit(" ", 1)[0] + " ..."
         if isinstance(e, pickle.UnpicklingError):  # torch's restricted unpickler met something other than data

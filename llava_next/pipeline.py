@@ -325,7 +325,11 @@ def load(
         raise QuantizeError(f"{directory} is already quantized ({saved_quantization['mode']}); load it without "
                             f"quantize, or quantize the original checkpoint to {quantize}")
     saved_groups = saved_quantization.get("group_size") if saved_quantization else None
-    if group_size != DEFAULT_GROUP_SIZE and (quantize != "int4" or saved_quantization and group_size != saved_groups):
+    if saved_quantization:  # its own group size may be named, with or without --quantize int4
+        asked_for_nothing = saved_quantization["mode"] != "int4" or group_size != saved_groups
+    else:
+        asked_for_nothing = quantize != "int4"
+    if group_size != DEFAULT_GROUP_SIZE and asked_for_nothing:
         # (a group size given for nothing, or not the one a quantized checkpoint has: never ignored)
         if saved_quantization:
             groups = f", in groups of {saved_groups}" if saved_quantization["mode"] == "int4" else ""
@@ -411,8 +415,8 @@ class Pipeline:
         wanted = sum(1 for slot in slots if slot is None)
         if len(images) != wanted:
             places = f"{wanted} image place{'s' * (wanted != 1)} without an image of its own"
-            raise PromptError(f"the messages have {places} ({{'type': 'image'}} items and {IMAGE_TOKEN} typed in the "
-                              f"text) but {len(images)} image{'s' * (len(images) != 1)} "
+            raise PromptError(f"the messages have {places} (image items, and {IMAGE_TOKEN} typed in the text) but "
+                              f"{len(images)} image{'s' * (len(images) != 1)} "
                               f"{'was' if len(images) == 1 else 'were'} given; give one image per place, in order")
         if wanted < len(slots) and any(IMAGE_TOKEN in item.get("text", "") for m in plain for item in m["content"]):
             # the template may render image items before the text (the llava templates do): which typed <image> an

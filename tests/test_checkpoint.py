@@ -243,3 +243,12 @@ def test_a_weight_stored_twice_is_an_error(tiny, tmp_path):
               target / "model-b.safetensors")
     with pytest.raises(CheckpointError, match=r"stored more than once: multi_modal_projector.linear_2.bias"):
         llava_next.load(target, progress=False)
+
+
+def test_a_pytorch_file_in_the_format_before_zip_is_read_not_mapped(tmp_path):
+    from llava_next.checkpoint import read_pickle_index
+
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.arange(6.0).view(2, 3)}, path, _use_new_zipfile_serialization=False)
+    tensors = read_pickle_index(path)  # torch.load cannot map this format: it said "truncated or damaged" before
+    assert [t.name for t in tensors] == ["w"] and torch.equal(tensors[0].read(), torch.arange(6.0).view(2, 3))

@@ -384,8 +384,9 @@ def test_python_callers_mistakes_are_named(tmp_path):
             llava_next.load("demo", progress=False, quantize=quantize, group_size=32)
     with pytest.raises(LlavaError, match="no model given: name a checkpoint directory, a Hub id or 'demo'"):
         llava_next.load("", progress=False)
-    for model, what in (("demo", "model"), (tmp_path, "directory")):  # a revision is not silently ignored
-        with pytest.raises(LlavaError, match=f"a revision .'v2'. applies to Hub ids; .* is a local {what}, read as"):
+    for model, what in (("demo", "model"), (tmp_path, "path")):  # a revision is not silently ignored
+        with pytest.raises(LlavaError, match=f"a revision .'v2'. applies to Hub ids; .* is a local {what}: drop "
+                                             "--revision .revision=. to read it as it is"):
             llava_next.load(model, progress=False, revision="v2")
     with pytest.raises(LlavaError, match="there is no text to train a tokenizer on"):
         train_tokenizer(["", "  "], tmp_path / "tok")

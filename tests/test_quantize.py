@@ -153,8 +153,9 @@ def test_a_quantized_checkpoint_reads_back_as_it_was_written(tiny, tmp_path, cap
     with pytest.raises(QuantizeError, match="already quantized"):
         llava_next.load(tmp_path / "q", progress=False, quantize="int8")
     # its own group size may be named; another one is refused, not ignored
-    assert llava_next.load(tmp_path / "q", progress=False, quantize="int4", group_size=32).quantization == \
-        quantized.quantization
+    for quantize in ("int4", None):
+        assert llava_next.load(tmp_path / "q", progress=False, quantize=quantize, group_size=32).quantization == \
+            quantized.quantization
     for quantize in ("int4", None):
         with pytest.raises(QuantizeError, match=r"group_size \(--group-size\) 64: .*q is quantized already \(int4, "
                                                 r"in groups of 32\); load it without a group size"):
