@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from ..load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from ..pipeline import Pipeline, load
+from ..prompt import user_turn
 
 MODEL_ID = "llava_next_pkg"
 
@@ -62,10 +63,10 @@ def manifest():
     return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.LlavaNextLmms")
 
 
-def user_turn(context: str, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
-    """One lmms-eval context and its images -> chat messages: the images first, then the text."""
-    text = IMAGE_TOKEN.sub("", context)
-    return [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}]
+def context_messages(context: str, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
+    """One lmms-eval context and its images -> chat messages: the images first, then the text, from which the
+    `<image>` a task writes is removed (the images are placed by the template)."""
+    return [user_turn(IMAGE_TOKEN.sub("", context), len(images))]
 
 
 def sampling_from(gen_kwargs: dict[str, Any], warned: set[str]) -> dict[str, Any]:
@@ -217,8 +218,8 @@ class LlavaNextLmms(lmms):
         for first in range(0, len(prompts), self.batch_size):
             chunk = prompts[first : first + self.batch_size]
             with strict_decoding():
-                generations = self.pipe.generate([user_turn(c, ims) for c, ims in chunk], [ims for _, ims in chunk],
-                                                 **sampling)
+                generations = self.pipe.generate([context_messages(c, ims) for c, ims in chunk],
+                                                 [ims for _, ims in chunk], **sampling)
             answers.extend(g.text for g in generations)
         return answers
 
@@ -262,7 +263,7 @@ class LlavaNextLmms(lmms):
         it is the greedy continuation), the prompt being the context with its images rendered by the chat template
         with the generation prompt; all items in one forward pass."""
         processor, model = self.pipe.processor, self.pipe.model
-        prompts = [self.pipe.prompt_text(user_turn(c, ims), ims)[0] for c, _, ims in items]
+        prompts = [self.pipe.prompt_text(context_messages(c, ims), ims)[0] for c, _, ims in items]
         inputs = processor([p + c for p, (_, c, _) in zip(prompts, items)], [im for *_, ims in items for im in ims],
                            padding_side="left")
         wholes = [row[mask.bool()].tolist() for row, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
