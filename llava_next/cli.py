@@ -255,6 +255,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                    "select_strategy": cfg.vision_feature_select_strategy},
         "image_grid_pinpoints": cfg.image_grid_pinpoints,
         "chat_template": pipe.processor.chat_template.origin,
+        "image_processor": pipe.processor.image_processor.cfg.origin,
         "eos_token_ids": pipe.engine.eos_token_ids,
         "quantization": {"mode": pipe.quantization["mode"], "group_size": pipe.quantization["group_size"],
                          "layers": describe(pipe.quantization["layers"])} if pipe.quantization else None,
@@ -292,6 +293,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if cfg.image_grid_pinpoints:
         print(f"  anyres canvases (h x w): {', '.join(f'{h}x{w}' for h, w in cfg.image_grid_pinpoints)}")
     print(f"  chat template: {info['chat_template']}")
+    print(f"  image preprocessing: {info['image_processor']}")
     print(f"  layout: {info['layout']}" + (" (behaving as the original LLaVA code):" if pipe.original else ""))
     if pipe.original:
         for what, rule in info["rules"].items():

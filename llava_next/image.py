@@ -273,6 +273,7 @@ class ImageProcessorConfig:
     resample: int = Image.Resampling.BICUBIC.value
     pad_to_square: bool = False  # LLaVA 1.5 "pad" aspect ratio: pad to a square of the mean colour first
     image_grid_pinpoints: list[tuple[int, int]] = field(default_factory=list)
+    origin: str = field(default="", compare=False)  # the file these came from, or why none (`info`; never saved)
 
     @property
     def tile_size(self) -> int:

@@ -50,6 +50,8 @@ def read_image_processor_config(directory: Path, cfg: LlavaConfig) -> ImageProce
         ipc.checked()
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise PromptError(f"{where}: image processor settings that cannot work ({e})") from None
+    ipc.origin = str(where) if d is not None else (
+        f"none in {directory}: the published LLaVA recipes' CLIP preprocessing at {ipc.tile_size} px")
     if cfg.is_anyres:
         # The model packs features by its own pinpoints; tiles cut by different ones would not line up.
         ipc.image_grid_pinpoints = list(cfg.image_grid_pinpoints)

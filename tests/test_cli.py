@@ -232,3 +232,16 @@ def test_help_and_mistyped_flags_answer_without_importing_torch():
     module = subprocess.run([sys.executable, "-m", "llava_next", "info", "--group-size", "100"], capture_output=True,
                             text=True, timeout=300)
     assert module.returncode == 2 and "argument --group-size: invalid choice: 100" in module.stderr
+
+
+def test_info_says_where_the_image_preprocessing_comes_from(tiny, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny("v4_vicuna"), copy)
+    code, out, _ = run_cli(["info", "--model", copy, "--json"], capsys)
+    assert json.loads(out)["image_processor"] == str(copy / "preprocessor_config.json")
+    (copy / "preprocessor_config.json").unlink()  # a checkpoint that ships none: the defaults, and info says so
+    code, out, _ = run_cli(["info", "--model", copy], capsys)
+    assert code == 0 and f"image preprocessing: none in {copy}: the published LLaVA recipes' CLIP preprocessing at " \
+                          "336 px" in out
