@@ -315,6 +315,11 @@ def test_outputs_that_cannot_be_written_are_one_line_before_the_work(tmp_path, c
     a_file.write_text("mine")
     questions = tmp_path / "q"
     assert run_cli(["data", "synth", "--out", questions, "--n", "2"], capsys)[0] == 0
+    written = (questions / "qa.json").read_bytes()
+    code, _, err = run_cli(["data", "synth", "--out", questions, "--n", "3", "--seed", "7"], capsys)  # nothing replaced
+    assert code == 2 and err == f"llava-next: error: {questions} already holds qa.json, captions.json, images/; give " \
+                                "a new or empty --out (nothing in it is replaced)\n"
+    assert (questions / "qa.json").read_bytes() == written and len(list((questions / "images").iterdir())) == 2
     for argv in (["data", "synth", "--out", a_file, "--n", "2"],
                  ["data", "tokenizer", "--data", questions / "qa.json", "--out", a_file],
                  ["train", "--model", "demo", "--data", questions / "qa.json", "--output-dir", a_file],

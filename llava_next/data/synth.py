@@ -185,6 +185,11 @@ def generate(out: Path, n: int, seed: int, turns: int = 1) -> dict[str, int]:
         raise DataError(f"n (images) and turns (questions per image) must be at least 1, got n={n}, turns={turns}")
     rng = random.Random(seed)
     out = output_directory(out)
+    taken = [name for name in ("qa.json", "captions.json") if (out / name).exists()]
+    taken += ["images/"] if (out / "images").is_dir() and any((out / "images").iterdir()) else []
+    if taken:  # (a user's own qa.json would be replaced, or old images mixed with new ones)
+        raise DataError(f"{out} already holds {', '.join(taken)}; give a new or empty --out (nothing in it is "
+                        "replaced)")
     (out / "images").mkdir(exist_ok=True)
     captions, qa, counts = [], [], {k: 0 for k in QUESTION_TYPES}
     for i in range(n):

@@ -8,7 +8,7 @@ L=${LLAVA_NEXT:-.venv/bin/llava-next}
 WORK=runs/demo
 OUT=llava_next/demo/model
 START=$(date +%s)
-rm -rf "$WORK/stage1" "$WORK/stage2" "$WORK/stage3"
+rm -rf "$WORK/stage1" "$WORK/stage2" "$WORK/stage3" "$WORK/data" "$WORK/eval"
 mkdir -p "$WORK"
 
 $L data synth --out "$WORK/data" --n 40000 --seed 1 --turns 6
