@@ -20,7 +20,7 @@ from .eval.tasks import TASK_MODULES as TASK_NAMES
 from .eval.vqa import evaluate
 from .image import DEFAULT_MAX_PIXELS
 from .load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL, GROUP_SIZES, QUANTIZE_MODES
-from .prompt import user_turn
+from .prompt import IMAGE_TOKEN, user_turn
 from .sampling_params import GenerationError, SamplingParams
 
 # Errors that are the user's to fix: one line on stderr, exit code 2, no traceback.
@@ -209,7 +209,7 @@ def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
             stdout.write("\n")
         except LlavaError as e:
             print(f"error: {e}", file=stdout)
-            if "<image>" in line:  # (the model's placeholder, which a message cannot carry as text)
+            if IMAGE_TOKEN in line:  # (a place for an image, which a message without one cannot fill)
                 print("(to show the model an image, attach it with /image PATH before your message)", file=stdout)
             if any(m["role"] == "user" for m in messages):  # (a conversation grows each turn until it no longer fits)
                 print("(the conversation so far is part of every prompt: /reset starts a new one)", file=stdout)

@@ -14,7 +14,7 @@ import torch
 from tokenizers import AddedToken
 
 from .checkpoint import new_checkpoint_directory
-from .errors import LlavaError
+from .errors import LlavaError, counted
 from .outputs import output_directory
 from .pipeline import load, write_checkpoint
 from .processor import Processor
@@ -35,9 +35,9 @@ def convert(model: str | os.PathLike, out: str | os.PathLike, vision_tower: str 
     if layout is None:
         raise ConvertError(f"{model} is already in the llava-hf layout; there is nothing to convert")
     if cfg.projector_depth != 2:
-        raise ConvertError(f"the projector is {layout.projector_type} ({cfg.projector_depth} layer"
-                           f"{'s' * (cfg.projector_depth != 1)}); transformers' LLaVA has a two-layer projector "
-                           "(mlp2x_gelu) only; load this checkpoint as it is instead (llava-next generate --model ...)")
+        raise ConvertError(f"the projector is {layout.projector_type} ({counted(cfg.projector_depth, 'layer')}); "
+                           "transformers' LLaVA has a two-layer projector (mlp2x_gelu) only; load this checkpoint "
+                           "as it is instead (llava-next generate --model ...)")
     if cfg.is_anyres and cfg.patch_merge != "spatial_unpad":
         raise ConvertError(f"mm_patch_merge_type {cfg.patch_merge!r}: transformers' LLaVA-NeXT packs anyres images "
                            "with spatial_unpad only")

@@ -12,3 +12,8 @@ class LlavaError(Exception):
 class LlavaWarning(UserWarning):
     """Something the package did as asked that may not be what the user meant; the command line prints it as one
     line (`llava-next: warning: ...`)."""
+
+
+def counted(n: int, noun: str) -> str:
+    """"1 image", "2 images": a count in a message."""
+    return f"{n} {noun}{'s' * (n != 1)}"

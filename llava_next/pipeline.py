@@ -16,7 +16,7 @@ from .checkpoint import (CheckpointError, load_weights, map_weight_name, new_che
                          read_safetensors_index, resolve_checkpoint, save_weights, weight_files)
 from .config import LlavaConfig, read_config, to_hf_dict
 from .engine import Engine, Generation, SamplingParams, TextStream
-from .errors import LlavaError
+from .errors import LlavaError, counted
 from .image import DEFAULT_MAX_PIXELS, ImageLimits
 from .load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL, QUANTIZE_MODES
 from .model.llava import LlavaModel
@@ -26,7 +26,7 @@ from .original import (OriginalLayout, end_of_turn_ids, is_original_layout, orig
 from .processor import Processor
 from .quantize import (ConvertWhileLoading, QuantizeError, convert_linears, empty_converted, pack_all,
                        quantized_state)
-from .prompt import IMAGE_TOKEN, PromptError, normalize_messages, user_turn
+from .prompt import IMAGE_TOKEN, PromptError, images_given, normalize_messages, user_turn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -324,17 +324,15 @@ def load(
     if saved_quantization and quantize not in (None, saved_quantization["mode"]):
         raise QuantizeError(f"{directory} is already quantized ({saved_quantization['mode']}); load it without "
                             f"quantize, or quantize the original checkpoint to {quantize}")
-    saved_groups = saved_quantization.get("group_size") if saved_quantization else None
-    if saved_quantization:  # its own group size may be named, with or without --quantize int4
-        asked_for_nothing = saved_quantization["mode"] != "int4" or group_size != saved_groups
-    else:
-        asked_for_nothing = quantize != "int4"
-    if group_size != DEFAULT_GROUP_SIZE and asked_for_nothing:
-        # (a group size given for nothing, or not the one a quantized checkpoint has: never ignored)
-        if saved_quantization:
-            groups = f", in groups of {saved_groups}" if saved_quantization["mode"] == "int4" else ""
+    # A group size given for nothing, or not the one a quantized checkpoint has, is refused, never ignored (its own
+    # may be named, with or without quantize="int4").
+    if group_size != DEFAULT_GROUP_SIZE and saved_quantization:
+        mode, saved_groups = saved_quantization["mode"], saved_quantization.get("group_size")
+        if mode != "int4" or group_size != saved_groups:
+            groups = f", in groups of {saved_groups}" if mode == "int4" else ""
             raise QuantizeError(f"group_size (--group-size) {group_size}: {directory} is quantized already "
-                                f"({saved_quantization['mode']}{groups}); load it without a group size")
+                                f"({mode}{groups}); load it without a group size")
+    elif group_size != DEFAULT_GROUP_SIZE and quantize != "int4":
         what = "this load does not quantize" if quantize is None else f"{quantize} has no groups"
         raise QuantizeError(f"group_size (--group-size) {group_size} applies to int4 quantization only; {what}")
     if (quantize or saved_quantization) and trainable:
@@ -414,10 +412,9 @@ class Pipeline:
         plain, slots = normalize_messages(prompt_or_messages)
         wanted = sum(1 for slot in slots if slot is None)
         if len(images) != wanted:
-            places = f"{wanted} image place{'s' * (wanted != 1)} without an image of its own"
-            raise PromptError(f"the messages have {places} (image items, and {IMAGE_TOKEN} typed in the text) but "
-                              f"{len(images)} image{'s' * (len(images) != 1)} "
-                              f"{'was' if len(images) == 1 else 'were'} given; give one image per place, in order")
+            raise PromptError(f"the messages have {counted(wanted, 'image place')} without an image of its own "
+                              f"(image items, and {IMAGE_TOKEN} typed in the text) but {images_given(len(images))}; "
+                              "give one image per place, in order")
         if wanted < len(slots) and any(IMAGE_TOKEN in item.get("text", "") for m in plain for item in m["content"]):
             # the template may render image items before the text (the llava templates do): which typed <image> an
             # inline image would stand beside is not known here

@@ -23,7 +23,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer as HFTokenizer
 
-from .errors import LlavaError
+from .errors import LlavaError, counted
 from .sentencepiece_model import SlowDecoder, build_backend, check_slow_supported, read_model
 
 IMAGE_TOKEN = "<image>"
@@ -661,9 +661,12 @@ def expand_placeholders(text: str, tokens_per_image: Iterable[int]) -> str:
     return "".join(out)
 
 
+def images_given(n: int) -> str:
+    return f"{counted(n, 'image')} {'was' if n == 1 else 'were'} given"
+
+
 def image_count_message(placeholders: int, images: int) -> str:
     return (
-        f"the prompt has {placeholders} {IMAGE_TOKEN} placeholder{'s' * (placeholders != 1)} but "
-        f"{images} image{'s' * (images != 1)} {'was' if images == 1 else 'were'} given; put one {IMAGE_TOKEN} in the "
-        "prompt where each image goes, in order, or pass chat messages with image items"
+        f"the prompt has {counted(placeholders, f'{IMAGE_TOKEN} placeholder')} but {images_given(images)}; put one "
+        f"{IMAGE_TOKEN} in the prompt where each image goes, in order, or pass chat messages with image items"
     )

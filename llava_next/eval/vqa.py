@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.records import Record, read_records
+from ..errors import counted
 from ..outputs import output_file
 from ..image import ImageError
 from ..prompt import IMAGE_TOKEN
@@ -64,8 +65,8 @@ def questions_of(records: list[Record]) -> list[Question | Skipped]:
             if in_answers:  # (an earlier answer is part of the next question's prompt, where it would take an image)
                 out.append(Skipped(record.id, kind, None, "<image> in the text of an answer (a gpt turn)"))
             elif placeholders != len(record.images):
-                images = f"{len(record.images)} image{'s' * (len(record.images) != 1)}"
-                out.append(Skipped(record.id, kind, None, f"{placeholders} <image> in its turns but {images}"))
+                out.append(Skipped(record.id, kind, None,
+                                   f"{placeholders} <image> in its turns but {counted(len(record.images), 'image')}"))
             else:
                 out.append(Question(record.id, kind, record.messages(upto=i), record.images[:shown], text))
     return out
