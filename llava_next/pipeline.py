@@ -18,7 +18,7 @@ from .config import LlavaConfig, read_config, to_hf_dict
 from .engine import Engine, Generation, SamplingParams, TextStream
 from .errors import LlavaError, counted
 from .image import DEFAULT_MAX_PIXELS, ImageLimits
-from .load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL, QUANTIZE_MODES
+from .load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL, DTYPE_NAMES, QUANTIZE_MODES
 from .model.llava import LlavaModel
 from .outputs import output_directory
 from .original import (OriginalLayout, end_of_turn_ids, is_original_layout, original_processor, read_layout,
@@ -28,8 +28,7 @@ from .quantize import (ConvertWhileLoading, QuantizeError, convert_linears, empt
                        quantized_state)
 from .prompt import IMAGE_TOKEN, PromptError, images_given, normalize_messages, user_turn
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16) * 2))  # the names, then short ones
 
 
 class DeviceError(LlavaError, ValueError):

@@ -23,10 +23,10 @@ import yaml
 
 from .build import ScratchSizes
 from ..errors import LlavaError
+from ..load_options import DTYPE_NAMES
 from .lora import LoraConfig
 
 PARTS = ("projector", "vision", "language")
-SAVE_DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")  # (pipeline.DTYPES)
 
 
 class RecipeError(LlavaError, ValueError):
@@ -139,8 +139,8 @@ class Recipe:
                 bound = f"in {interval[0]}{low}, {high}{interval[-1]}" if high is not None else \
                     f"{'above' if interval == '(' else 'at least'} {low}"
                 raise RecipeError(f"{key} must be {bound}, not {value!r}")
-        if t.save_dtype not in SAVE_DTYPES:
-            raise RecipeError(f"train.save_dtype must be one of {', '.join(SAVE_DTYPES)}, not {t.save_dtype!r}")
+        if t.save_dtype not in DTYPE_NAMES:
+            raise RecipeError(f"train.save_dtype must be one of {', '.join(DTYPE_NAMES)}, not {t.save_dtype!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
