@@ -122,16 +122,25 @@ def decoder_bytes(model, prefix_decoder: str, prefix_head: str, embed: str) -> i
     return total
 
 
-def rss_mib() -> float:
-    """The process's resident memory now (Linux)."""
+def proc_status_mib(field: str) -> float | None:
+    """A memory figure of /proc/self/status (Linux), in MiB."""
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    return 0.0
+    return None
+
+
+def rss_mib() -> float:
+    """The process's resident memory now."""
+    return proc_status_mib("VmRSS") or 0.0
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's peak resident memory since it started this program. Not ru_maxrss: Linux carries that across
+    fork and exec, so every run started by a parent that had grown (building the preset's checkpoint on first use)
+    reported the parent's peak."""
+    peak = proc_status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def model_bytes(model) -> int:
