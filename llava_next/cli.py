@@ -71,8 +71,8 @@ def _add_model_args(p: argparse.ArgumentParser, writes_checkpoint: bool = False)
                        help="run decoding steps through torch.compile (CUDA graphs on a GPU; on a CPU 1.1-2x faster "
                             "decoding after a compile of 5-40 s, most with --quantize int8; `info --compile` shows the "
                             "int8 layout the engine measured to be faster here)")
-    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=list(GROUP_SIZES),
-                   help=f"inputs per int4 scale (default {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--group-size", type=int, choices=list(GROUP_SIZES),
+                   help=f"inputs per int4 scale (default {DEFAULT_GROUP_SIZE}; a quantized checkpoint's own)")
     p.add_argument("--vision-tower", help="original-layout checkpoints: the CLIP tower's directory or Hub id, instead "
                                           "of the one its config names (mm_vision_tower)")
     p.add_argument("--conv-template", help="original-layout checkpoints: the conversation template by name (e.g. "

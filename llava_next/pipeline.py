@@ -260,7 +260,7 @@ def load(
     image_cache_bytes: int = 256 * 2**20,
     prefix_cache: bool = True,
     quantize: str | None = None,
-    group_size: int = DEFAULT_GROUP_SIZE,
+    group_size: int | None = None,
     compile: bool = False,
     trainable: bool = False,
     vision_tower: str | os.PathLike | None = None,
@@ -276,9 +276,10 @@ def load(
     next turn of a conversation). Neither changes any answer.
 
     dtype "auto" (the default) is explained by `resolve_dtype`; `pipe.dtype_reason` says what it chose and why.
-    quantize: "int8" or "int4" (weight-only; int4 in groups of `group_size` inputs) or "w8a8" (int8 weights and
-    activations), applied while loading, layer by layer; a checkpoint written by `save_quantized` (`llava-next
-    quantize`) loads quantized as it is. See llava_next/quantize.py for what each converts.
+    quantize: "int8" or "int4" (weight-only; int4 in groups of `group_size` inputs, 128 by default) or "w8a8"
+    (int8 weights and activations), applied while loading, layer by layer; a checkpoint written by `save_quantized`
+    (`llava-next quantize`) loads quantized as it is, in its own groups. See llava_next/quantize.py for what each
+    converts.
 
     compile: run each decoding step through torch.compile (CUDA graphs on a GPU). It costs a compilation on the
     first request (a minute for a 7B model) and pays on GPUs; on the CPUs measured here eager decoding was faster
@@ -324,16 +325,17 @@ def load(
         raise QuantizeError(f"{directory} is already quantized ({saved_quantization['mode']}); load it without "
                             f"quantize, or quantize the original checkpoint to {quantize}")
     # A group size given for nothing, or not the one a quantized checkpoint has, is refused, never ignored (its own
-    # may be named, with or without quantize="int4").
-    if group_size != DEFAULT_GROUP_SIZE and saved_quantization:
+    # may be named, with or without quantize="int4"); None is the checkpoint's own, or DEFAULT_GROUP_SIZE.
+    if group_size is not None and saved_quantization:
         mode, saved_groups = saved_quantization["mode"], saved_quantization.get("group_size")
         if mode != "int4" or group_size != saved_groups:
             groups = f", in groups of {saved_groups}" if mode == "int4" else ""
             raise QuantizeError(f"group_size (--group-size) {group_size}: {directory} is quantized already "
                                 f"({mode}{groups}); load it without a group size")
-    elif group_size != DEFAULT_GROUP_SIZE and quantize != "int4":
+    elif group_size is not None and quantize != "int4":
         what = "this load does not quantize" if quantize is None else f"{quantize} has no groups"
         raise QuantizeError(f"group_size (--group-size) {group_size} applies to int4 quantization only; {what}")
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     if (quantize or saved_quantization) and trainable:
         raise QuantizeError("a quantized model cannot be trained; load the float checkpoint with trainable=True")
     device = resolve_device(device)

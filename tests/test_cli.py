@@ -213,6 +213,7 @@ def test_help_and_mistyped_flags_answer_without_importing_torch():
     import inspect
 
     from llava_next import SamplingParams, load
+    from llava_next.load_options import DEFAULT_GROUP_SIZE
     from llava_next.quantize import QuantizeError
 
     defaults = {name: p.default for name, p in inspect.signature(load).parameters.items()}
@@ -220,7 +221,8 @@ def test_help_and_mistyped_flags_answer_without_importing_torch():
     assert [args.model, args.dtype, args.max_image_pixels, args.group_size, args.quantize, args.compile] == [
         defaults[name] for name in ("model", "dtype", "max_image_pixels", "group_size", "quantize", "compile")]
     shown = " ".join(result.stdout.split())  # (argparse wraps the help's lines)
-    assert f"inputs per int4 scale (default {defaults['group_size']})" in shown
+    assert defaults["group_size"] is None  # (a quantized checkpoint's own, else DEFAULT_GROUP_SIZE)
+    assert f"inputs per int4 scale (default {DEFAULT_GROUP_SIZE}; a quantized checkpoint's own)" in shown
     assert f"more pixels than this (default {defaults['max_image_pixels']})" in shown
     assert f"--max-new-tokens MAX_NEW_TOKENS default: the checkpoint's generation_config, else " \
            f"{SamplingParams().max_new_tokens}" in shown

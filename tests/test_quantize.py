@@ -156,10 +156,18 @@ def test_a_quantized_checkpoint_reads_back_as_it_was_written(tiny, tmp_path, cap
     for quantize in ("int4", None):
         assert llava_next.load(tmp_path / "q", progress=False, quantize=quantize, group_size=32).quantization == \
             quantized.quantization
-    for quantize in ("int4", None):
-        with pytest.raises(QuantizeError, match=r"group_size \(--group-size\) 64: .*q is quantized already \(int4, "
-                                                r"in groups of 32\); load it without a group size"):
-            llava_next.load(tmp_path / "q", progress=False, quantize=quantize, group_size=64)
+    for quantize, group_size in (("int4", 64), (None, 64), ("int4", 128), (None, 128)):  # (128: the default's value)
+        with pytest.raises(QuantizeError, match=rf"group_size \(--group-size\) {group_size}: .*q is quantized already "
+                                                r"\(int4, in groups of 32\); load it without a group size"):
+            llava_next.load(tmp_path / "q", progress=False, quantize=quantize, group_size=group_size)
+    # ... and so from the command line, where not naming one loads the checkpoint's own
+    from llava_next import cli
+
+    for flags, says in ((["--group-size", "128"], "group_size (--group-size) 128: "),
+                        ([], "quantized: int4 (int4/g32 x ")):
+        assert cli.main(["info", "--model", str(tmp_path / "q"), *flags]) == (0 if not flags else 2)
+        shown = capsys.readouterr()
+        assert says in shown.out + shown.err
     with pytest.raises(QuantizeError, match="not quantized"):
         save_quantized(llava_next.load(directory, progress=False), tmp_path / "r")
 

@@ -38,7 +38,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
-from ..load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL
+from ..load_options import DEFAULT_DTYPE, DEFAULT_MODEL
 from ..pipeline import Pipeline, load
 from ..prompt import user_turn
 
@@ -148,7 +148,7 @@ class LlavaNextLmms(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str = DEFAULT_MODEL, dtype: str = DEFAULT_DTYPE, device: str | None = None,
-                 quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE, batch_size: int | str = 1,
+                 quantize: str | None = None, group_size: int | str | None = None, batch_size: int | str = 1,
                  max_batch_size: int | None = None, pipeline: Pipeline | None = None, **unknown: Any) -> None:
         super().__init__()
         if unknown:
@@ -163,8 +163,10 @@ class LlavaNextLmms(lmms):
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         if isinstance(quantize, str) and quantize.lower() in ("", "none"):
             quantize = None
+        if group_size is not None:
+            group_size = int(group_size)
         self.pipe = pipeline if pipeline is not None else load(
-            str(pretrained), dtype=dtype, device=device, quantize=quantize, group_size=int(group_size), progress=False)
+            str(pretrained), dtype=dtype, device=device, quantize=quantize, group_size=group_size, progress=False)
         self._device = self.pipe.model.device
         self._warned: set[str] = set()
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..image import DEFAULT_MAX_PIXELS
-from ..load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL
+from ..load_options import DEFAULT_DTYPE, DEFAULT_MODEL
 
 
 @dataclass
@@ -35,7 +35,7 @@ class ServeSettings:
     device: str | None = None
     revision: str | None = None
     quantize: str | None = None
-    group_size: int = DEFAULT_GROUP_SIZE
+    group_size: int | None = None  # load()'s default: 128, or a quantized checkpoint's own
     compile: bool = False
     vision_tower: str | None = None  # original-layout checkpoints only
     conv_template: str | None = None
