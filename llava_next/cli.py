@@ -19,7 +19,7 @@ from .errors import LlavaError, LlavaWarning
 from .eval.tasks import TASK_MODULES as TASK_NAMES
 from .eval.vqa import evaluate
 from .image import DEFAULT_MAX_PIXELS
-from .load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL, GROUP_SIZES, QUANTIZE_MODES
+from .load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL, DTYPE_NAMES, GROUP_SIZES, QUANTIZE_MODES
 from .prompt import IMAGE_TOKEN, user_turn
 from .sampling_params import GenerationError, SamplingParams
 
@@ -54,9 +54,10 @@ def _add_model_args(p: argparse.ArgumentParser, writes_checkpoint: bool = False)
     --quantize and has no use for --compile."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="checkpoint directory, Hugging Face Hub id, or 'demo' (the bundled demo model; the default)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=DEFAULT_DTYPE,
-                   help="weights and activations dtype (default auto: on a GPU the checkpoint's 16-bit dtype; on a "
-                        "CPU bfloat16 for 16-bit checkpoints where the CPU has native bfloat16, else float32)")
+    p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default=DEFAULT_DTYPE, metavar="DTYPE",
+                   help="weights and activations dtype: auto, float32, bfloat16 or float16 (or fp32, bf16, fp16) "
+                        "(default auto: on a GPU the checkpoint's 16-bit dtype; on a CPU bfloat16 for 16-bit "
+                        "checkpoints where the CPU has native bfloat16, else float32)")
     p.add_argument("--device", help="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--max-image-pixels", type=POSITIVE, default=DEFAULT_MAX_PIXELS,

@@ -77,6 +77,9 @@ def test_info_reports_the_image_token_cost(tiny, picture, capsys):
     assert info["images"][0]["tokens"] == 1512 and info["chat_template"] == "chat_template.json"
     code, out, _ = run_cli(["info", "--model", tiny("llava15"), "--image", picture], capsys)
     assert "costs 576 tokens" in out and "llava, llama text model" in out
+    for short, dtype in (("fp16", "float16"), ("bf16", "bfloat16"), ("fp32", "float32")):  # as load() takes them
+        code, out, _ = run_cli(["info", "--model", tiny("llava15"), "--dtype", short, "--json"], capsys)
+        assert code == 0 and json.loads(out)["dtype"] == dtype
 
 
 @pytest.mark.parametrize("name", ["qwen2", "vicuna_tied"])
