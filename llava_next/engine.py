@@ -668,15 +668,16 @@ class Engine:
             if self.device.type == "cuda":
                 self.decode_step = torch.compile(model, dynamic=True, mode="reduce-overhead")
             else:
-                # int8 and w8a8 steps of one row in column blocks (quantize.blocked_int8_matmul) where that is the
-                # faster layout on this processor (~1.5x PyTorch's kernel on some, slower on others)
+                # int8 steps of one row in column blocks (quantize.blocked_int8_matmul) where that is the faster
+                # layout on this processor (~1.5x PyTorch's kernel on some, slower on others; w8a8's _int_mm is
+                # faster than either)
                 self.int8_blocks, self.int8_layout_seconds, self.int8_layout_reason = (
                     int8_layout_for_compiled_steps(model))
                 block_int8_columns(model, blocked=self.int8_blocks)
                 mark_weights_static(model)
                 # emulate_precision_casts: fused 16-bit arithmetic rounded after each operation as eager rounds it,
-                # so the compiled step's logits are the eager step's bit for bit (measured: no slower; int8 and w8a8
-                # layers excepted, whose eager calls dequantize the column blocks to 16 bits). The float
+                # so the compiled step's logits are the eager step's bit for bit (measured: no slower; int8 layers in
+                # column blocks excepted, whose eager calls dequantize them to 16 bits). The float
                 # linears are FastLinear's oneDNN calls, kept opaque (quantize.py), or float32's F.linear where the
                 # engine chose PyTorch's kernel. (Inductor's `freezing`, weights
                 # as graph constants, was on before they were: measured without it, same speed and memory.)
@@ -688,9 +689,8 @@ class Engine:
 
     def expect_many_rows(self) -> None:
         """Decoding steps will mostly carry many rows (a server's concurrent requests): compiled CPU steps then
-        multiply int8 weights with PyTorch's kernels (int8's; w8a8's _int_mm above DECODE_ROWS), which read the plain
-        weights once for all the rows, instead of the column-blocked form, which is faster for one row but reads them
-        once per row (and which w8a8's _int_mm would take a copy of)."""
+        multiply int8 weights with PyTorch's kernel, which reads the plain weights once for all the rows, instead of
+        the column-blocked form, which is faster for one row but reads them once per row."""
         if self.decode_step is not self.model:
             self._plain_int8_weights("plain for steps of many rows")
 

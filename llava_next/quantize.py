@@ -25,7 +25,10 @@ As gpt-fast's `convert_for_runtime`: `convert_linears(model, mode)` replaces nn.
             kernels (`_weight_int4pack_mm_for_cpu` on the CPU, tinygemm's `_weight_int4pack_mm` on CUDA).
   w8a8      int8 weights (per output channel) and int8 activations (per token, computed on the fly), multiplied
             with `torch._int_mm`: the prompt's matmuls in integer arithmetic, several times float32 on CPUs with VNNI.
-            Decoding steps run int8's weight-only forms, column blocks in compiled CPU steps included.
+            On the CPU decoding steps too, eager or compiled: one row through _int_mm reads the weights 1.1-1.7x as
+            fast as int8's weight-only kernel on every processor measured, and faster than int8's column blocks
+            (bench_kernels.py); w8a8's weights are never blocked. On CUDA, whose _int_mm needs more than 16 rows,
+            steps of fewer run int8's weight-only forms.
 
 What is converted, decided from measurements (BENCHMARKS.md): every decoder projection and the lm_head (which a
 decoding step reads entirely, ~20% of the bytes of a mid-size model); in w8a8 also the vision tower's and the
@@ -62,7 +65,6 @@ INT4_KERNEL_ROWS = 128
 # Compiled CPU decoding steps hold int8 weights in column blocks (Int8Linear.block_columns), BLOCK_COLUMNS outputs
 # side by side, and multiply up to BLOCKED_ROWS rows through them: each row is its own pass over the weights, which
 # up to 16 rows still beats dequantizing the blocks (`benchmarks/bench_kernels.py --step-rows`, BENCHMARKS.md).
-# (w8a8's blocked layers take them up to DECODE_ROWS rows, where its weight-only forms end and _int_mm begins.)
 BLOCK_COLUMNS = 16
 BLOCKED_ROWS = 16
 # Compiled CUDA decoding steps of up to this many rows multiply int8 weights as a sum over the inputs
@@ -204,17 +206,15 @@ def _row_slices(weight: torch.Tensor):
     return [slice(i, i + rows) for i in range(0, weight.shape[0], rows)]
 
 
-def matmul_by_output_slices(rows: torch.Tensor, out_features: int, step: int, weight_slice,
-                            multiply=torch.matmul) -> torch.Tensor:
-    """rows (M, in) times a quantized weight, dequantized (or laid out for `multiply`, e.g. torch._int_mm on int8
-    rows) `step` output features at a time: `weight_slice(first, last)` gives those features' weight, (in, last -
-    first). Dequantizing a whole 7B matrix at once takes longer than its matmul (a pass over memory per operation,
+def matmul_by_output_slices(rows: torch.Tensor, out_features: int, step: int, weight_slice) -> torch.Tensor:
+    """rows (M, in) times a quantized weight, dequantized `step` output features at a time: `weight_slice(first,
+    last)` gives those features' weight, (in, last - first). Dequantizing a whole 7B matrix at once takes longer than its matmul (a pass over memory per operation,
     fresh pages for each temporary); slices of a few MB stay in the cache. The same numbers as one matmul on the
     whole dequantized weight, up to float summation order."""
     out = None
     for first in range(0, out_features, step):
         last = min(first + step, out_features)
-        product = multiply(rows, weight_slice(first, last))
+        product = torch.matmul(rows, weight_slice(first, last))
         if last - first == out_features:
             return product  # one slice: no copy
         if out is None:
@@ -485,24 +485,20 @@ class Int4Linear(nn.Module):
 
 
 class W8A8Linear(Int8Linear):
-    """int8 weights and per-token int8 activations: y = (xq @ q^T) * x_scale * w_scale, in int32 then float.
-    A decoding step (few rows) uses the weight-only forms instead, column blocks in compiled CPU steps included:
-    there the cost is reading the weights."""
+    """int8 weights and per-token int8 activations: y = (xq @ q^T) * x_scale * w_scale, in int32 then float; for
+    every number of rows on the CPU, a decoding step's one included (each row's integers are its own, so a row gives
+    the same numbers alone or among others). On CUDA a step of up to 16 rows uses the weight-only forms."""
+
+    def can_block(self) -> bool:
+        return False  # (_int_mm multiplies one row faster than the column blocks do: the module's docstring)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
-        if rows.shape[0] <= (16 if x.device.type == "cuda" else DECODE_ROWS):  # CUDA's _int_mm needs > 16 rows
+        if x.device.type == "cuda" and rows.shape[0] <= 16:  # CUDA's _int_mm needs > 16 rows
             return super().forward(x)
         x_scales = rows.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-8) / 127
         xq = (rows / x_scales).round_().clamp_(-127, 127).to(torch.int8)
-        if self.blocked:
-            # (rows, out) int32 from column blocks (a compiled engine's): a copy of ~PROMPT_SLICE_BYTES of them at a
-            # time laid out (in, n) for _int_mm, which at a prompt's rows costs what the plain layout does
-            # (bench_kernels.py --prompt-rows, BENCHMARKS.md); at 16 rows the copy makes it 1.5-2.4x slower
-            step = rows_per_slice(PROMPT_SLICE_BYTES, self.in_features, BLOCK_COLUMNS)
-            acc = matmul_by_output_slices(xq, self.out_features, step, self.values_t, torch._int_mm)
-        else:
-            acc = torch._int_mm(xq, self.weight.t())  # (rows, out) int32; the transposed view is the fast layout
+        acc = torch._int_mm(xq, self.weight.t())  # (rows, out) int32; the transposed view is the fast layout
         out = acc.to(x.dtype).mul_(x_scales.to(x.dtype)).mul_(self.scales.to(x.dtype))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
@@ -649,17 +645,16 @@ def empty_converted(model: nn.Module, converted: dict[str, str]) -> None:
 
 def decoding_int8_layers(model: nn.Module) -> list[Int8Linear]:
     """A LlavaModel's CPU int8 layers that decoding steps run and that can take column blocks (whole blocks of
-    outputs): the layers block_int8_columns lays out and time_int8_layouts times."""
+    outputs; weight-only int8's, not w8a8's): the layers block_int8_columns lays out and time_int8_layouts times."""
     return [module for name, module in model.named_modules()
             if isinstance(module, Int8Linear) and runs_in_decoding(name) and module.can_block()]
 
 
 def block_int8_columns(model: nn.Module, blocked: bool = True) -> int:
     """Lays the weights of a LlavaModel's CPU int8 layers that decoding steps run (the decoder's, the lm_head's;
-    w8a8's vision tower and projector only ever see prompts) out for compiled steps of few rows
-    (blocked_int8_matmul), or back (`blocked=False`: steps of many rows, which PyTorch's kernels, int8's or w8a8's
-    _int_mm, multiply in one pass over the plain weights). Layer by layer, so the model's memory grows by one layer
-    at most. Returns the number of layers changed."""
+    int8's, not w8a8's, decoding_int8_layers) out for compiled steps of few rows (blocked_int8_matmul), or back
+    (`blocked=False`: steps of many rows, which PyTorch's kernel multiplies in one pass over the plain weights).
+    Layer by layer, so the model's memory grows by one layer at most. Returns the number of layers changed."""
     changed = 0
     for module in decoding_int8_layers(model):
         if module.blocked != blocked:

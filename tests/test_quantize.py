@@ -63,17 +63,23 @@ def test_int4_linear_equals_its_dequantized_weights(rows, group_size):
         assert relative_error(module(x), F.linear(x, dequantized, base.bias)) < 1e-5
 
 
-def test_w8a8_linear_equals_integer_arithmetic_done_by_hand():
-    base = linear(in_features=128, out_features=64)
+@pytest.mark.parametrize("rows", [1, 2, DECODE_ROWS + 7])  # a decoding step's rows too, not weight-only's forms
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_linear_equals_integer_arithmetic_done_by_hand(rows, dtype):
+    base = linear(in_features=128, out_features=64, dtype=dtype)
     module = W8A8Linear.from_linear(base)
-    x = torch.randn(DECODE_ROWS + 7, 128)
-    x_scales = x.abs().amax(1, keepdim=True) / 127
-    xq = torch.round(x / x_scales).clamp(-127, 127)
-    expected = (xq @ module.weight.float().t()) * x_scales * module.scales[None] + base.bias
+    x = torch.randn(rows, 128).to(dtype)
+    x_scales = x.float().abs().amax(1, keepdim=True) / 127
+    xq = torch.round(x.float() / x_scales).clamp(-127, 127)
+    expected = (xq @ module.weight.float().t()) * x_scales * module.scales[None].float() + base.bias.float()
+    # (in bfloat16 the product is rounded to it before each scale, as the layer rounds it)
     with torch.inference_mode():
-        assert relative_error(module(x), expected) < 1e-5
+        assert relative_error(module(x), expected) < (1e-5 if dtype == torch.float32 else 1e-2)
         # and it approximates the float layer
         assert relative_error(module(x), base(x)) < 0.03
+        # each row's numbers are its own: the same alone as among others (a server's batch)
+        assert all(torch.equal(module(x[i : i + 1]), module(x)[i : i + 1]) for i in range(rows))
+    assert not module.can_block() and block_int8_columns(module) == 0  # (never in column blocks: _int_mm is faster)
 
 
 def test_fast_linear_is_the_same_linear():
@@ -161,11 +167,9 @@ def test_a_quantized_checkpoint_reads_back_as_it_was_written(tiny, tmp_path, cap
                                                 r"\(int4, in groups of 32\); load it without a group size"):
             llava_next.load(tmp_path / "q", progress=False, quantize=quantize, group_size=group_size)
     # ... and so from the command line, where not naming one loads the checkpoint's own
-    from llava_next import cli
-
     for flags, says in ((["--group-size", "128"], "group_size (--group-size) 128: "),
                         ([], "quantized: int4 (int4/g32 x ")):
-        assert cli.main(["info", "--model", str(tmp_path / "q"), *flags]) == (0 if not flags else 2)
+        assert main(["info", "--model", str(tmp_path / "q"), *flags]) == (0 if not flags else 2)
         shown = capsys.readouterr()
         assert says in shown.out + shown.err
     with pytest.raises(QuantizeError, match="not quantized"):
@@ -390,32 +394,14 @@ def test_int8_layers_of_widths_pytorchs_kernel_gets_wrong_give_the_dequantized_v
 def test_the_layers_a_decoding_step_runs_are_the_ones_laid_out_in_column_blocks():
     model = nn.Module()  # a LlavaModel's parts, by name
     model.language_model, model.lm_head = nn.Module(), Int8Linear.from_linear(linear(out_features=64))
-    model.language_model.proj = W8A8Linear.from_linear(linear(out_features=32))
+    model.language_model.proj = Int8Linear.from_linear(linear(out_features=32))
     model.language_model.odd = Int8Linear.from_linear(linear(out_features=40))  # not whole blocks: stays plain
-    model.vision_tower = W8A8Linear.from_linear(linear(out_features=32))  # prompts only
+    model.language_model.w8a8 = W8A8Linear.from_linear(linear(out_features=32))  # _int_mm's plain layout
+    model.vision_tower = Int8Linear.from_linear(linear(out_features=32))  # prompts only
     assert block_int8_columns(model) == 2
     assert model.lm_head.blocked and model.language_model.proj.blocked
-    assert not model.language_model.odd.blocked and not model.vision_tower.blocked
+    assert not any(m.blocked for m in (model.language_model.odd, model.language_model.w8a8, model.vision_tower))
     assert block_int8_columns(model, blocked=False) == 2 and not model.lm_head.blocked
-
-
-def test_a_w8a8_layer_in_column_blocks_multiplies_a_prompt_as_the_plain_layer_does(monkeypatch):
-    import llava_next.quantize as quantize
-
-    # A compiled engine lays w8a8's decoder weights out in column blocks too; its prompts still multiply int8 rows
-    # by int8 weights (torch._int_mm, on copies of the blocks laid out for it): the same integers, the same floats
-    base = linear(in_features=256, out_features=208, dtype=torch.bfloat16)
-    plain, blocked = W8A8Linear.from_linear(base), W8A8Linear.from_linear(base)
-    blocked.block_columns()
-    assert blocked.blocked and torch.equal(quantized_state(blocked)["weight"], plain.weight)
-    with torch.inference_mode():
-        for slice_bytes in (quantize.PROMPT_SLICE_BYTES, 256 * 40):  # one copy; 32 features a copy, the last short
-            monkeypatch.setattr(quantize, "PROMPT_SLICE_BYTES", slice_bytes)
-            for rows in (DECODE_ROWS + 1, INT8_KERNEL_ROWS + 1):
-                x = torch.randn(rows, 256).bfloat16()
-                assert torch.equal(blocked(x), plain(x)), (slice_bytes, rows)
-        x = torch.randn(1, 256).bfloat16()  # a decoding step's rows: weight-only, as int8's blocks (bfloat16 rounding)
-        assert relative_error(blocked(x), F.linear(x.float(), plain.dequantized(torch.float32), base.bias.float())) < 1e-2
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
@@ -456,9 +442,8 @@ def test_compiled_cuda_int8_steps_read_the_int8_weights_without_a_16_bit_copy():
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
-@pytest.mark.parametrize("dtype, kind", [(torch.float32, Int8Linear), (torch.bfloat16, Int8Linear),
-                                         (torch.bfloat16, W8A8Linear)])
-def test_a_compiled_step_multiplies_column_blocks_as_pytorchs_int8_kernel_does(dtype, kind, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_compiled_step_multiplies_column_blocks_as_pytorchs_int8_kernel_does(dtype, monkeypatch):
     import llava_next.quantize as quantize
 
     traced = []
@@ -471,18 +456,17 @@ def test_a_compiled_step_multiplies_column_blocks_as_pytorchs_int8_kernel_does(d
     monkeypatch.setattr(quantize, "blocked_int8_matmul", blocked_int8_matmul)
     # Two layers, the second as wide in as out, its rows an intermediate of the graph (which an output aliasing its
     # input, or a buffer reused too early, would overwrite while the matmul reads it)
-    plain = [kind.from_linear(linear(256, 208, dtype=dtype)), kind.from_linear(linear(208, 208, seed=1, dtype=dtype))]
-    blocked = [kind.from_linear(linear(256, 208, dtype=dtype)), kind.from_linear(linear(208, 208, seed=1, dtype=dtype))]
+    plain = [Int8Linear.from_linear(linear(256, 208, dtype=dtype)),
+             Int8Linear.from_linear(linear(208, 208, seed=1, dtype=dtype))]
+    blocked = [Int8Linear.from_linear(linear(256, 208, dtype=dtype)),
+               Int8Linear.from_linear(linear(208, 208, seed=1, dtype=dtype))]
     for layer in blocked:
         layer.block_columns()
     norm = nn.RMSNorm(256).to(dtype)  # a producer of the rows, which inductor would fuse into the matmul's loop
     torch._dynamo.reset()  # (the lambda's code is the same in every parametrization: a fresh cache for each)
     step = torch.compile(lambda x: blocked[1](torch.relu(blocked[0](norm(x)))), dynamic=True)
-    # w8a8 multiplies more than DECODE_ROWS rows with _int_mm, from copies of the blocks (compiled, its activations'
-    # quantization rounds differently from eager's: within bfloat16 rounding, not bit for bit)
-    blocked_rows = BLOCKED_ROWS if kind is Int8Linear else DECODE_ROWS
     with torch.inference_mode():
-        for rows in (1, 2, blocked_rows, blocked_rows + 1, BLOCKED_ROWS + 1):
+        for rows in (1, 2, BLOCKED_ROWS, BLOCKED_ROWS + 1):
             x = torch.randn(rows, 256).to(dtype)
             traced_before = len(traced)
             got, want = step(x), plain[1](torch.relu(plain[0](norm(x))))
@@ -490,5 +474,29 @@ def test_a_compiled_step_multiplies_column_blocks_as_pytorchs_int8_kernel_does(d
             assert relative_error(got, want) < (1e-6 if dtype == torch.float32 else 2e-2), rows
             if rows == 1:
                 assert len(traced) == 2  # the column-blocked form compiled in, for both layers
-            if rows > blocked_rows:  # beyond its rows the graph compiled for them does not use it
+            if rows > BLOCKED_ROWS:  # beyond its rows the graph compiled for them does not use it
                 assert len(traced) == traced_before, rows
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
+def test_a_compiled_w8a8_step_multiplies_int8_rows_as_the_eager_layer_does():
+    # w8a8's decoding steps quantize their rows and multiply them with _int_mm, compiled as eagerly: the rows' scales
+    # and rounding fused by inductor, rounded as eager rounds them, give the same integers and the same floats
+    from torch._inductor.utils import run_and_get_code
+
+    layers = [W8A8Linear.from_linear(linear(256, 208, dtype=torch.bfloat16)),
+              W8A8Linear.from_linear(linear(208, 208, seed=1, dtype=torch.bfloat16))]
+    norm = nn.RMSNorm(256).to(torch.bfloat16)
+
+    def step(x):
+        return layers[1](torch.relu(layers[0](norm(x))))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, dynamic=True, options={"emulate_precision_casts": True})
+    with torch.inference_mode():
+        for rows in (1, 2, DECODE_ROWS + 1):
+            x = torch.randn(rows, 256).bfloat16()
+            got, code = run_and_get_code(compiled, x)
+            assert torch.equal(got, step(x)), rows
+            if rows == 1:
+                assert "_int_mm" in "\n".join(code)
