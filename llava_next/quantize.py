@@ -208,9 +208,9 @@ def _row_slices(weight: torch.Tensor):
 
 def matmul_by_output_slices(rows: torch.Tensor, out_features: int, step: int, weight_slice) -> torch.Tensor:
     """rows (M, in) times a quantized weight, dequantized `step` output features at a time: `weight_slice(first,
-    last)` gives those features' weight, (in, last - first). Dequantizing a whole 7B matrix at once takes longer than its matmul (a pass over memory per operation,
-    fresh pages for each temporary); slices of a few MB stay in the cache. The same numbers as one matmul on the
-    whole dequantized weight, up to float summation order."""
+    last)` gives those features' weight, (in, last - first). Dequantizing a whole 7B matrix at once takes longer
+    than its matmul (a pass over memory per operation, fresh pages for each temporary); slices of a few MB stay in
+    the cache. The same numbers as one matmul on the whole dequantized weight, up to float summation order."""
     out = None
     for first in range(0, out_features, step):
         last = min(first + step, out_features)
