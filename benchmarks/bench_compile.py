@@ -12,9 +12,10 @@ same inputs), rounds interleaved: the ratio is the compiler's alone. Two decodin
 Each figure is the median over the rounds of decoding tokens/s (two rows: steps/s, each step a token per row);
 compile s is the first generation's time, compiling included, with inductor's on-disk cache as found.
 
-int8 and w8a8 also time the compiled step with the int8 weights in the plain layout (PyTorch's kernel inside the
-graph) beside the column blocks (the "compiled" column), and print the layout the engine chose for itself by timing
-its layers (engine.INT8_LAYOUT, "measure"): which of the two is faster depends on the processor.
+int8 also times the compiled step with the int8 weights in the plain layout (PyTorch's kernel inside the graph)
+beside the column blocks (the "compiled" column), and prints the layout the engine chose for itself by timing its
+layers (engine.INT8_LAYOUT, "measure"): which of the two is faster depends on the processor. (w8a8's weights stay
+plain: its steps multiply int8 rows with torch._int_mm.)
 
     python benchmarks/bench_compile.py --preset medium
 """
@@ -66,11 +67,11 @@ def run_mode(directory: Path, mode: str, args) -> dict:
     if compiled is pipe.model:
         raise SystemExit("torch.compile fell back to eager decoding (no C++ compiler?): nothing to compare")
     # (step, its decoding function, whether the int8 weights are in column blocks): each step on the int8 layout it
-    # runs with, column blocks compiled and PyTorch's kernel's layout eagerly; int8 modes also time the compiled step
+    # runs with, column blocks compiled and PyTorch's kernel's layout eagerly; int8 also times the compiled step
     # on the plain layout (PyTorch's kernel inside the graph, what a server's many-row steps run), since which of the
     # two is faster depends on the processor
     steps = [("eager", pipe.model, False), ("compiled", compiled, True)]
-    if quantize in ("int8", "w8a8"):
+    if quantize == "int8":
         steps.append(("compiled, plain", compiled, False))
         for blocked in (True, False):  # each layout's graphs compiled before the rounds, whichever the engine chose
             lay_out_int8_weights(pipe.model, blocked=blocked)
@@ -84,7 +85,7 @@ def run_mode(directory: Path, mode: str, args) -> dict:
             rates["one row", step].append(decode_rates(pipe, *one, args.new_tokens))
             rates["two rows", step].append(decode_rates(pipe, *two, args.new_tokens))
     result = {"compile_s": compile_s}
-    if quantize in ("int8", "w8a8"):  # the layout the engine chose for its compiled steps, and its timings
+    if quantize == "int8":  # the layout the engine chose for its compiled steps, and its timings
         result["engine's int8 layout"] = "column blocks" if engine_blocks else "plain"
         result["engine's int8 layout timings (ms)"] = {k: round(v * 1e3, 2) for k, v in layout_seconds.items()}
     for (form, step), values in rates.items():

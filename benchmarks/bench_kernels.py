@@ -11,7 +11,7 @@ bandwidth. Kernels, each at its mode's bytes per weight:
   bfloat16 plain  torch.mv on the weight as loaded (what it runs where the plain layout measured faster, as on an
                   Intel Xeon with AMX)
   int8            torch._weight_int8pack_mm: int8 weights, bfloat16 row (the int8 mode)
-  int8 x int8     torch._int_mm on an int8 row (what w8a8 would run to decode; its prompts already do)
+  int8 x int8     torch._int_mm on an int8 row (what w8a8 runs to decode, as its prompts do)
   int4            torch._weight_int4pack_mm_for_cpu, groups of 128 (the int4 mode)
   int8 blocks     the int8 weights in column blocks through inductor's loop (llava_next.quantize.
                   blocked_int8_matmul, what a compiled CPU step runs; one compiled graph over all the matrices)
@@ -23,8 +23,7 @@ plain (PyTorch's kernel up to 64 rows, dequantized above), in column blocks comp
 `--prompt-rows` adds what a prompt's matmul costs on the preset's gate/up matrix at those row counts: the
 package's int8 and int4 layers (`llava_next.quantize`, as they run: weight-only kernels up to a few rows, int4's
 kernel up to INT4_KERNEL_ROWS, above that the weights dequantized a slice at a time), the int4 kernel alone,
-bfloat16 as the floor, and the w8a8 layer on its plain weights and in column blocks (as a compiled engine holds
-them: its prompts multiply an int8 copy of the weights laid out for torch._int_mm).
+bfloat16 as the floor, and the w8a8 layer (torch._int_mm on int8 rows).
 
     python benchmarks/bench_kernels.py --preset medium
     python benchmarks/bench_kernels.py --preset medium --step-rows 1,2,4,6,8,16,1512
@@ -150,8 +149,7 @@ def prompt_matmuls(preset: str, row_counts: list[int], repeats: int) -> dict:
     torch.manual_seed(0)
     linear = nn.Linear(in_features, out_features, bias=False).bfloat16()
     int8, int4 = Int8Linear.from_linear(linear), Int4Linear.from_linear(linear, 128)
-    w8a8, w8a8_blocks = W8A8Linear.from_linear(linear), W8A8Linear.from_linear(linear)
-    w8a8_blocks.block_columns()  # as a compiled engine holds it
+    w8a8 = W8A8Linear.from_linear(linear)
     results = {}
     with torch.inference_mode():
         for rows in row_counts:
@@ -159,7 +157,7 @@ def prompt_matmuls(preset: str, row_counts: list[int], repeats: int) -> dict:
             forms = {"bfloat16": lambda: linear(x), "int8 layer": lambda: int8(x), "int4 layer": lambda: int4(x),
                      "int4 kernel": lambda: torch._weight_int4pack_mm_for_cpu(x, int4.packed, 128,
                                                                              int4.scales_and_zeros),
-                     "w8a8 layer": lambda: w8a8(x), "w8a8 layer, column blocks": lambda: w8a8_blocks(x)}
+                     "w8a8 layer": lambda: w8a8(x)}
             results[rows] = {name: median_seconds(fn, repeats) * 1e3 for name, fn in forms.items()}
             print(f"  {rows:5d} rows  " + "  ".join(f"{name} {ms:8.1f} ms" for name, ms in results[rows].items()))
     return results
