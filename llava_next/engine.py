@@ -30,9 +30,9 @@ from .memory import keep_freed_memory, release_free_memory
 from .model.decoder import KVCache, whole_key_blocks
 from .model.llava import ImageTokenMismatch, LlavaModel
 from .prompt import IncrementalDetokenizer, Tokenizer
-from .quantize import (block_int8_columns, decoding_bf16_layers, decoding_int8_layers, float32_fast_linears,
-                       lay_out_bf16_weights, runs_in_decoding, time_bf16_layouts, time_float32_kernels,
-                       time_int8_layouts)
+from .quantize import (W8A8Linear, block_int8_columns, decoding_bf16_layers, decoding_int8_layers,
+                       float32_fast_linears, lay_out_bf16_weights, runs_in_decoding, time_bf16_layouts,
+                       time_float32_kernels, time_int8_layouts)
 from .sampling_params import GenerationError, SamplingParams
 
 
@@ -690,7 +690,12 @@ class Engine:
     def expect_many_rows(self) -> None:
         """Decoding steps will mostly carry many rows (a server's concurrent requests): compiled CPU steps then
         multiply int8 weights with PyTorch's kernel, which reads the plain weights once for all the rows, instead of
-        the column-blocked form, which is faster for one row but reads them once per row."""
+        the column-blocked form, which is faster for one row but reads them once per row; and w8a8 layers multiply
+        one row as they multiply a few, weight-only, so that a request's numbers do not change with how many others
+        run beside it (quantize.W8A8Linear)."""
+        for module in self.model.modules():
+            if isinstance(module, W8A8Linear):
+                module.one_row_int8 = False
         if self.decode_step is not self.model:
             self._plain_int8_weights("plain for steps of many rows")
 

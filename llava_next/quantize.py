@@ -25,10 +25,13 @@ As gpt-fast's `convert_for_runtime`: `convert_linears(model, mode)` replaces nn.
             kernels (`_weight_int4pack_mm_for_cpu` on the CPU, tinygemm's `_weight_int4pack_mm` on CUDA).
   w8a8      int8 weights (per output channel) and int8 activations (per token, computed on the fly), multiplied
             with `torch._int_mm`: the prompt's matmuls in integer arithmetic, several times float32 on CPUs with VNNI.
-            On the CPU decoding steps too, eager or compiled: one row through _int_mm reads the weights 1.1-1.7x as
-            fast as int8's weight-only kernel on every processor measured, and faster than int8's column blocks
-            (bench_kernels.py); w8a8's weights are never blocked. On CUDA, whose _int_mm needs more than 16 rows,
-            steps of fewer run int8's weight-only forms.
+            On the CPU a decoding step of one row too, eager or compiled: one row through _int_mm reads the weights
+            1.1-1.7x as fast as int8's weight-only kernel on every processor measured, and faster than int8's column
+            blocks (bench_kernels.py), so w8a8's weights are never blocked. Steps of 2..DECODE_ROWS rows run int8's
+            weight-only kernel, which _int_mm is ~2x slower than there (an AMD EPYC, torch 2.13), and so do steps of
+            one row in an engine that expects many (a server: a request's numbers are then the same alone or beside
+            up to DECODE_ROWS others). On CUDA, whose _int_mm needs more than 16 rows, steps of fewer run int8's
+            weight-only forms.
 
 What is converted, decided from measurements (BENCHMARKS.md): every decoder projection and the lm_head (which a
 decoding step reads entirely, ~20% of the bytes of a mid-size model); in w8a8 also the vision tower's and the
@@ -485,16 +488,21 @@ class Int4Linear(nn.Module):
 
 
 class W8A8Linear(Int8Linear):
-    """int8 weights and per-token int8 activations: y = (xq @ q^T) * x_scale * w_scale, in int32 then float; for
-    every number of rows on the CPU, a decoding step's one included (each row's integers are its own, so a row gives
-    the same numbers alone or among others). On CUDA a step of up to 16 rows uses the weight-only forms."""
+    """int8 weights and per-token int8 activations: y = (xq @ q^T) * x_scale * w_scale, in int32 then float. On the
+    CPU for a prompt and for one row (`one_row_int8`, which an engine expecting many rows turns off); a decoding step
+    of 2..DECODE_ROWS rows uses the weight-only kernel, as on CUDA a step of up to 16 rows does (module docstring)."""
+
+    one_row_int8 = True
 
     def can_block(self) -> bool:
         return False  # (_int_mm multiplies one row faster than the column blocks do: the module's docstring)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
-        if x.device.type == "cuda" and rows.shape[0] <= 16:  # CUDA's _int_mm needs > 16 rows
+        n = rows.shape[0]
+        if x.device.type == "cuda" and n <= 16:  # CUDA's _int_mm needs > 16 rows
+            return super().forward(x)
+        if n <= DECODE_ROWS and (n > 1 or not self.one_row_int8):
             return super().forward(x)
         x_scales = rows.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-8) / 127
         xq = (rows / x_scales).round_().clamp_(-127, 127).to(torch.int8)

@@ -63,7 +63,7 @@ def test_int4_linear_equals_its_dequantized_weights(rows, group_size):
         assert relative_error(module(x), F.linear(x, dequantized, base.bias)) < 1e-5
 
 
-@pytest.mark.parametrize("rows", [1, 2, DECODE_ROWS + 7])  # a decoding step's rows too, not weight-only's forms
+@pytest.mark.parametrize("rows", [1, DECODE_ROWS + 7])  # a decoding step's one row too, not weight-only's forms
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w8a8_linear_equals_integer_arithmetic_done_by_hand(rows, dtype):
     base = linear(in_features=128, out_features=64, dtype=dtype)
@@ -77,9 +77,30 @@ def test_w8a8_linear_equals_integer_arithmetic_done_by_hand(rows, dtype):
         assert relative_error(module(x), expected) < (1e-5 if dtype == torch.float32 else 1e-2)
         # and it approximates the float layer
         assert relative_error(module(x), base(x)) < 0.03
-        # each row's numbers are its own: the same alone as among others (a server's batch)
-        assert all(torch.equal(module(x[i : i + 1]), module(x)[i : i + 1]) for i in range(rows))
     assert not module.can_block() and block_int8_columns(module) == 0  # (never in column blocks: _int_mm is faster)
+
+
+def test_w8a8_decodes_a_few_rows_weight_only_and_one_row_so_where_many_are_expected(tiny):
+    # _int_mm is slower than int8's weight-only kernel for 2..DECODE_ROWS rows: those take the kernel, and so does one
+    # row in an engine expecting many (a server), whose requests must answer alike alone and beside others
+    from llava_next.engine import BackgroundEngine
+
+    base = linear(in_features=128, out_features=64, dtype=torch.bfloat16)
+    w8a8, weight_only = W8A8Linear.from_linear(base), Int8Linear.from_linear(base)
+    assert torch.equal(w8a8.weight, weight_only.weight)
+    x = torch.randn(DECODE_ROWS + 1, 128).bfloat16()
+    with torch.inference_mode():
+        for rows in (2, DECODE_ROWS):
+            assert torch.equal(w8a8(x[:rows]), weight_only(x[:rows])), rows
+        assert not torch.equal(w8a8(x[:1]), weight_only(x[:1]))  # int8 activations
+        assert not torch.equal(w8a8(x), weight_only(x))
+        w8a8.one_row_int8 = False
+        assert torch.equal(w8a8(x[:1]), weight_only(x[:1])) and torch.equal(w8a8(x[:1]), w8a8(x[:2])[:1])
+    pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", quantize="w8a8", progress=False)
+    layers = [m for m in pipe.model.modules() if isinstance(m, W8A8Linear)]
+    assert layers and all(m.one_row_int8 for m in layers)
+    BackgroundEngine(pipe.engine, slots=4, capacity=256).shutdown()
+    assert not any(m.one_row_int8 for m in layers)
 
 
 def test_fast_linear_is_the_same_linear():
