@@ -64,7 +64,7 @@ def _add_model_args(p: argparse.ArgumentParser, writes_checkpoint: bool = False)
                    help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--quantize", choices=list(QUANTIZE_MODES), required=writes_checkpoint,
                    help="int8 / int4: weight-only (smaller, faster decoding); w8a8: int8 weights and activations "
-                        "(faster prompts on CPUs with VNNI)" + ("" if writes_checkpoint else ". Default: none"))
+                        "(faster prompts, and single-stream decoding, on CPUs with VNNI)" + ("" if writes_checkpoint else ". Default: none"))
     if writes_checkpoint:
         p.set_defaults(compile=False)
     else:
