@@ -64,7 +64,8 @@ def _add_model_args(p: argparse.ArgumentParser, writes_checkpoint: bool = False)
                    help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--quantize", choices=list(QUANTIZE_MODES), required=writes_checkpoint,
                    help="int8 / int4: weight-only (smaller, faster decoding); w8a8: int8 weights and activations "
-                        "(faster prompts, and single-stream decoding, on CPUs with VNNI)" + ("" if writes_checkpoint else ". Default: none"))
+                        "(faster prompts, and single-stream decoding, on CPUs with VNNI)"
+                        + ("" if writes_checkpoint else ". Default: none"))
     if writes_checkpoint:
         p.set_defaults(compile=False)
     else:
@@ -260,8 +261,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "eos_token_ids": pipe.engine.eos_token_ids,
         "quantization": {"mode": pipe.quantization["mode"], "group_size": pipe.quantization["group_size"],
                          "layers": describe(pipe.quantization["layers"])} if pipe.quantization else None,
-        # the engine's measured choices (a compiled CPU engine's int8 layout, a CPU engine's bfloat16 layout and
-        # float32 kernel): what it chose, how, and the timings it chose by if it measured; None where it chose none
+        # the engine's measured choices (a compiled CPU engine's int8 layout, a CPU engine's bfloat16 layout,
+        # float32 kernel and w8a8 one-row form): what it chose, how, and the timings it chose by if it measured; None
+        # where it chose none
         "int8_layout": measured_choice("layout", "column blocks" if pipe.engine.int8_blocks else "plain",
                                        pipe.engine.int8_layout_reason, pipe.engine.int8_layout_seconds)
         if pipe.engine.int8_layout_reason else None,
@@ -269,6 +271,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                                        pipe.engine.bf16_layout_seconds) if pipe.engine.bf16_layout else None,
         "float32_kernel": measured_choice("kernel", pipe.engine.float32_kernel, pipe.engine.float32_kernel_reason,
                                           pipe.engine.float32_kernel_seconds) if pipe.engine.float32_kernel else None,
+        "w8a8_one_row": measured_choice("form", pipe.engine.w8a8_one_row, pipe.engine.w8a8_one_row_reason,
+                                        pipe.engine.w8a8_one_row_seconds) if pipe.engine.w8a8_one_row else None,
         "layout": "original" if pipe.original else "llava-hf",
         "rules": pipe.original.rules() if pipe.original else {
             "pinpoints": "(height, width), transformers' reading", "unpad": "int(round(x, 7)), transformers'"},
@@ -305,7 +309,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for what, entry, kind, timed_in_order in (
             ("compiled int8 steps", info["int8_layout"], "layout", ("plain", "column blocks")),
             ("bfloat16 decoding weights", info["bf16_layout"], "layout", ("blocked", "plain")),
-            ("float32 linears", info["float32_kernel"], "kernel", ("oneDNN", "PyTorch"))):
+            ("float32 linears", info["float32_kernel"], "kernel", ("oneDNN", "PyTorch")),
+            ("w8a8 decoding steps of one row", info["w8a8_one_row"], "form", ("int8 rows", "weight-only"))):
         if entry:  # a choice the engine measured (or was told): what, how it was made, the timings it was made by
             timed = entry["ms_per_row"]
             print(f"  {what}: {entry[kind]} {kind} ({entry['reason']}"

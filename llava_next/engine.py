@@ -30,9 +30,9 @@ from .memory import keep_freed_memory, release_free_memory
 from .model.decoder import KVCache, whole_key_blocks
 from .model.llava import ImageTokenMismatch, LlavaModel
 from .prompt import IncrementalDetokenizer, Tokenizer
-from .quantize import (W8A8Linear, block_int8_columns, decoding_bf16_layers, decoding_int8_layers,
+from .quantize import (block_int8_columns, decoding_bf16_layers, decoding_int8_layers, decoding_w8a8_layers,
                        float32_fast_linears, lay_out_bf16_weights, runs_in_decoding, time_bf16_layouts,
-                       time_float32_kernels, time_int8_layouts)
+                       time_float32_kernels, time_int8_layouts, time_w8a8_one_row)
 from .sampling_params import GenerationError, SamplingParams
 
 
@@ -618,6 +618,34 @@ def float32_kernel_for_linears(model: torch.nn.Module) -> tuple[str | None, dict
     return kernel, times, reason
 
 
+# How a CPU engine's w8a8 layers multiply a decoding step's single row: "measure" (both forms timed on the model's
+# own decoding layers, quantize.time_w8a8_one_row, by the first two loads that meet them on this processor;
+# remembered, layout_cache.py), "remeasure", "int8 rows" (quantized, torch._int_mm) or "weight-only" (int8's kernel).
+# From the environment, as BF16_LAYOUT.
+W8A8_ONE_ROW = os.environ.get("LLAVA_NEXT_W8A8_ONE_ROW", "measure")
+W8A8_ONE_ROW_FORMS = ("measure", "remeasure", "int8 rows", "weight-only")
+
+
+def w8a8_one_row_form(model: torch.nn.Module) -> tuple[str | None, dict[str, float], str | None]:
+    """Sets a CPU model's w8a8 layers to the form that multiplies one row through its decoding layers faster;
+    returns ("int8 rows" or "weight-only", the timings, how it was decided), or (None, {}, None) for a model without
+    w8a8 decoding layers. The two forms' numbers differ as w8a8's from int8's do (the row rounded to int8 or not)."""
+    check_setting("LLAVA_NEXT_W8A8_ONE_ROW", W8A8_ONE_ROW, W8A8_ONE_ROW_FORMS, "w8a8 form for one row")
+    layers = decoding_w8a8_layers(model)
+    if not layers:
+        return None, {}, None
+    times, reason = layout_timings(W8A8_ONE_ROW, "LLAVA_NEXT_W8A8_ONE_ROW", "w8a8 decoding layers, one row", layers,
+                                   ("int8 rows", "weight-only"), lambda: time_w8a8_one_row(model),
+                                   "the faster for one row is taken (weight-only in a tie)")
+    if W8A8_ONE_ROW in ("int8 rows", "weight-only"):
+        form = W8A8_ONE_ROW
+    else:  # (a failed timing leaves the weight-only kernel, the form w8a8 decoded in before it was timed)
+        form = "int8 rows" if times and times["int8 rows"] < times["weight-only"] else "weight-only"
+    for layer in layers:
+        layer.one_row_int8 = form == "int8 rows"
+    return form, times, reason
+
+
 def lay_out_int8_weights(model: torch.nn.Module, blocked: bool) -> None:
     """Puts the CPU int8 layers' weights in column blocks (compiled steps of few rows) or in the plain layout (steps
     of many rows, eager calls), marking the new tensors static for the compiled step (mark_weights_static)."""
@@ -649,6 +677,10 @@ class Engine:
         self.float32_kernel: str | None = None
         self.float32_kernel_seconds: dict[str, float] = {}
         self.float32_kernel_reason: str | None = None
+        # (how a CPU model's w8a8 layers multiply one decoding row, the timings and how it was chosen)
+        self.w8a8_one_row: str | None = None
+        self.w8a8_one_row_seconds: dict[str, float] = {}
+        self.w8a8_one_row_reason: str | None = None
         # Static decoding: every step has the same shapes (the whole KV space, a mask over all of it) and the KV
         # space keeps its address from one request to the next, which a CUDA graph needs to be replayed.
         self.static_decode = compile and self.device.type == "cuda"
@@ -658,6 +690,7 @@ class Engine:
             self.bf16_layout, self.bf16_layout_seconds, self.bf16_layout_reason = bf16_layout_for_decoding(model)
             self.float32_kernel, self.float32_kernel_seconds, self.float32_kernel_reason = (
                 float32_kernel_for_linears(model))
+            self.w8a8_one_row, self.w8a8_one_row_seconds, self.w8a8_one_row_reason = w8a8_one_row_form(model)
         if compile:
             # One decoding step through torch.compile: CUDA graphs on a GPU ("reduce-overhead"), inductor's C++
             # kernels on a CPU. Sizes are dynamic, so it compiles once, not once per position or batch size.
@@ -692,12 +725,21 @@ class Engine:
         multiply int8 weights with PyTorch's kernel, which reads the plain weights once for all the rows, instead of
         the column-blocked form, which is faster for one row but reads them once per row; and w8a8 layers multiply
         one row as they multiply a few, weight-only, so that a request's numbers do not change with how many others
-        run beside it (quantize.W8A8Linear)."""
-        for module in self.model.modules():
-            if isinstance(module, W8A8Linear):
-                module.one_row_int8 = False
+        run beside it (quantize.W8A8Linear; expect_single_rows undoes it)."""
+        self._w8a8_one_row_int8(False)
         if self.decode_step is not self.model:
             self._plain_int8_weights("plain for steps of many rows")
+
+    def expect_single_rows(self) -> None:
+        """The many rows expected are done (a server shut down): w8a8 layers take their chosen form for one row
+        again, so that the pipeline answers as a freshly loaded one does."""
+        self._w8a8_one_row_int8(True)
+
+    def _w8a8_one_row_int8(self, on: bool) -> None:
+        """w8a8 layers' one-row form: the engine's chosen one (on) or weight-only, as a few rows are multiplied."""
+        if self.w8a8_one_row == "int8 rows":
+            for layer in decoding_w8a8_layers(self.model):
+                layer.one_row_int8 = on
 
     def _plain_int8_weights(self, reason: str) -> None:
         if self.int8_blocks:  # (already plain: the reason it was chosen stands)
@@ -825,8 +867,17 @@ class Engine:
     def generate(self, inputs: dict[str, torch.Tensor], params: SamplingParams) -> list[Generation]:
         seqs = self.sequences(inputs, params)
         scheduler = self.scheduler(seqs)
-        while not scheduler.idle:
-            scheduler.step()
+        # A batch's w8a8 rows are multiplied weight-only down to the last one, as in a server, so that a sequence's
+        # numbers do not depend on when the others finish (whether it is batched at all still does: W8A8Linear)
+        batched = len(seqs) > 1
+        if batched:
+            self._w8a8_one_row_int8(False)
+        try:
+            while not scheduler.idle:
+                scheduler.step()
+        finally:
+            if batched:
+                self._w8a8_one_row_int8(True)
         return [seq.generation() for seq in seqs]
 
     def stream(self, inputs: dict[str, torch.Tensor], params: SamplingParams) -> "TextStream":
@@ -931,3 +982,5 @@ class BackgroundEngine:
                     seq.cancelled = True
             self._wake.notify()
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.engine.expect_single_rows()

@@ -25,13 +25,14 @@ As gpt-fast's `convert_for_runtime`: `convert_linears(model, mode)` replaces nn.
             kernels (`_weight_int4pack_mm_for_cpu` on the CPU, tinygemm's `_weight_int4pack_mm` on CUDA).
   w8a8      int8 weights (per output channel) and int8 activations (per token, computed on the fly), multiplied
             with `torch._int_mm`: the prompt's matmuls in integer arithmetic, several times float32 on CPUs with VNNI.
-            On the CPU a decoding step of one row too, eager or compiled: one row through _int_mm reads the weights
-            1.1-1.7x as fast as int8's weight-only kernel on every processor measured, and faster than int8's column
-            blocks (bench_kernels.py), so w8a8's weights are never blocked. Steps of 2..DECODE_ROWS rows run int8's
-            weight-only kernel, which _int_mm is ~2x slower than there (an AMD EPYC, torch 2.13), and so do steps of
-            one row in an engine that expects many (a server: a request's numbers are then the same alone or beside
-            up to DECODE_ROWS others). On CUDA, whose _int_mm needs more than 16 rows, steps of fewer run int8's
-            weight-only forms.
+            On the CPU a decoding step of one row too, eager or compiled, where that is the faster form: one row
+            through _int_mm read the weights 1.2-1.7x as fast as int8's weight-only kernel on two AMD EPYCs (and
+            faster than int8's column blocks, so w8a8's weights are never blocked), 0.8x at 7B widths on an Intel
+            Xeon with AMX (bench_kernels.py, BENCHMARKS.md): the engine times both (time_w8a8_one_row). Steps of
+            2..DECODE_ROWS rows run int8's weight-only kernel, which _int_mm is ~2x slower than there (an AMD EPYC,
+            torch 2.13), and so do steps of one row in an engine that expects many (a server: a request's numbers
+            are then the same alone or beside up to DECODE_ROWS - 1 others). On CUDA, whose _int_mm needs more
+            than 16 rows, steps of fewer run int8's weight-only forms.
 
 What is converted, decided from measurements (BENCHMARKS.md): every decoder projection and the lm_head (which a
 decoding step reads entirely, ~20% of the bytes of a mid-size model); in w8a8 also the vision tower's and the
@@ -54,7 +55,9 @@ from .errors import LlavaError
 from .load_options import DEFAULT_GROUP_SIZE, GROUP_SIZES, QUANTIZE_MODES
 from .memory import release_free_memory
 
-DECODE_ROWS = 8  # up to this many rows, weight-only kernels; above, dequantize and run a float matmul
+# up to this many rows, weight-only kernels (w8a8's one row excepted, where _int_mm is faster: W8A8Linear); above,
+# dequantize and run a float matmul (w8a8: _int_mm)
+DECODE_ROWS = 8
 # On the CPU the weight-only kernels stay faster than dequantizing a prompt's weights up to more rows than a decoding
 # step has: follow-up turns use them. From `benchmarks/bench_kernels.py --preset mistral-7b --layers 0 --prompt-rows
 # ...` (BENCHMARKS.md): on the 7B gate/up matrix, dequantizing costs ~150 ms (int8) / ~250 ms (int4) whatever the
@@ -489,13 +492,17 @@ class Int4Linear(nn.Module):
 
 class W8A8Linear(Int8Linear):
     """int8 weights and per-token int8 activations: y = (xq @ q^T) * x_scale * w_scale, in int32 then float. On the
-    CPU for a prompt and for one row (`one_row_int8`, which an engine expecting many rows turns off); a decoding step
-    of 2..DECODE_ROWS rows uses the weight-only kernel, as on CUDA a step of up to 16 rows does (module docstring)."""
+    CPU for a prompt, and for one row unless `one_row_int8` is off (the engine's choice, engine.w8a8_one_row_form); a
+    decoding step of 2..DECODE_ROWS rows uses the weight-only kernel, as on CUDA a step of up to 16 rows does
+    (module docstring)."""
 
     one_row_int8 = True
 
     def can_block(self) -> bool:
         return False  # (_int_mm multiplies one row faster than the column blocks do: the module's docstring)
+
+    def block_columns(self) -> None:
+        raise QuantizeError("w8a8 weights stay in the plain layout, which torch._int_mm multiplies")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
@@ -799,26 +806,54 @@ def time_float32_kernels(model: nn.Module, repeats: int = 5) -> dict[str, float]
         if runs_in_decoding(name) and weight_bytes < LAYOUT_PROBE_BYTES:
             layers.append(layer)
             weight_bytes += layer.in_features * layer.out_features * 4
-    if not layers:
-        return {}
+    return time_one_row_both_ways(layers, "onednn", ("oneDNN", "PyTorch"), torch.float32, repeats) if layers else {}
+
+
+def time_one_row_both_ways(layers: list[nn.Module], switch: str, names: tuple[str, str], dtype: torch.dtype,
+                           repeats: int) -> dict[str, float]:
+    """{names[0]: seconds, names[1]: seconds} one row takes through `layers` with their boolean attribute `switch`
+    True, then False; the fastest of the passes, the first way timed again after the second (a shared machine's
+    slow spell during one pass does not decide alone). The layers are left as they were."""
     generator = torch.Generator().manual_seed(0)
-    rows = [torch.randn(1, layer.in_features, generator=generator) for layer in layers]
+    rows = [torch.randn(1, layer.in_features, generator=generator).to(dtype) for layer in layers]
 
     def run():
         for x, layer in zip(rows, layers):
             layer(x)
 
-    def kernel(onednn: bool):
+    def set_to(value: bool):
         for layer in layers:
-            layer.onednn = onednn
+            setattr(layer, switch, value)
 
-    had = [layer.onednn for layer in layers]
-    try:  # oneDNN, PyTorch, oneDNN again: a shared machine's slow spell during one pass does not decide alone
-        return fastest_passes([("oneDNN", lambda: kernel(True), run), ("PyTorch", lambda: kernel(False), run),
-                               ("oneDNN", lambda: kernel(True), run)], repeats)
+    had = [getattr(layer, switch) for layer in layers]
+    try:
+        return fastest_passes([(names[0], lambda: set_to(True), run), (names[1], lambda: set_to(False), run),
+                               (names[0], lambda: set_to(True), run)], repeats)
     finally:
-        for layer, onednn in zip(layers, had):
-            layer.onednn = onednn
+        for layer, value in zip(layers, had):
+            setattr(layer, switch, value)
+
+
+def decoding_w8a8_layers(model: nn.Module) -> list["W8A8Linear"]:
+    """A LlavaModel's CPU w8a8 layers that decoding steps run: whose one-row form the engine chooses."""
+    return [module for name, module in model.named_modules()
+            if isinstance(module, W8A8Linear) and runs_in_decoding(name) and module.weight.device.type == "cpu"]
+
+
+def time_w8a8_one_row(model: nn.Module, repeats: int = 5) -> dict[str, float]:
+    """Seconds one row takes through the w8a8 layers a decoding step runs (the first LAYOUT_PROBE_BYTES of them) in
+    each form: {"int8 rows": quantized and multiplied by torch._int_mm, "weight-only": int8's kernel on the 16-bit
+    row}; the fastest of the passes. _int_mm was 1.2-1.7x the kernel on two AMD EPYCs and 0.8x at 7B widths on an
+    Intel Xeon with AMX (BENCHMARKS.md). The layers are left in the form they had; {} when there are none."""
+    layers, weight_bytes = [], 0
+    for layer in decoding_w8a8_layers(model):
+        if weight_bytes >= LAYOUT_PROBE_BYTES:
+            break
+        layers.append(layer)
+        weight_bytes += layer.weight.numel()
+    if not layers:
+        return {}
+    return time_one_row_both_ways(layers, "one_row_int8", ("int8 rows", "weight-only"), layers[0].scales.dtype, repeats)
 
 
 def pack_all(model: nn.Module) -> None:

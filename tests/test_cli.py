@@ -163,6 +163,21 @@ def test_info_shows_the_float32_kernel_the_engine_measured_and_chose(tiny, capsy
     assert json.loads(run_cli([*args[:-1], "bfloat16", "--json"], capsys)[1])["float32_kernel"] is None
 
 
+def test_info_shows_the_w8a8_one_row_form_the_engine_measured_and_chose(tiny, capsys, monkeypatch):
+    import llava_next.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "time_w8a8_one_row", lambda model: {"int8 rows": 0.001, "weight-only": 0.002})
+    args = ["info", "--model", tiny("mistral"), "--quantize", "w8a8", "--dtype", "bfloat16"]
+    info = json.loads(run_cli([*args, "--json"], capsys)[1])
+    assert info["w8a8_one_row"].pop("reason").startswith(
+        "measured by load 1 of the 2 that time it; the faster for one row is taken")
+    assert info["w8a8_one_row"] == {"form": "int8 rows", "ms_per_row": {"int8 rows": 1.0, "weight-only": 2.0}}
+    assert_info_recalls_then_remeasures(args, capsys, monkeypatch, "W8A8_ONE_ROW",
+                                        "w8a8 decoding steps of one row: int8 rows form",
+                                        "one row through the first layers: int8 rows 1.0 ms, weight-only 2.0 ms)")
+    assert json.loads(run_cli([*args[:3], "--quantize", "int8", "--json"], capsys)[1])["w8a8_one_row"] is None
+
+
 def test_chat_keeps_the_conversation_and_its_images(tiny, picture, load_pipeline, monkeypatch):
     directory = tiny("vicuna")
     stdin = io.StringIO(f"/image {picture}\nWhat is it?\nAnd the colours?\n/reset\nNew topic.\n")

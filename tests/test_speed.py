@@ -18,7 +18,7 @@ from llava_next.checkpoint import CheckpointError, read_safetensors_index
 from llava_next.config import read_config
 from llava_next.memory import libc
 from llava_next.pipeline import cpu_has_native_bf16, resolve_dtype
-from llava_next.quantize import BLOCK_COLUMNS, FastLinear, Int8Linear, can_pack
+from llava_next.quantize import BLOCK_COLUMNS, FastLinear, Int8Linear, W8A8Linear, can_pack
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -252,8 +252,9 @@ def test_compiled_16_bit_cpu_decoding_is_one_graph_that_writes_the_cache_in_plac
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     # the decoder's int8 layers (int4's fallbacks too) in column blocks; the tiny vocabulary, not a multiple of 16,
     # keeps the lm_head plain; w8a8's layers stay plain for _int_mm, even where the blocks are asked for
-    int8_layers = [m for m in model.language_model.modules() if isinstance(m, Int8Linear) and m.can_block()]
-    assert quantize != "w8a8" or not int8_layers
+    int8_layers = [m for m in model.language_model.modules() if type(m) is Int8Linear]
+    w8a8_layers = [m for m in model.language_model.modules() if isinstance(m, W8A8Linear)]
+    assert (quantize == "w8a8") == bool(w8a8_layers) and not any(m.blocked for m in w8a8_layers)
     assert all(m.blocked == (int8_layout == "blocks" and m.out_features % BLOCK_COLUMNS == 0) for m in int8_layers)
     assert engine.int8_blocks == (int8_layout == "blocks" and bool(int8_layers)) and engine.int8_layout_seconds == {}
     assert not any(isinstance(m, Int8Linear) and m.blocked
@@ -694,6 +695,88 @@ def test_processes_that_load_together_measure_one_after_another(tiny, monkeypatc
         assert pipe.engine.float32_kernel == "pytorch" and pipe.engine.float32_kernel_seconds == {}
         assert pipe.engine.float32_kernel_reason.startswith(f"not measured: ValueError: the timing gave {wrong}")
     assert json.loads(layout_cache.cache_file().read_text())[key]["seconds"] == {"oneDNN": 1.0, "PyTorch": 1.0}
+
+
+def test_a_cpu_engine_multiplies_w8a8s_single_rows_in_the_form_it_measured_faster(tiny, monkeypatch):
+    # One row through torch._int_mm (quantized to int8) read the weights faster than int8's weight-only kernel on two
+    # AMD EPYCs and slower at 7B widths on an Intel Xeon with AMX (BENCHMARKS.md): the engine times both on the
+    # decoding layers and keeps the faster; a server's engine (many rows) multiplies one row weight-only while it runs
+    import llava_next.engine as engine_module
+    from llava_next.engine import BackgroundEngine
+    from llava_next.quantize import decoding_w8a8_layers, time_w8a8_one_row
+
+    def load():
+        return llava_next.load(tiny("mistral"), dtype="bfloat16", quantize="w8a8", progress=False, prefix_cache=False)
+
+    pipe = load()
+    layers = decoding_w8a8_layers(pipe.model)
+    assert layers and pipe.engine.w8a8_one_row in ("int8 rows", "weight-only")
+    assert pipe.engine.w8a8_one_row_reason.startswith("measured")
+    assert all(m.one_row_int8 == (pipe.engine.w8a8_one_row == "int8 rows") for m in layers)
+    vision = [m for m in pipe.model.vision_tower.modules() if isinstance(m, W8A8Linear)]
+    assert vision and not set(map(id, vision)) & set(map(id, layers))  # (prompts only: never one row)
+    times = time_w8a8_one_row(pipe.model, repeats=2)
+    assert set(times) == {"int8 rows", "weight-only"} and all(t > 0 for t in times.values())
+    assert all(m.one_row_int8 == (pipe.engine.w8a8_one_row == "int8 rows") for m in layers)  # (left as they were)
+
+    def answer(pipe):
+        return pipe.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=6).token_ids
+
+    monkeypatch.setattr(engine_module, "W8A8_ONE_ROW", "remeasure")  # (each load times again: new fake timings)
+    answers = {}
+    for seconds, form in (({"int8 rows": 1.0, "weight-only": 2.0}, "int8 rows"),
+                          ({"int8 rows": 1.0, "weight-only": 1.0}, "weight-only"),
+                          ({"int8 rows": 2.0, "weight-only": 1.0}, "weight-only")):
+        monkeypatch.setattr(engine_module, "time_w8a8_one_row", lambda model, seconds=seconds: dict(seconds))
+        pipe = load()
+        assert pipe.engine.w8a8_one_row == form and pipe.engine.w8a8_one_row_seconds == seconds
+        assert all(m.one_row_int8 == (form == "int8 rows") for m in decoding_w8a8_layers(pipe.model))
+        answers.setdefault(form, answer(pipe))
+        assert answer(pipe) == answers[form]
+    # a server's engine: weight-only while it runs, so a request's numbers do not depend on the others; afterwards
+    # the pipeline answers as a freshly loaded one
+    monkeypatch.setattr(engine_module, "time_w8a8_one_row", lambda model: {"int8 rows": 1.0, "weight-only": 2.0})
+    pipe = load()
+    server = BackgroundEngine(pipe.engine, slots=4, capacity=512)
+    assert not any(m.one_row_int8 for m in decoding_w8a8_layers(pipe.model))
+    server.shutdown()
+    assert all(m.one_row_int8 for m in decoding_w8a8_layers(pipe.model)) and answer(pipe) == answers["int8 rows"]
+    # a batch likewise, down to its last row (a sequence's numbers then do not depend on when the others finish):
+    # the weight-only form's tokens; the chosen form afterwards
+    prompts = [chat("Describe it."), chat("What is in the picture, and where?")]
+    images = [[smooth_image(300, 200)], [smooth_image(200, 300, seed=1)]]
+
+    def batch(pipe):
+        lengths = (3, 9)  # (one row runs alone at the end)
+        return [[g.token_ids for g in pipe.generate(prompts, images, max_new_tokens=n)] for n in lengths]
+
+    int_mm_rows = []
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b, f=torch._int_mm: (int_mm_rows.append(a.shape[0]), f(a, b))[1])
+    answer(pipe)
+    assert 1 in int_mm_rows  # (alone, its decoding rows in int8)
+    int_mm_rows.clear()
+    got = batch(pipe)
+    assert int_mm_rows and 1 not in int_mm_rows  # (prompts only)
+    assert all(m.one_row_int8 for m in decoding_w8a8_layers(pipe.model))
+    monkeypatch.setattr(engine_module, "W8A8_ONE_ROW", "weight-only")
+    assert got == batch(load())
+    # a failed timing keeps the weight-only kernel and says why; the environment can fix the form; an unknown one is
+    # refused
+    monkeypatch.setattr(engine_module, "W8A8_ONE_ROW", "remeasure")
+    monkeypatch.setattr(engine_module, "time_w8a8_one_row", lambda model: 1 / 0)
+    pipe = load()
+    assert pipe.engine.w8a8_one_row == "weight-only"
+    assert pipe.engine.w8a8_one_row_reason == "not measured: ZeroDivisionError: division by zero"
+    monkeypatch.setattr(engine_module, "W8A8_ONE_ROW", "int8 rows")
+    pipe = load()
+    assert pipe.engine.w8a8_one_row == "int8 rows" and pipe.engine.w8a8_one_row_seconds == {}
+    assert pipe.engine.w8a8_one_row_reason == "set by LLAVA_NEXT_W8A8_ONE_ROW=int8 rows"
+    monkeypatch.setattr(engine_module, "W8A8_ONE_ROW", "int_mm")
+    with pytest.raises(llava_next.errors.LlavaError, match="LLAVA_NEXT_W8A8_ONE_ROW='int_mm'.*int8 rows, weight-only"):
+        load()
+    monkeypatch.setattr(engine_module, "W8A8_ONE_ROW", "measure")
+    pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", quantize="int8", progress=False)
+    assert pipe.engine.w8a8_one_row is None and pipe.engine.w8a8_one_row_reason is None
 
 
 def test_a_cpu_engine_runs_its_float32_linears_through_the_kernel_it_measured_faster(tiny, monkeypatch):

@@ -163,6 +163,8 @@ class LlavaNextLmms(lmms):
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         if isinstance(quantize, str) and quantize.lower() in ("", "none"):
             quantize = None
+        if isinstance(group_size, str) and group_size.lower() in ("", "none"):
+            group_size = None  # (lmms-eval passes model_args' values as strings)
         if group_size is not None:
             group_size = int(group_size)
         self.pipe = pipeline if pipeline is not None else load(
