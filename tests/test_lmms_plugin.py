@@ -82,6 +82,10 @@ def test_batch_size_and_device_in_model_args_win_over_lmms_evals_own():
                                               {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"})
     assert lm.batch_size == 4 and lm.device == torch.device("cpu")
     assert LlavaNextLmms.create_from_arg_string("pretrained=demo", {"batch_size": 2, "device": None}).batch_size == 2
+    # model_args' values arrive as strings: group_size=None is load()'s default (128, or a quantized checkpoint's own)
+    for given, groups in (("None", 128), ("32", 32)):
+        lm = LlavaNextLmms.create_from_arg_string(f"pretrained=demo,quantize=int4,group_size={given}", {})
+        assert lm.pipe.quantization["group_size"] == groups
 
 
 def test_the_base_package_does_not_import_lmms_eval():
