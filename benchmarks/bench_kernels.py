@@ -17,8 +17,9 @@ bandwidth. Kernels, each at its mode's bytes per weight:
                   blocked_int8_matmul, what a compiled CPU step runs; one compiled graph over all the matrices)
 
 `--step-rows` times the int8 layers' forms at several rows (a decoding step of many requests; a prompt at ~1.5k):
-plain (PyTorch's kernel up to 64 rows, dequantized above), in column blocks compiled, and in column blocks eagerly
-(dequantized); what sets quantize.BLOCKED_ROWS, and what the blocks cost a prompt.
+plain (PyTorch's kernel up to 64 rows, dequantized above), in column blocks compiled, in column blocks eagerly
+(dequantized), and w8a8's integer form (torch._int_mm on rows quantized to int8); what sets quantize.BLOCKED_ROWS and
+DECODE_ROWS, and what the blocks cost a prompt.
 
 `--prompt-rows` adds what a prompt's matmul costs on the preset's gate/up matrix at those row counts: the
 package's int8 and int4 layers (`llava_next.quantize`, as they run: weight-only kernels up to a few rows, int4's
@@ -103,13 +104,15 @@ def int8_forms(matrices: list[tuple[int, int]], int8: list[tuple[torch.Tensor, t
     """{form: a function multiplying `rows` (by input width) by every int8 matrix}, as the package's int8 layers run
     them: plain (PyTorch's kernel up to INT8_KERNEL_ROWS rows, dequantized a slice at a time above), in column blocks
     through one compiled graph (blocked_int8_matmul, whatever the rows; left out above INT8_KERNEL_ROWS, a pass over
-    the weights per row), and in column blocks eagerly (dequantized a slice at a time)."""
-    from llava_next.quantize import INT8_KERNEL_ROWS, Int8Linear, blocked_int8_matmul
+    the weights per row), in column blocks eagerly (dequantized a slice at a time), and as w8a8's integer form
+    (W8A8Linear.int8_rows_matmul: each row quantized, torch._int_mm), which w8a8 runs for one row where the engine
+    measures it faster and for more than DECODE_ROWS."""
+    from llava_next.quantize import INT8_KERNEL_ROWS, Int8Linear, W8A8Linear, blocked_int8_matmul
 
-    plain, blocked = [], []
+    plain, blocked, w8a8 = [], [], []
     for (n, k), (w, s) in zip(matrices, int8):
-        for layers in (plain, blocked):
-            layer = Int8Linear(k, n, False, torch.bfloat16, "meta")
+        for layers, kind in ((plain, Int8Linear), (blocked, Int8Linear), (w8a8, W8A8Linear)):
+            layer = kind(k, n, False, torch.bfloat16, "meta")
             layer.weight, layer.scales = w, s
             layers.append(layer)
         blocked[-1].block_columns()
@@ -117,7 +120,8 @@ def int8_forms(matrices: list[tuple[int, int]], int8: list[tuple[torch.Tensor, t
              "column blocks, compiled": torch.compile(
                  lambda: [blocked_int8_matmul(rows[layer.in_features], layer.weight, layer.scales) for layer in blocked],
                  dynamic=True),
-             "column blocks, eager": lambda: [layer(rows[layer.in_features]) for layer in blocked]}
+             "column blocks, eager": lambda: [layer(rows[layer.in_features]) for layer in blocked],
+             "int8 rows, _int_mm": lambda: [layer.int8_rows_matmul(rows[layer.in_features]) for layer in w8a8]}
     if next(iter(rows.values())).shape[0] > INT8_KERNEL_ROWS:
         del forms["column blocks, compiled"]
     return forms

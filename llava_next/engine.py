@@ -215,6 +215,10 @@ class Scheduler:
         self.slots, self.capacity, self.prefill_chunk = slots, capacity, prefill_chunk
         # isolate_errors: a failure while prefilling fails that sequence only (a server); otherwise it is raised
         self.isolate_errors = isolate_errors
+        # w8a8 layers multiply a single row in the engine's chosen form only where no other row can ever run beside
+        # it: with more slots, weight-only, as 2..DECODE_ROWS rows are, so that a sequence's numbers do not depend on
+        # when its neighbours come and go (quantize.W8A8Linear). Each scheduler sets it for its own steps.
+        engine.single_rows_alone(slots == 1)
         # Zeros, not empty: rows of different lengths decode together, and a shorter row's attention weights are 0
         # on the longer rows' slots, which must hold numbers (0 x NaN from uninitialised memory is NaN). It also
         # takes the memory now rather than under load.
@@ -681,6 +685,7 @@ class Engine:
         self.w8a8_one_row: str | None = None
         self.w8a8_one_row_seconds: dict[str, float] = {}
         self.w8a8_one_row_reason: str | None = None
+        self.w8a8_one_row_layers: list[torch.nn.Module] = []  # (those that multiply one row in int8, where alone)
         # Static decoding: every step has the same shapes (the whole KV space, a mask over all of it) and the KV
         # space keeps its address from one request to the next, which a CUDA graph needs to be replayed.
         self.static_decode = compile and self.device.type == "cuda"
@@ -691,6 +696,8 @@ class Engine:
             self.float32_kernel, self.float32_kernel_seconds, self.float32_kernel_reason = (
                 float32_kernel_for_linears(model))
             self.w8a8_one_row, self.w8a8_one_row_seconds, self.w8a8_one_row_reason = w8a8_one_row_form(model)
+            if self.w8a8_one_row == "int8 rows":
+                self.w8a8_one_row_layers = decoding_w8a8_layers(model)
         if compile:
             # One decoding step through torch.compile: CUDA graphs on a GPU ("reduce-overhead"), inductor's C++
             # kernels on a CPU. Sizes are dynamic, so it compiles once, not once per position or batch size.
@@ -723,23 +730,15 @@ class Engine:
     def expect_many_rows(self) -> None:
         """Decoding steps will mostly carry many rows (a server's concurrent requests): compiled CPU steps then
         multiply int8 weights with PyTorch's kernel, which reads the plain weights once for all the rows, instead of
-        the column-blocked form, which is faster for one row but reads them once per row; and w8a8 layers multiply
-        one row as they multiply a few, weight-only, so that a request's numbers do not change with how many others
-        run beside it (quantize.W8A8Linear; expect_single_rows undoes it)."""
-        self._w8a8_one_row_int8(False)
+        the column-blocked form, which is faster for one row but reads them once per row."""
         if self.decode_step is not self.model:
             self._plain_int8_weights("plain for steps of many rows")
 
-    def expect_single_rows(self) -> None:
-        """The many rows expected are done (a server shut down): w8a8 layers take their chosen form for one row
-        again, so that the pipeline answers as a freshly loaded one does."""
-        self._w8a8_one_row_int8(True)
-
-    def _w8a8_one_row_int8(self, on: bool) -> None:
-        """w8a8 layers' one-row form: the engine's chosen one (on) or weight-only, as a few rows are multiplied."""
-        if self.w8a8_one_row == "int8 rows":
-            for layer in decoding_w8a8_layers(self.model):
-                layer.one_row_int8 = on
+    def single_rows_alone(self, alone: bool) -> None:
+        """Whether a decoding step's single row is a sequence alone (a scheduler of one slot): w8a8 layers then
+        multiply it in the form the engine chose for one row, and otherwise weight-only, as a few rows."""
+        for layer in self.w8a8_one_row_layers:
+            layer.one_row_int8 = alone
 
     def _plain_int8_weights(self, reason: str) -> None:
         if self.int8_blocks:  # (already plain: the reason it was chosen stands)
@@ -867,17 +866,8 @@ class Engine:
     def generate(self, inputs: dict[str, torch.Tensor], params: SamplingParams) -> list[Generation]:
         seqs = self.sequences(inputs, params)
         scheduler = self.scheduler(seqs)
-        # A batch's w8a8 rows are multiplied weight-only down to the last one, as in a server, so that a sequence's
-        # numbers do not depend on when the others finish (whether it is batched at all still does: W8A8Linear)
-        batched = len(seqs) > 1
-        if batched:
-            self._w8a8_one_row_int8(False)
-        try:
-            while not scheduler.idle:
-                scheduler.step()
-        finally:
-            if batched:
-                self._w8a8_one_row_int8(True)
+        while not scheduler.idle:
+            scheduler.step()
         return [seq.generation() for seq in seqs]
 
     def stream(self, inputs: dict[str, torch.Tensor], params: SamplingParams) -> "TextStream":
@@ -982,5 +972,3 @@ class BackgroundEngine:
                     seq.cancelled = True
             self._wake.notify()
         self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self.engine.expect_single_rows()

@@ -30,8 +30,9 @@ As gpt-fast's `convert_for_runtime`: `convert_linears(model, mode)` replaces nn.
             faster than int8's column blocks, so w8a8's weights are never blocked), 0.8x at 7B widths on an Intel
             Xeon with AMX (bench_kernels.py, BENCHMARKS.md): the engine times both (time_w8a8_one_row). Steps of
             2..DECODE_ROWS rows run int8's weight-only kernel, which _int_mm is ~2x slower than there (an AMD EPYC,
-            torch 2.13), and so do steps of one row in an engine that expects many (a server: a request's numbers
-            are then the same alone or beside up to DECODE_ROWS - 1 others). On CUDA, whose _int_mm needs more
+            torch 2.13), and so does a single row wherever others may run beside it (a scheduler of several slots:
+            a server, a batch), so that a sequence's numbers are the same alone or beside up to DECODE_ROWS - 1
+            others. On CUDA, whose _int_mm needs more
             than 16 rows, steps of fewer run int8's weight-only forms.
 
 What is converted, decided from measurements (BENCHMARKS.md): every decoder projection and the lm_head (which a
@@ -492,9 +493,9 @@ class Int4Linear(nn.Module):
 
 class W8A8Linear(Int8Linear):
     """int8 weights and per-token int8 activations: y = (xq @ q^T) * x_scale * w_scale, in int32 then float. On the
-    CPU for a prompt, and for one row unless `one_row_int8` is off (the engine's choice, engine.w8a8_one_row_form); a
-    decoding step of 2..DECODE_ROWS rows uses the weight-only kernel, as on CUDA a step of up to 16 rows does
-    (module docstring)."""
+    CPU for a prompt, and for one row unless `one_row_int8` is off (engine.w8a8_one_row_form, and a scheduler of
+    several slots); a decoding step of 2..DECODE_ROWS rows uses the weight-only kernel, as on CUDA a step of up to
+    16 rows does (module docstring)."""
 
     one_row_int8 = True
 
@@ -504,6 +505,14 @@ class W8A8Linear(Int8Linear):
     def block_columns(self) -> None:
         raise QuantizeError("w8a8 weights stay in the plain layout, which torch._int_mm multiplies")
 
+    def int8_rows_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (M, in), each quantized to int8 by its own scale, times the int8 weights in integers (torch._int_mm),
+        scaled back to the rows' dtype: (M, out), without the bias."""
+        x_scales = rows.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-8) / 127
+        xq = (rows / x_scales).round_().clamp_(-127, 127).to(torch.int8)
+        acc = torch._int_mm(xq, self.weight.t())  # (rows, out) int32; the transposed view is the fast layout
+        return acc.to(rows.dtype).mul_(x_scales.to(rows.dtype)).mul_(self.scales.to(rows.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
         n = rows.shape[0]
@@ -511,10 +520,7 @@ class W8A8Linear(Int8Linear):
             return super().forward(x)
         if n <= DECODE_ROWS and (n > 1 or not self.one_row_int8):
             return super().forward(x)
-        x_scales = rows.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-8) / 127
-        xq = (rows / x_scales).round_().clamp_(-127, 127).to(torch.int8)
-        acc = torch._int_mm(xq, self.weight.t())  # (rows, out) int32; the transposed view is the fast layout
-        out = acc.to(x.dtype).mul_(x_scales.to(x.dtype)).mul_(self.scales.to(x.dtype))
+        out = self.int8_rows_matmul(rows)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)
@@ -769,12 +775,7 @@ def time_bf16_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
     the plain ones}; the fastest of the passes. Which is faster depends on the processor (on an Intel Xeon with AMX,
     plain 1.3-2.5x; on the AMD EPYC oneDNN's blocked layout read 77% of the bandwidth at 7B). The layers timed end
     in the plain layout, the one they are loaded in; {} when there are none."""
-    layers, weight_bytes = [], 0
-    for layer in decoding_bf16_layers(model):
-        if weight_bytes >= LAYOUT_PROBE_BYTES:
-            break
-        layers.append(layer)
-        weight_bytes += layer.in_features * layer.out_features * 2
+    layers = probe_layers(decoding_bf16_layers(model), 2)
     if not layers:
         return {}
     generator = torch.Generator().manual_seed(0)
@@ -801,12 +802,20 @@ def time_float32_kernels(model: nn.Module, repeats: int = 5) -> dict[str, float]
     fastest of the passes. On an AMD EPYC oneDNN's read the weights at twice MKL's speed; on an Intel Xeon with AMX
     PyTorch's was the faster, ~1.15x for medium's answers and decoding (BENCHMARKS.md). The layers timed are left
     on the kernel they had; {} when there are none."""
-    layers, weight_bytes = [], 0
-    for name, layer in float32_fast_linears(model):
-        if runs_in_decoding(name) and weight_bytes < LAYOUT_PROBE_BYTES:
-            layers.append(layer)
-            weight_bytes += layer.in_features * layer.out_features * 4
+    layers = probe_layers([layer for name, layer in float32_fast_linears(model) if runs_in_decoding(name)], 4)
     return time_one_row_both_ways(layers, "onednn", ("oneDNN", "PyTorch"), torch.float32, repeats) if layers else {}
+
+
+def probe_layers(layers: list[nn.Module], bytes_per_weight: int) -> list[nn.Module]:
+    """The first whole layers of `layers` holding LAYOUT_PROBE_BYTES of weights: what a timing of their forms reads
+    (enough to come from memory, as a decoding step's do, not from the cache)."""
+    probe, weight_bytes = [], 0
+    for layer in layers:
+        if weight_bytes >= LAYOUT_PROBE_BYTES:
+            break
+        probe.append(layer)
+        weight_bytes += layer.in_features * layer.out_features * bytes_per_weight
+    return probe
 
 
 def time_one_row_both_ways(layers: list[nn.Module], switch: str, names: tuple[str, str], dtype: torch.dtype,
@@ -845,12 +854,7 @@ def time_w8a8_one_row(model: nn.Module, repeats: int = 5) -> dict[str, float]:
     each form: {"int8 rows": quantized and multiplied by torch._int_mm, "weight-only": int8's kernel on the 16-bit
     row}; the fastest of the passes. _int_mm was 1.2-1.7x the kernel on two AMD EPYCs and 0.8x at 7B widths on an
     Intel Xeon with AMX (BENCHMARKS.md). The layers are left in the form they had; {} when there are none."""
-    layers, weight_bytes = [], 0
-    for layer in decoding_w8a8_layers(model):
-        if weight_bytes >= LAYOUT_PROBE_BYTES:
-            break
-        layers.append(layer)
-        weight_bytes += layer.weight.numel()
+    layers = probe_layers(decoding_w8a8_layers(model), 1)
     if not layers:
         return {}
     return time_one_row_both_ways(layers, "one_row_int8", ("int8 rows", "weight-only"), layers[0].scales.dtype, repeats)

@@ -85,7 +85,7 @@ def test_w8a8_linear_equals_integer_arithmetic_done_by_hand(rows, dtype):
 
 def test_w8a8_decodes_a_few_rows_weight_only_and_one_row_in_the_form_asked_for():
     # _int_mm is slower than int8's weight-only kernel for 2..DECODE_ROWS rows: those take the kernel; one row takes
-    # the form the engine measured faster (`one_row_int8`), which an engine expecting many rows turns off
+    # the form the engine measured faster (`one_row_int8`), which a scheduler of several slots turns off
     base = linear(in_features=128, out_features=64, dtype=torch.bfloat16)
     w8a8, weight_only = W8A8Linear.from_linear(base), Int8Linear.from_linear(base)
     assert torch.equal(w8a8.weight, weight_only.weight)

@@ -733,16 +733,16 @@ def test_a_cpu_engine_multiplies_w8a8s_single_rows_in_the_form_it_measured_faste
         assert all(m.one_row_int8 == (form == "int8 rows") for m in decoding_w8a8_layers(pipe.model))
         answers.setdefault(form, answer(pipe))
         assert answer(pipe) == answers[form]
-    # a server's engine: weight-only while it runs, so a request's numbers do not depend on the others; afterwards
-    # the pipeline answers as a freshly loaded one
+    # a server's scheduler (several slots): weight-only, so a request's numbers do not depend on the others; a
+    # single answer afterwards (a scheduler of one slot) as a freshly loaded pipeline's
     monkeypatch.setattr(engine_module, "time_w8a8_one_row", lambda model: {"int8 rows": 1.0, "weight-only": 2.0})
     pipe = load()
     server = BackgroundEngine(pipe.engine, slots=4, capacity=512)
     assert not any(m.one_row_int8 for m in decoding_w8a8_layers(pipe.model))
     server.shutdown()
-    assert all(m.one_row_int8 for m in decoding_w8a8_layers(pipe.model)) and answer(pipe) == answers["int8 rows"]
+    assert answer(pipe) == answers["int8 rows"] and all(m.one_row_int8 for m in decoding_w8a8_layers(pipe.model))
     # a batch likewise, down to its last row (a sequence's numbers then do not depend on when the others finish):
-    # the weight-only form's tokens; the chosen form afterwards
+    # the weight-only form's tokens; the chosen form for a single answer afterwards
     prompts = [chat("Describe it."), chat("What is in the picture, and where?")]
     images = [[smooth_image(300, 200)], [smooth_image(200, 300, seed=1)]]
 
@@ -757,7 +757,9 @@ def test_a_cpu_engine_multiplies_w8a8s_single_rows_in_the_form_it_measured_faste
     int_mm_rows.clear()
     got = batch(pipe)
     assert int_mm_rows and 1 not in int_mm_rows  # (prompts only)
-    assert all(m.one_row_int8 for m in decoding_w8a8_layers(pipe.model))
+    int_mm_rows.clear()
+    answer(pipe)
+    assert 1 in int_mm_rows and all(m.one_row_int8 for m in decoding_w8a8_layers(pipe.model))
     monkeypatch.setattr(engine_module, "W8A8_ONE_ROW", "weight-only")
     assert got == batch(load())
     # a failed timing keeps the weight-only kernel and says why; the environment can fix the form; an unknown one is
