@@ -8,7 +8,11 @@ llama.cpp's own quantizer to q8_0 and q4_0. Pairs compared at the same bit width
 
     llama.cpp f16   vs ours bfloat16      (16-bit weights)
     llama.cpp q8_0  vs ours int8          (8-bit weights; q8_0 has a scale per 32 weights, ours per row)
+    llama.cpp q8_0  vs ours w8a8          (8-bit weights and activations: q8_0 also rounds the activations to int8,
+                                           per 32 values, and multiplies in integers; w8a8 rounds them per token)
     llama.cpp q4_0  vs ours int4          (4-bit weights; q4_0 groups of 32, ours --group-size)
+
+--pairs takes llama.cpp kinds (each with all its pairs) or single pairs as kind:mode, e.g. q8_0:w8a8.
 
 Each configuration runs in its own process, interleaved over --rounds rounds, median reported. The last line is JSON.
 --compile runs ours with compile=True (its decoding step through torch.compile; the warm-up compiles it).
@@ -32,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoints import PRESETS, build_checkpoint  # noqa: E402
 
-PAIRS = [("f16", "bfloat16"), ("q8_0", "int8"), ("q4_0", "int4")]
+PAIRS = [("f16", "bfloat16"), ("q8_0", "int8"), ("q8_0", "w8a8"), ("q4_0", "int4")]
 
 
 def prompt_ids(n: int, vocab: int) -> list[int]:
@@ -195,6 +199,21 @@ def run_ours(cache: Path, mode: str, args) -> dict:
             "decode_tok_s": args.new_tokens / gen.decode_seconds, "threads": torch.get_num_threads()}
 
 
+def chosen_pairs(spec: str) -> list[tuple[str, str]]:
+    """--pairs: llama.cpp kinds, each with all its pairs, or single pairs as kind:mode -> (kind, our mode) pairs."""
+    wanted = spec.split(",")
+    unknown = set(wanted) - {k for k, _ in PAIRS} - {f"{k}:{ours}" for k, ours in PAIRS}
+    if unknown:
+        raise ValueError(f"unknown --pairs {', '.join(sorted(unknown))}: choose from f16, q8_0, q4_0 or "
+                         + ", ".join(f"{k}:{ours}" for k, ours in PAIRS))
+    return [(k, ours) for k, ours in PAIRS if k in wanted or f"{k}:{ours}" in wanted]
+
+
+def run_keys(pairs: list[tuple[str, str]]) -> list[str]:
+    """The configurations a round runs, each once: a llama.cpp kind shared by two pairs runs once."""
+    return list(dict.fromkeys(key for kind, ours in pairs for key in (f"llama.cpp:{kind}", f"ours:{ours}")))
+
+
 # On an Intel Xeon with AMX, llama.cpp built with GGML_NATIVE (its AMX backend included) died at its first matmul
 # with SIGILL (BENCHMARKS.md); built without AMX instructions it ran.
 NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -224,7 +243,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=1512)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--pairs", default=",".join(k for k, _ in PAIRS), help="llama.cpp kinds: f16, q8_0, q4_0")
+    parser.add_argument("--pairs", default="f16,q8_0,q4_0",
+                        help="llama.cpp kinds (f16, q8_0, q4_0), or pairs as kind:mode (q8_0:w8a8)")
     parser.add_argument("--compile", action="store_true", help="ours with compile=True (decoding compiled)")
     parser.add_argument("--cache", default=os.environ.get("LLAVA_NEXT_BENCH_CACHE", "/tmp/llava-next-bench"))
     parser.add_argument("--run", help=argparse.SUPPRESS)
@@ -234,19 +254,22 @@ def main() -> None:
         impl, mode = args.run.split(":")
         print(json.dumps((run_llamacpp if impl == "llama.cpp" else run_ours)(cache, mode, args)))
         return
-    pairs = [(k, ours) for k, ours in PAIRS if k in args.pairs.split(",")]
-    for kind, _ in pairs:
+    try:
+        pairs = chosen_pairs(args.pairs)
+    except ValueError as e:
+        parser.error(str(e))
+    keys = run_keys(pairs)
+    for kind in dict.fromkeys(kind for kind, _ in pairs):
         gguf_file(cache, args.preset, kind)  # build once, outside the timed runs
     runs: dict[str, list[dict]] = {}
     for r in range(args.rounds):
-        for kind, ours in pairs:
-            for key in (f"llama.cpp:{kind}", f"ours:{ours}"):
-                out = subprocess.run([sys.executable, __file__, "--run", key, *sys.argv[1:]], capture_output=True,
-                                     text=True)
-                result = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else \
-                    {"error": failure(key, out)}
-                runs.setdefault(key, []).append(result)
-                print(f"round {r + 1} {key:16} {json.dumps(result)}", file=sys.stderr, flush=True)
+        for key in keys:
+            out = subprocess.run([sys.executable, __file__, "--run", key, *sys.argv[1:]], capture_output=True,
+                                 text=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else \
+                {"error": failure(key, out)}
+            runs.setdefault(key, []).append(result)
+            print(f"round {r + 1} {key:16} {json.dumps(result)}", file=sys.stderr, flush=True)
     medians = {}
     for key, results in runs.items():
         good = [x for x in results if "error" not in x]
@@ -255,12 +278,13 @@ def main() -> None:
     print(f"\n{args.preset} decoder, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, median of "
           f"{args.rounds} interleaved rounds")
     print(f"{'':18}{'prefill tok/s':>15}{'decode tok/s':>15}")
+    for key in keys:
+        m = medians[key]
+        print(f"{key:18}" + ("".join(f"{m[c]:15.1f}" for c in ("prefill_tok_s", "decode_tok_s"))
+                             if "error" not in m else f" error: {m['error']}"))
     ratios = {}
     for kind, ours in pairs:
         a, b = medians[f"llama.cpp:{kind}"], medians[f"ours:{ours}"]
-        for key, m in ((f"llama.cpp:{kind}", a), (f"ours:{ours}", b)):
-            print(f"{key:18}" + ("".join(f"{m[c]:15.1f}" for c in ("prefill_tok_s", "decode_tok_s"))
-                                 if "error" not in m else f" error: {m['error']}"))
         if "error" not in a and "error" not in b:
             ratios[f"{ours}/{kind}"] = {"prefill": b["prefill_tok_s"] / a["prefill_tok_s"],
                                         "decode": b["decode_tok_s"] / a["decode_tok_s"]}

@@ -1130,21 +1130,38 @@ def test_loading_and_answering_never_import_the_compiler(tiny, dtype, quantize, 
     assert out.splitlines() == ["[]", "[]"]
 
 
-def test_the_llama_cpp_benchmark_says_why_llama_cpp_died_on_an_illegal_instruction_and_how_to_rebuild_it():
+def bench_llamacpp():
+    """benchmarks/bench_llamacpp.py as a module (it imports llama_cpp only inside its runs)."""
     import importlib.util
-    import signal
-    import subprocess
 
     spec = importlib.util.spec_from_file_location("bench_llamacpp", Path(__file__).parents[1] / "benchmarks" /
                                                   "bench_llamacpp.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_llama_cpp_benchmark_says_why_llama_cpp_died_on_an_illegal_instruction_and_how_to_rebuild_it():
+    import signal
+    import subprocess
+
+    bench = bench_llamacpp()
     died = subprocess.CompletedProcess([], -signal.SIGILL, "", "")
     said = bench.failure("llama.cpp:q8_0", died)
     assert "illegal instruction (SIGILL)" in said and "-mno-amx-tile" in said and "--force-reinstall" in said
     # any other failure, or ours, gives its last line of errors
     assert bench.failure("ours:int8", died) == f"exit {-signal.SIGILL}"
     assert bench.failure("llama.cpp:q4_0", subprocess.CompletedProcess([], 1, "", "x\nno such file")) == "no such file"
+
+
+def test_llamacpp_benchmark_pairs_q8_0_with_both_8_bit_modes_and_runs_it_once_a_round():
+    bench = bench_llamacpp()
+    assert bench.chosen_pairs("q8_0") == [("q8_0", "int8"), ("q8_0", "w8a8")]
+    assert bench.chosen_pairs("q4_0,q8_0:w8a8") == [("q8_0", "w8a8"), ("q4_0", "int4")]
+    assert bench.run_keys(bench.chosen_pairs("q8_0,q4_0")) == [
+        "llama.cpp:q8_0", "ours:int8", "ours:w8a8", "llama.cpp:q4_0", "ours:int4"]
+    with pytest.raises(ValueError, match="unknown --pairs q8_0:int4, q9: choose from f16, q8_0, q4_0 or f16:bfloat16"):
+        bench.chosen_pairs("q9,q8_0:int4")
 
 
 @pytest.mark.parametrize("amx", [False, True])
