@@ -340,13 +340,19 @@ def test_an_int4_layer_keeps_one_copy_of_its_weights_on_the_cpu():
 
 def test_int4_dequantization_in_both_layouts_is_the_formula_written_out():
     q, scales_and_zeros = int4_weights(linear(in_features=256, out_features=80).weight.detach(), 64)
-    for dtype in (torch.float32, torch.bfloat16):
-        # by hand: weight[n, k] = (q[n, k] - 8) * scale[k // 64, n] + zero[k // 64, n], each step in `dtype`
-        scales = scales_and_zeros[..., 0].t().repeat_interleave(64, dim=1).to(dtype)
-        zeros = scales_and_zeros[..., 1].t().repeat_interleave(64, dim=1).to(dtype)
-        expected = (q.to(dtype) - 8) * scales + zeros
-        assert torch.equal(dequantize_int4_transposed(q.t(), scales_and_zeros.to(dtype), 64, dtype), expected.t())
-        assert torch.equal(dequantize_int4(pack_nibbles(q), scales_and_zeros.to(dtype), 64, dtype), expected)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        # by hand: weight[n, k] = (q[n, k] - 8) * scale[k // 64, n] + zero[k // 64, n] from the scales in `dtype`,
+        # computed in float32 and rounded to `dtype` once; the multiply and add fused (one float32 rounding) or not
+        scales = scales_and_zeros[..., 0].t().repeat_interleave(64, dim=1).to(dtype).float()
+        zeros = scales_and_zeros[..., 1].t().repeat_interleave(64, dim=1).to(dtype).float()
+        separate = ((q.float() - 8) * scales + zeros).to(dtype)
+        fused = ((q.double() - 8) * scales.double() + zeros.double()).float().to(dtype)
+        for got in (dequantize_int4_transposed(q.t(), scales_and_zeros.to(dtype), 64, dtype).t(),
+                    dequantize_int4(pack_nibbles(q), scales_and_zeros.to(dtype), 64, dtype)):
+            assert got.dtype == dtype and bool(((got == separate) | (got == fused)).all())
+        if dtype != torch.float32:  # rounded once: not the formula with each step rounded to `dtype`
+            stepwise = (q.to(dtype) - 8) * scales.to(dtype) + zeros.to(dtype)
+            assert not torch.equal(got, stepwise)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
