@@ -24,8 +24,8 @@ from .outputs import output_directory
 from .original import (OriginalLayout, end_of_turn_ids, is_original_layout, original_processor, read_layout,
                        weight_sources)
 from .processor import Processor
-from .quantize import (ConvertWhileLoading, QuantizeError, convert_linears, empty_converted, pack_all,
-                       quantized_state)
+from .quantize import (ConvertWhileLoading, QuantizeError, conversion_plan, convert_linear, convert_linears,
+                       empty_converted, pack_all, quantized_state)
 from .prompt import IMAGE_TOKEN, PromptError, images_given, normalize_messages, user_turn
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16) * 2))  # the names, then short ones
@@ -206,6 +206,9 @@ def build_quantized_model(cfg: LlavaConfig, quantization: dict[str, Any], files:
                                       f"model needs {tuple(target.shape)}")
             stored[name].read_into(target)
     pack_all(model)
+    for name, kind in conversion_plan(model, quantization["mode"], quantization["group_size"]).items():
+        if kind == "fast/packed":  # the float layers of a prompt, as a model quantized while loading has them
+            convert_linear(model, name, kind)
     return model.eval()
 
 
@@ -367,8 +370,9 @@ def load(
             if convert is not None:
                 converted = convert_linears(llava, convert, group_size)
         quantization = None
-        if quantize is not None:
-            quantization = {"mode": quantize, "group_size": group_size, "layers": converted}
+        if quantize is not None:  # (the quantized layers: those left in float but laid out for oneDNN are not)
+            quantization = {"mode": quantize, "group_size": group_size,
+                            "layers": {name: kind for name, kind in converted.items() if not kind.startswith("fast")}}
     generation_config = read_generation_config(directory)
     eos = eos_token_ids(generation_config, cfg, processor.tokenizer)
     if layout is not None:

@@ -37,9 +37,11 @@ As gpt-fast's `convert_for_runtime`: `convert_linears(model, mode)` replaces nn.
 
 What is converted, decided from measurements (BENCHMARKS.md): every decoder projection and the lm_head (which a
 decoding step reads entirely, ~20% of the bytes of a mid-size model); in w8a8 also the vision tower's and the
-projector's linears (the prompt's other matmuls). The embedding table stays float (a lookup reads one row), and so
-do norms. A layer whose shape a kernel cannot take (int4 needs in_features divisible by the group size and
-out_features by 16) is converted to int8 instead, and `describe()` says so.
+projector's linears (the prompt's other matmuls). Under int8 and int4 those stay in float, and on the CPU in
+bfloat16 they take oneDNN's blocked layout (`fast/packed`), as the bfloat16 mode's do: through nn.Linear on their
+plain weights the vision tower's matmuls took 1.2-1.45x as long. The embedding table stays float (a lookup reads
+one row), and so do norms. A layer whose shape a kernel cannot take (int4 needs in_features divisible by the group
+size and out_features by 16) is converted to int8 instead, and `describe()` says so.
 """
 
 from __future__ import annotations
@@ -542,9 +544,7 @@ def targets(model: nn.Module, mode: str) -> list[str]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        if runs_in_decoding(name):
-            names.append(name)
-        elif mode in ("w8a8", "fast") and name.startswith(("vision_tower.", "multi_modal_projector.")):
+        if runs_in_decoding(name) or name.startswith(("vision_tower.", "multi_modal_projector.")):
             names.append(name)
     return names
 
@@ -576,6 +576,11 @@ def conversion_plan(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP
                 plan[name] = "fast"
             else:
                 plan[name] = "fast/packed"  # prompts only (the vision tower, the projector)
+        elif mode in ("int8", "int4") and not runs_in_decoding(name):
+            # weight-only modes keep the vision tower and projector in float: as the bfloat16 mode has them (above),
+            # 1.2-1.45x nn.Linear's speed on plain weights in a prompt's vision tower (BENCHMARKS.md)
+            if can_pack(linear.weight) and id(linear.weight) not in shared:
+                plan[name] = "fast/packed"
         elif mode == "int4" and linear.in_features % group_size == 0 and linear.out_features % 16 == 0:
             plan[name] = f"int4/g{group_size}"
         else:
@@ -898,4 +903,6 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
             state[f"{name}.weight" if name else "weight"] = pack_nibbles(module.values())
         if isinstance(module, Int8Linear) and module.blocked:  # laid out for compiled steps
             state[f"{name}.weight" if name else "weight"] = module.values().contiguous()
+        if isinstance(module, FastLinear) and module.packed:  # a float layer in oneDNN's layout (conversion_plan)
+            state[f"{name}.weight" if name else "weight"] = module.weight.to_dense()
     return state

@@ -159,6 +159,37 @@ def test_quantized_models_stay_close_to_float(mode, bound, tiny):
     assert 0 < error < bound
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_weight_only_modes_run_the_vision_tower_as_the_bfloat16_mode_does(mode, tiny, tmp_path):
+    # int8 and int4 leave the vision tower and projector in float; on the CPU in oneDNN's blocked layout, as bfloat16
+    # has them, so an image's features are bfloat16's bit for bit; and only the quantized layers count as quantized
+    if not can_pack(torch.empty(0, dtype=torch.bfloat16)):
+        pytest.skip("no native bfloat16 here: the layers stay nn.Linear")
+    directory = tiny("vicuna")
+    bf16 = llava_next.load(directory, dtype="bfloat16", progress=False)
+    quantized = llava_next.load(directory, dtype="bfloat16", progress=False, quantize=mode,
+                                **({"group_size": 32} if mode == "int4" else {}))
+    prompt_layers = {n: m for n, m in quantized.model.named_modules() if isinstance(m, (nn.Linear, FastLinear))
+                     and n.startswith(("vision_tower.", "multi_modal_projector."))}
+    assert prompt_layers and all(isinstance(m, FastLinear) and m.packed for m in prompt_layers.values())
+    assert not set(prompt_layers) & set(quantized.quantization["layers"])
+    assert set(quantized.quantization["layers"].values()) <= {"int8", "int4/g32"}
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    inputs, _ = bf16.prepare(messages, [smooth_image(500, 316)])
+    with torch.inference_mode():
+        ours = quantized.model.image_features(inputs["pixel_values"], inputs.get("image_sizes"))
+        theirs = bf16.model.image_features(inputs["pixel_values"], inputs.get("image_sizes"))
+    assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    # written out and read back, the same: the blocked weights are saved as plain ones, and laid out again
+    save_quantized(quantized, tmp_path / "q")
+    reloaded = llava_next.load(tmp_path / "q", progress=False)
+    assert reloaded.quantization == quantized.quantization
+    assert all(isinstance(reloaded.model.get_submodule(n), FastLinear) and reloaded.model.get_submodule(n).packed
+               for n in prompt_layers)
+    with torch.inference_mode():
+        assert torch.equal(reloaded.model(**inputs), quantized.model(**inputs))
+
+
 def test_a_quantized_checkpoint_reads_back_as_it_was_written(tiny, tmp_path, capsys):
     directory = tiny("qwen2")
     quantized = llava_next.load(directory, progress=False, quantize="int4", group_size=32)
