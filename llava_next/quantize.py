@@ -741,6 +741,12 @@ def time_int8_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
     def lay_out(blocked: bool):
         for layer in layers:
             layer.block_columns() if blocked else layer.unblock_columns()
+            if blocked:
+                # sizes fixed, as the engine's compiled step has them (engine.mark_weights_static): with symbolic ones
+                # inductor's loop ran ~2x slower, and the probe chose the plain layout where the step decoded 1.3x
+                # faster in blocks (7B widths, a Zen 5 AMD EPYC; BENCHMARKS.md)
+                torch._dynamo.mark_static(layer.weight)
+                torch._dynamo.mark_static(layer.scales)
 
     generator = torch.Generator().manual_seed(0)
     rows = [torch.randn(1, layer.in_features, generator=generator).to(layer.scales.dtype) for layer in layers]

@@ -337,6 +337,14 @@ def test_a_compiled_engine_measures_which_int8_layout_is_faster_and_keeps_it(tin
     decoding = quantize_module.decoding_int8_layers(pipe.model)
     assert len(decoding) > quantize_module.LAYOUT_PROBE_GROUP
     assert laid_out == decoding[:quantize_module.LAYOUT_PROBE_GROUP] and not any(m.blocked for m in decoding)
+    # the blocks are timed compiled for their fixed sizes, as the engine's step compiles them (mark_weights_static):
+    # for symbolic sizes inductor's loop ran ~2x slower at 7B widths, and the engine chose the slower layout
+    timed = []
+    compiled = quantize_module._compiled_blocked_matmuls
+    monkeypatch.setattr(quantize_module, "_compiled_blocked_matmuls",
+                        lambda rows, blocks, scales: (timed.extend(blocks + scales), compiled(rows, blocks, scales))[1])
+    time_int8_layouts(pipe.model, repeats=1)
+    assert timed and all(getattr(t, "_dynamo_static_indices", None) == set(range(t.dim())) for t in timed)
     monkeypatch.undo()
 
     # the blocks are kept only when clearly faster (INT8_BLOCKS_MIN_SPEEDUP): a tie goes to the plain layout
