@@ -24,8 +24,8 @@ from .outputs import output_directory
 from .original import (OriginalLayout, end_of_turn_ids, is_original_layout, original_processor, read_layout,
                        weight_sources)
 from .processor import Processor
-from .quantize import (ConvertWhileLoading, QuantizeError, conversion_plan, convert_linear, convert_linears,
-                       empty_converted, pack_all, quantized_state)
+from .quantize import (ConvertWhileLoading, QuantizeError, convert_linear, convert_linears, empty_converted,
+                       float_prompt_layers, pack_all, quantized_state)
 from .prompt import IMAGE_TOKEN, PromptError, images_given, normalize_messages, user_turn
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16) * 2))  # the names, then short ones
@@ -206,9 +206,8 @@ def build_quantized_model(cfg: LlavaConfig, quantization: dict[str, Any], files:
                                       f"model needs {tuple(target.shape)}")
             stored[name].read_into(target)
     pack_all(model)
-    for name, kind in conversion_plan(model, quantization["mode"], quantization["group_size"]).items():
-        if kind == "fast/packed":  # the float layers of a prompt, as a model quantized while loading has them
-            convert_linear(model, name, kind)
+    for name, kind in float_prompt_layers(model).items():  # as a model quantized while loading has them
+        convert_linear(model, name, kind)
     return model.eval()
 
 

@@ -279,9 +279,11 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_
 
 def dequantize_int4_transposed(q_t: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                                dtype: torch.dtype) -> torch.Tensor:
-    """int4 values 0..15 transposed, (in, out), and their scales -> the weight transposed, (in, out) in `dtype`
-    (laid out for x @ w): w = (q - 8) * scale + zero, per group of `group_size` inputs, in float32 for 16-bit dtypes
-    and rounded once."""
+    """int4 values 0..15 transposed, (in, out) uint8, and their scales -> the weight transposed, (in, out) in `dtype`
+    (laid out for x @ w, in q_t's memory order): w = (q - 8) * scale + zero, per group of `group_size` inputs, in
+    float32 for 16-bit dtypes and rounded once."""
+    if q_t.dtype != torch.uint8:  # (read as int8 below: wider integers would be reinterpreted, not converted)
+        raise QuantizeError(f"int4 values come as uint8, not {q_t.dtype}")
     in_features, out_features = q_t.shape
     # (groups, 1, out), contiguous: broadcast from the strided views (every other element of scales_and_zeros) the
     # multiply and the add took ~6x as long (25 against 4 ms on a 16 MB slice of a 7B matrix, measured when they were
@@ -291,8 +293,12 @@ def dequantize_int4_transposed(q_t: torch.Tensor, scales_and_zeros: torch.Tensor
     # q - 8 on the one-byte values (0..15 read as int8), then one multiply-add: two passes over the 16-bit weights
     # instead of four (convert, subtract, multiply, add, each rounded): 41 against 60 ms for the 7B gate/up matrix,
     # a 256-row prompt through it 110 against 130 ms (BENCHMARKS.md)
-    centred = q_t.view(in_features // group_size, group_size, out_features).view(torch.int8) - 8
-    return torch.addcmul(zeros, centred.to(dtype), scales).reshape(in_features, out_features)
+    centred = (q_t.view(in_features // group_size, group_size, out_features).view(torch.int8) - 8).to(dtype)
+    # written in centred's memory order (a transposed q_t gives the (out, in) weight contiguous): addcmul would take
+    # its output's order from `zeros`, which a transposed q_t's cannot be viewed back from without a copy
+    # (detached: quantized weights are never trained, and an out= argument refuses inputs that need gradients)
+    w = torch.addcmul(zeros.detach(), centred, scales.detach(), out=torch.empty_like(centred))
+    return w.view(in_features, out_features)
 
 
 # PyTorch's CPU int4 kernel takes its weights in a layout of its own (`torch._convert_weight_to_int4pack_for_cpu`),
@@ -538,8 +544,9 @@ def runs_in_decoding(name: str) -> bool:
     return name.startswith("language_model.") or name == "lm_head"
 
 
-def targets(model: nn.Module, mode: str) -> list[str]:
-    """Names of the nn.Linear modules a mode converts."""
+def targets(model: nn.Module) -> list[str]:
+    """Names of the nn.Linear modules a mode may convert: the decoder's, the lm_head, the vision tower's and the
+    projector's (conversion_plan says what each becomes)."""
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -555,6 +562,16 @@ def shared_weights(model: nn.Module) -> set[int]:
     return {i for i, n in counts.items() if n > 1}
 
 
+def float_prompt_layers(model: nn.Module) -> dict[str, str]:
+    """{name: "fast/packed"} for the vision tower's and projector's nn.Linear layers that oneDNN's blocked layout can
+    hold (bfloat16 on a CPU with native bfloat16). The weight-only modes keep these layers float, in that layout, as
+    the bfloat16 mode has them: nn.Linear on their plain weights took 1.2-1.45x as long in a prompt's vision tower
+    (BENCHMARKS.md). A saved int8 or int4 checkpoint's get it after loading."""
+    shared = shared_weights(model)
+    return {name: "fast/packed" for name in targets(model) if not runs_in_decoding(name)
+            and can_pack(model.get_submodule(name).weight) and id(model.get_submodule(name).weight) not in shared}
+
+
 def conversion_plan(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, str]:
     """{module name: what `mode` makes of it} for the model's linear layers, without touching them."""
     if mode not in QUANTIZE_MODES + ("fast",):
@@ -563,7 +580,8 @@ def conversion_plan(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP
         raise QuantizeError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size!r}")
     plan = {}
     shared = shared_weights(model)
-    for name in targets(model, mode):
+    float_layers = float_prompt_layers(model) if mode in ("int8", "int4") else {}
+    for name in targets(model):
         linear = model.get_submodule(name)
         if mode == "fast":
             if linear.weight.dtype == torch.float32:
@@ -577,10 +595,8 @@ def conversion_plan(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP
             else:
                 plan[name] = "fast/packed"  # prompts only (the vision tower, the projector)
         elif mode in ("int8", "int4") and not runs_in_decoding(name):
-            # weight-only modes keep the vision tower and projector in float: as the bfloat16 mode has them (above),
-            # 1.2-1.45x nn.Linear's speed on plain weights in a prompt's vision tower (BENCHMARKS.md)
-            if can_pack(linear.weight) and id(linear.weight) not in shared:
-                plan[name] = "fast/packed"
+            if name in float_layers:  # (the others stay nn.Linear)
+                plan[name] = float_layers[name]
         elif mode == "int4" and linear.in_features % group_size == 0 and linear.out_features % 16 == 0:
             plan[name] = f"int4/g{group_size}"
         else:
@@ -753,7 +769,8 @@ def time_int8_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
     groups = [slice(i, i + LAYOUT_PROBE_GROUP) for i in range(0, len(layers), LAYOUT_PROBE_GROUP)]
     if _compiled_blocked_matmuls is None:
         # (groups of a few layers: one graph per pattern of shapes, called once per decoder layer, where one graph
-        # over all of them would take about as long to compile as the model's step)
+        # over all of them would take about as long to compile as the model's step; the shapes being fixed (below),
+        # each model's patterns are graphs of their own, within the engine's COMPILED_GRAPHS_LIMIT)
         _compiled_blocked_matmuls = torch.compile(_blocked_matmuls, dynamic=True)
 
     def plain():

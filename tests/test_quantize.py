@@ -378,12 +378,17 @@ def test_int4_dequantization_in_both_layouts_is_the_formula_written_out():
         zeros = scales_and_zeros[..., 1].t().repeat_interleave(64, dim=1).to(dtype).float()
         separate = ((q.float() - 8) * scales + zeros).to(dtype)
         fused = ((q.double() - 8) * scales.double() + zeros.double()).float().to(dtype)
-        for got in (dequantize_int4_transposed(q.t(), scales_and_zeros.to(dtype), 64, dtype).t(),
-                    dequantize_int4(pack_nibbles(q), scales_and_zeros.to(dtype), 64, dtype)):
+        stepwise = (q.to(dtype) - 8) * scales.to(dtype) + zeros.to(dtype)
+        transposed = dequantize_int4_transposed(q.t().contiguous(), scales_and_zeros.to(dtype), 64, dtype)
+        whole = dequantize_int4(pack_nibbles(q), scales_and_zeros.to(dtype), 64, dtype)
+        # each in the memory order of its values, without a copy: (in, out) from (in, out), (out, in) from (out, in)
+        assert transposed.is_contiguous() and whole.is_contiguous()
+        for got in (transposed.t(), whole):
             assert got.dtype == dtype and bool(((got == separate) | (got == fused)).all())
-        if dtype != torch.float32:  # rounded once: not the formula with each step rounded to `dtype`
-            stepwise = (q.to(dtype) - 8) * scales.to(dtype) + zeros.to(dtype)
-            assert not torch.equal(got, stepwise)
+            if dtype != torch.float32:  # rounded once: not the formula with each step rounded to `dtype`
+                assert not torch.equal(got, stepwise)
+    with pytest.raises(QuantizeError, match="int4 values come as uint8, not torch.int32"):
+        dequantize_int4_transposed(q.t().to(torch.int32), scales_and_zeros, 64, torch.float32)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
