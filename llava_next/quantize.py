@@ -566,7 +566,7 @@ def float_prompt_layers(model: nn.Module) -> dict[str, str]:
     """{name: "fast/packed"} for the vision tower's and projector's nn.Linear layers that oneDNN's blocked layout can
     hold (bfloat16 on a CPU with native bfloat16). The weight-only modes keep these layers float, in that layout, as
     the bfloat16 mode has them: nn.Linear on their plain weights took 1.2-1.45x as long in a prompt's vision tower
-    (BENCHMARKS.md). A saved int8 or int4 checkpoint's get it after loading."""
+    (BENCHMARKS.md). A saved int8 or int4 checkpoint's layers are laid out so after loading."""
     shared = shared_weights(model)
     return {name: "fast/packed" for name in targets(model) if not runs_in_decoding(name)
             and can_pack(model.get_submodule(name).weight) and id(model.get_submodule(name).weight) not in shared}
@@ -769,7 +769,7 @@ def time_int8_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
     groups = [slice(i, i + LAYOUT_PROBE_GROUP) for i in range(0, len(layers), LAYOUT_PROBE_GROUP)]
     if _compiled_blocked_matmuls is None:
         # (groups of a few layers: one graph per pattern of shapes, called once per decoder layer, where one graph
-        # over all of them would take about as long to compile as the model's step; the shapes being fixed (below),
+        # over all of them would take about as long to compile as the model's step; the shapes being fixed (lay_out),
         # each model's patterns are graphs of their own, within the engine's COMPILED_GRAPHS_LIMIT)
         _compiled_blocked_matmuls = torch.compile(_blocked_matmuls, dynamic=True)
 
