@@ -32,8 +32,7 @@ As gpt-fast's `convert_for_runtime`: `convert_linears(model, mode)` replaces nn.
             2..DECODE_ROWS rows run int8's weight-only kernel, which _int_mm is ~2x slower than there (an AMD EPYC,
             torch 2.13), and so does a single row wherever others may run beside it (a scheduler of several slots:
             a server, a batch), so that a sequence's numbers are the same alone or beside up to DECODE_ROWS - 1
-            others. On CUDA, whose _int_mm needs more
-            than 16 rows, steps of fewer run int8's weight-only forms.
+            others. On CUDA, whose _int_mm needs more than 16 rows, steps of fewer run int8's weight-only forms.
 
 What is converted, decided from measurements (BENCHMARKS.md): every decoder projection and the lm_head (which a
 decoding step reads entirely, ~20% of the bytes of a mid-size model); in w8a8 also the vision tower's and the
@@ -568,8 +567,8 @@ def float_prompt_layers(model: nn.Module) -> dict[str, str]:
     the bfloat16 mode has them: nn.Linear on their plain weights took 1.2-1.45x as long in a prompt's vision tower
     (BENCHMARKS.md). A saved int8 or int4 checkpoint's layers are laid out so after loading."""
     shared = shared_weights(model)
-    return {name: "fast/packed" for name in targets(model) if not runs_in_decoding(name)
-            and can_pack(model.get_submodule(name).weight) and id(model.get_submodule(name).weight) not in shared}
+    weights = {name: model.get_submodule(name).weight for name in targets(model) if not runs_in_decoding(name)}
+    return {name: "fast/packed" for name, weight in weights.items() if can_pack(weight) and id(weight) not in shared}
 
 
 def conversion_plan(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, str]:
@@ -745,12 +744,7 @@ def time_int8_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
     (the blocks 1.1-1.7x the kernel on an AMD EPYC, 0.55-0.7x at 7B widths on an Intel Xeon with AMX), so a compiled
     engine asks (engine.INT8_LAYOUT). The layers timed end in the plain layout; {} when there are none."""
     global _compiled_blocked_matmuls
-    layers, weight_bytes = [], 0
-    for layer in decoding_int8_layers(model):  # the first ~LAYOUT_PROBE_BYTES of them, whole groups
-        if weight_bytes >= LAYOUT_PROBE_BYTES and len(layers) % LAYOUT_PROBE_GROUP == 0:
-            break
-        layers.append(layer)
-        weight_bytes += layer.weight.numel()
+    layers = probe_layers(decoding_int8_layers(model), 1, whole=LAYOUT_PROBE_GROUP)
     if not layers:
         return {}
 
@@ -839,12 +833,12 @@ def time_float32_kernels(model: nn.Module, repeats: int = 5) -> dict[str, float]
     return time_one_row_both_ways(layers, "onednn", ("oneDNN", "PyTorch"), torch.float32, repeats) if layers else {}
 
 
-def probe_layers(layers: list[nn.Module], bytes_per_weight: int) -> list[nn.Module]:
-    """The first whole layers of `layers` holding LAYOUT_PROBE_BYTES of weights: what a timing of their forms reads
-    (enough to come from memory, as a decoding step's do, not from the cache)."""
+def probe_layers(layers: list[nn.Module], bytes_per_weight: int, whole: int = 1) -> list[nn.Module]:
+    """The first whole layers of `layers` holding LAYOUT_PROBE_BYTES of weights, in whole groups of `whole` layers:
+    what a timing of their forms reads (enough to come from memory, as a decoding step's do, not from the cache)."""
     probe, weight_bytes = [], 0
     for layer in layers:
-        if weight_bytes >= LAYOUT_PROBE_BYTES:
+        if weight_bytes >= LAYOUT_PROBE_BYTES and len(probe) % whole == 0:
             break
         probe.append(layer)
         weight_bytes += layer.in_features * layer.out_features * bytes_per_weight
