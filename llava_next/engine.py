@@ -511,6 +511,11 @@ def check_setting(variable: str, setting: str, allowed: tuple[str, ...], what: s
                          f"measure which {what} is faster here")
 
 
+def is_trusted(remembered: dict | None) -> bool:
+    """Whether a remembered timing (layout_cache.recall) decides without timing again."""
+    return remembered is not None and remembered["measurements"] >= layout_cache.MEASUREMENTS_TO_TRUST
+
+
 def layout_timings(setting: str, variable: str, what: str, layers: list[torch.nn.Module], layouts: tuple[str, str],
                    measure: Callable[[], dict[str, float]], rule: str) -> tuple[dict[str, float], str]:
     """(the timings of `layouts` that a choice between them is made by, how they were had): none where the
@@ -522,7 +527,7 @@ def layout_timings(setting: str, variable: str, what: str, layers: list[torch.nn
         return {}, f"set by {variable}={setting}"
 
     def trusted(remembered: dict | None) -> tuple[dict[str, float], str] | None:
-        if remembered is None or remembered["measurements"] < layout_cache.MEASUREMENTS_TO_TRUST:
+        if not is_trusted(remembered):
             return None
         return remembered["seconds"], (f"measured here on {remembered['date']}, remembered in "
                                        f"{layout_cache.cache_file()} ({variable}=remeasure times it again); {rule}")
@@ -571,25 +576,47 @@ BF16_LAYOUTS = ("measure", "remeasure", "blocked", "plain")
 BF16_BLOCKED_MIN_SPEEDUP = 1.05
 
 
+BF16_TIMED = "bfloat16 decoding layers"  # (what the layout cache calls their timings)
+
+
+def faster_bf16_layout(times: dict[str, float]) -> str:
+    return "blocked" if times and times["blocked"] * BF16_BLOCKED_MIN_SPEEDUP < times["plain"] else "plain"
+
+
 def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[str, float], str | None]:
-    """Lays a CPU model's bfloat16 decoding layers (loaded plain) out in the layout they multiply one row fastest
-    in; returns (the layout, the timings that decided it, how it was decided), or (None, {}, None) for a model
-    without such layers."""
+    """Lays a CPU model's bfloat16 decoding layers (loaded plain, or already blocked where bf16_layout_known said so)
+    out in the layout they multiply one row fastest in; returns (the layout, the timings that decided it, how it was
+    decided), or (None, {}, None) for a model without such layers."""
     check_setting("LLAVA_NEXT_BF16_LAYOUT", BF16_LAYOUT, BF16_LAYOUTS, "bfloat16 layout")
     layers = decoding_bf16_layers(model)
     if not layers:
         return None, {}, None
     # (a timing that fails, most likely oneDNN refusing its reorder, leaves the layers plain, as loaded)
-    times, reason = layout_timings(BF16_LAYOUT, "LLAVA_NEXT_BF16_LAYOUT", "bfloat16 decoding layers", layers,
+    times, reason = layout_timings(BF16_LAYOUT, "LLAVA_NEXT_BF16_LAYOUT", BF16_TIMED, layers,
                                    ("blocked", "plain"), lambda: time_bf16_layouts(model),
                                    f"the blocked layout is taken when more than {BF16_BLOCKED_MIN_SPEEDUP}x as fast "
                                    "for one row")
-    if BF16_LAYOUT in ("blocked", "plain"):
-        layout = BF16_LAYOUT
-    else:
-        layout = "blocked" if times and times["blocked"] * BF16_BLOCKED_MIN_SPEEDUP < times["plain"] else "plain"
+    layout = BF16_LAYOUT if BF16_LAYOUT in ("blocked", "plain") else faster_bf16_layout(times)
     lay_out_bf16_weights(layers, packed=layout == "blocked")  # (handing each replaced weight back as it goes)
     return layout, times, reason
+
+
+def bf16_layout_known(shapes: list[tuple[int, int]]) -> str | None:
+    """The layout bf16_layout_for_decoding will choose for bfloat16 decoding layers of these (out, in) shapes, where
+    it is known before they are loaded: set by the environment, or remembered and trusted (layout_cache.py); else
+    None (the engine times them once loaded). Loading lays each layer out as it is read when this says "blocked":
+    reordering after loading held a layer in both layouts at once while the rest of the model was in memory (the
+    medium preset's 62.6 MiB lm_head: its load peak 1.21x the model instead of 1.07x, BENCHMARKS.md)."""
+    check_setting("LLAVA_NEXT_BF16_LAYOUT", BF16_LAYOUT, BF16_LAYOUTS, "bfloat16 layout")
+    if BF16_LAYOUT in ("blocked", "plain"):
+        return BF16_LAYOUT
+    if BF16_LAYOUT == "remeasure" or not shapes:
+        return None
+    try:
+        remembered = layout_cache.recall(layout_cache.key(BF16_TIMED, shapes), ("blocked", "plain"))
+    except Exception:  # (as layout_timings: a cache that cannot be read means measuring)
+        return None
+    return faster_bf16_layout(remembered["seconds"]) if is_trusted(remembered) else None
 
 
 # The kernel a CPU engine's float32 linears multiply in: "measure" (both timed on the model's own decoding layers,

@@ -15,7 +15,7 @@ from .adapter import is_adapter, merge_adapter, read_adapter_config
 from .checkpoint import (CheckpointError, load_weights, map_weight_name, new_checkpoint_directory, read_json,
                          read_safetensors_index, resolve_checkpoint, save_weights, weight_files)
 from .config import LlavaConfig, read_config, to_hf_dict
-from .engine import Engine, Generation, SamplingParams, TextStream
+from .engine import Engine, Generation, SamplingParams, TextStream, bf16_layout_known
 from .errors import LlavaError, counted
 from .image import DEFAULT_MAX_PIXELS, ImageLimits
 from .load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL, DTYPE_NAMES, QUANTIZE_MODES
@@ -24,8 +24,8 @@ from .outputs import output_directory
 from .original import (OriginalLayout, end_of_turn_ids, is_original_layout, original_processor, read_layout,
                        weight_sources)
 from .processor import Processor
-from .quantize import (ConvertWhileLoading, QuantizeError, convert_linear, convert_linears, empty_converted,
-                       float_prompt_layers, pack_all, quantized_state)
+from .quantize import (ConvertWhileLoading, QuantizeError, convert_linear, convert_linears, decoding_bf16_shapes,
+                       empty_converted, float_prompt_layers, pack_all, quantized_state)
 from .prompt import IMAGE_TOKEN, PromptError, images_given, normalize_messages, user_turn
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16) * 2))  # the names, then short ones
@@ -177,7 +177,9 @@ def build_model(cfg: LlavaConfig, files: list[Path], dtype: torch.dtype, device:
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
     model.language_model.reset_rope()
-    converter = ConvertWhileLoading(model, convert, group_size) if convert is not None else None
+    # (bfloat16 decoding layers are laid out as they are read where the engine's layout for them is known already)
+    packed = convert == "fast" and bf16_layout_known(decoding_bf16_shapes(model)) == "blocked"
+    converter = ConvertWhileLoading(model, convert, group_size, packed) if convert is not None else None
     load_weights(model, files, progress=progress, rename=rename, more=more,
                  on_loaded=converter.loaded if converter is not None else None)
     return model.eval(), converter.finish() if converter is not None else {}

@@ -571,8 +571,19 @@ def float_prompt_layers(model: nn.Module) -> dict[str, str]:
     return {name: "fast/packed" for name, weight in weights.items() if can_pack(weight) and id(weight) not in shared}
 
 
-def conversion_plan(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, str]:
-    """{module name: what `mode` makes of it} for the model's linear layers, without touching them."""
+def decoding_bf16_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """(out, in) of the layers that decoding_bf16_layers will return once the "fast" conversion has made FastLinear
+    of them, in the same order: known before their weights are loaded (engine.bf16_layout_known)."""
+    shared = shared_weights(model)
+    return [(linear.out_features, linear.in_features) for name in targets(model) if runs_in_decoding(name)
+            and can_pack((linear := model.get_submodule(name)).weight) and id(linear.weight) not in shared]
+
+
+def conversion_plan(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
+                    decoding_packed: bool = False) -> dict[str, str]:
+    """{module name: what `mode` makes of it} for the model's linear layers, without touching them. `decoding_packed`:
+    "fast" lays out the bfloat16 decoding layers in oneDNN's blocked layout too (where the engine's choice for them is
+    known before loading, engine.bf16_layout_known), not plain for the engine to time."""
     if mode not in QUANTIZE_MODES + ("fast",):
         raise QuantizeError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, not {mode!r}")
     if mode == "int4" and group_size not in GROUP_SIZES:
@@ -590,7 +601,7 @@ def conversion_plan(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP
             elif runs_in_decoding(name):
                 # loaded plain: the engine times both layouts on them and reorders them only where oneDNN's
                 # blocked one is faster (engine.bf16_layout_for_decoding), so no processor pays for both
-                plan[name] = "fast"
+                plan[name] = "fast/packed" if decoding_packed else "fast"
             else:
                 plan[name] = "fast/packed"  # prompts only (the vision tower, the projector)
         elif mode in ("int8", "int4") and not runs_in_decoding(name):
@@ -634,9 +645,10 @@ class ConvertWhileLoading:
     (pages are committed when written), the peak is then the converted model plus about one layer's float weights,
     instead of the float model plus the conversion's temporaries."""
 
-    def __init__(self, model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE):
+    def __init__(self, model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
+                 decoding_packed: bool = False):
         self.model = model
-        self.plan = conversion_plan(model, mode, group_size)
+        self.plan = conversion_plan(model, mode, group_size, decoding_packed)
         owner = {}  # a linear's weight and bias storage -> the linear's name
         for name in self.plan:
             linear = model.get_submodule(name)

@@ -492,10 +492,21 @@ def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_ma
     def load():
         return llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False, prefix_cache=False)
 
+    # the layout each load left the decoding layers in before its engine chose: a choice known before loading (set,
+    # or remembered and trusted) is taken while the weights are read, so that no layer is ever held in both layouts
+    # beside the rest of the model
+    loaded_blocked = []
+
+    def load_weights(model, *args, **kwargs):
+        llava_next.pipeline.load_weights.__wrapped__(model, *args, **kwargs)
+        loaded_blocked.append({m.packed for m in decoding_bf16_layers(model)})
+
+    load_weights.__wrapped__ = llava_next.pipeline.load_weights
+    monkeypatch.setattr(llava_next.pipeline, "load_weights", load_weights)
     monkeypatch.setattr(engine_module, "BF16_LAYOUT", "measure")
     monkeypatch.setattr(engine_module, "time_bf16_layouts", timing({"blocked": 1.0, "plain": 2.0}))
     first = load()
-    assert first.engine.bf16_layout == "blocked"
+    assert first.engine.bf16_layout == "blocked" and loaded_blocked == [{False}]
     assert first.engine.bf16_layout_reason.startswith("measured by load 1 of the 2 that time it;")
     (entry,) = json.loads(layout_cache.cache_file().read_text()).values()
     assert entry["seconds"] == {"blocked": 1.0, "plain": 2.0} and entry["measurements"] == 1 and len(timed) == 1
@@ -512,7 +523,11 @@ def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_ma
     monkeypatch.setattr(engine_module, "time_bf16_layouts", timing({"blocked": 2.0, "plain": 1.0}))
     third = load()
     assert len(timed) == 2 and third.engine.bf16_layout == "blocked"
-    assert all(m.packed for m in decoding_bf16_layers(third.model))
+    assert all(m.packed for m in decoding_bf16_layers(third.model)) and loaded_blocked == [{False}, {False}, {True}]
+    # (laid out while loading or after, the same weights: the same logits)
+    prompt, _ = first.prepare(chat("Describe it."), [smooth_image(300, 200)])
+    with torch.inference_mode():
+        assert torch.equal(first.model(**prompt), third.model(**prompt))
     assert third.engine.bf16_layout_seconds == {"blocked": 1.0, "plain": 1.2}
     assert "remembered in " + str(layout_cache.cache_file()) in third.engine.bf16_layout_reason
     assert load().engine.bf16_layout == "blocked" and len(timed) == 2
@@ -529,7 +544,10 @@ def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_ma
     assert load().engine.bf16_layout == "plain" and len(timed) == 4
     monkeypatch.setattr(engine_module, "BF16_LAYOUT", "measure")
     assert load().engine.bf16_layout == "plain" and len(timed) == 5
-    assert load().engine.bf16_layout == "plain" and len(timed) == 5
+    assert load().engine.bf16_layout == "plain" and len(timed) == 5 and loaded_blocked[-1] == {False}
+    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "blocked")  # (set: laid out while loading too)
+    assert load().engine.bf16_layout == "blocked" and len(timed) == 5 and loaded_blocked[-1] == {True}
+    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "measure")
     # a damaged file, or remembered timings that are not whole: measured again, and the file is whole again
     whole = json.loads(layout_cache.cache_file().read_text())
     damaged = [{"seconds": {"plain": 1.0}, "date": "2026-11-28"}, {"seconds": {"plain": 1.0, "blocked": 2.0}},
