@@ -606,12 +606,12 @@ def bf16_layout_known(shapes: list[tuple[int, int]]) -> str | None:
     it is known before they are loaded: set by the environment, or remembered and trusted (layout_cache.py); else
     None (the engine times them once loaded). Loading lays each layer out as it is read when this says "blocked":
     reordering after loading held a layer in both layouts at once while the rest of the model was in memory (the
-    medium preset's 62.6 MiB lm_head: its load peak 1.21x the model instead of 1.07x, BENCHMARKS.md)."""
+    medium preset's 62.6 MiB lm_head: its load peak 1.21x the model instead of 1.06x, BENCHMARKS.md)."""
     check_setting("LLAVA_NEXT_BF16_LAYOUT", BF16_LAYOUT, BF16_LAYOUTS, "bfloat16 layout")
+    if not shapes or BF16_LAYOUT == "remeasure":
+        return None
     if BF16_LAYOUT in ("blocked", "plain"):
         return BF16_LAYOUT
-    if BF16_LAYOUT == "remeasure" or not shapes:
-        return None
     try:
         remembered = layout_cache.recall(layout_cache.key(BF16_TIMED, shapes), ("blocked", "plain"))
     except Exception:  # (as layout_timings: a cache that cannot be read means measuring)

@@ -540,8 +540,8 @@ def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_ma
         torch.set_num_threads(threads)
     assert len(json.loads(layout_cache.cache_file().read_text())) == 2
     # remeasure: timed again, and the new choice replaces the old; its count starts again (one more load measures)
-    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "remeasure")
-    assert load().engine.bf16_layout == "plain" and len(timed) == 4
+    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "remeasure")  # (loaded plain, the remembered blocked ignored)
+    assert load().engine.bf16_layout == "plain" and len(timed) == 4 and loaded_blocked[-1] == {False}
     monkeypatch.setattr(engine_module, "BF16_LAYOUT", "measure")
     assert load().engine.bf16_layout == "plain" and len(timed) == 5
     assert load().engine.bf16_layout == "plain" and len(timed) == 5 and loaded_blocked[-1] == {False}
