@@ -576,7 +576,7 @@ BF16_LAYOUTS = ("measure", "remeasure", "blocked", "plain")
 BF16_BLOCKED_MIN_SPEEDUP = 1.05
 
 
-BF16_TIMED = "bfloat16 decoding layers"  # (what the layout cache calls their timings)
+BF16_TIMINGS_NAME = "bfloat16 decoding layers"  # (what the layout cache calls their timings)
 
 
 def faster_bf16_layout(times: dict[str, float]) -> str:
@@ -592,7 +592,7 @@ def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[s
     if not layers:
         return None, {}, None
     # (a timing that fails, most likely oneDNN refusing its reorder, leaves the layers plain, as loaded)
-    times, reason = layout_timings(BF16_LAYOUT, "LLAVA_NEXT_BF16_LAYOUT", BF16_TIMED, layers,
+    times, reason = layout_timings(BF16_LAYOUT, "LLAVA_NEXT_BF16_LAYOUT", BF16_TIMINGS_NAME, layers,
                                    ("blocked", "plain"), lambda: time_bf16_layouts(model),
                                    f"the blocked layout is taken when more than {BF16_BLOCKED_MIN_SPEEDUP}x as fast "
                                    "for one row")
@@ -613,7 +613,7 @@ def bf16_layout_known(shapes: list[tuple[int, int]]) -> str | None:
     if BF16_LAYOUT in ("blocked", "plain"):
         return BF16_LAYOUT
     try:
-        remembered = layout_cache.recall(layout_cache.key(BF16_TIMED, shapes), ("blocked", "plain"))
+        remembered = layout_cache.recall(layout_cache.key(BF16_TIMINGS_NAME, shapes), ("blocked", "plain"))
     except Exception:  # (as layout_timings: a cache that cannot be read means measuring)
         return None
     return faster_bf16_layout(remembered["seconds"]) if is_trusted(remembered) else None

@@ -574,9 +574,12 @@ def float_prompt_layers(model: nn.Module) -> dict[str, str]:
 def decoding_bf16_shapes(model: nn.Module) -> list[tuple[int, int]]:
     """(out, in) of the layers that decoding_bf16_layers will return once the "fast" conversion has made FastLinear
     of them, in the same order: known before their weights are loaded (engine.bf16_layout_known)."""
-    shared = shared_weights(model)
-    return [(linear.out_features, linear.in_features) for name in targets(model) if runs_in_decoding(name)
-            and can_pack((linear := model.get_submodule(name)).weight) and id(linear.weight) not in shared]
+    shapes = []
+    for name, kind in conversion_plan(model, "fast").items():
+        linear = model.get_submodule(name)
+        if kind == "fast" and runs_in_decoding(name) and can_pack(linear.weight):  # (not the float32 ones)
+            shapes.append((linear.out_features, linear.in_features))
+    return shapes
 
 
 def conversion_plan(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
@@ -600,7 +603,8 @@ def conversion_plan(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP
                 pass  # in 16 bits nn.Linear already runs oneDNN where the CPU has the instructions
             elif runs_in_decoding(name):
                 # loaded plain: the engine times both layouts on them and reorders them only where oneDNN's
-                # blocked one is faster (engine.bf16_layout_for_decoding), so no processor pays for both
+                # blocked one is faster (engine.bf16_layout_for_decoding), so no processor pays for both; blocked
+                # as they are read where that choice is known before loading (decoding_packed)
                 plan[name] = "fast/packed" if decoding_packed else "fast"
             else:
                 plan[name] = "fast/packed"  # prompts only (the vision tower, the projector)
@@ -813,7 +817,7 @@ def time_bf16_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
     LAYOUT_PROBE_BYTES of them) in each layout: {"blocked": oneDNN on the reordered weights, "plain": torch.mv on
     the plain ones}; the fastest of the passes. Which is faster depends on the processor (on an Intel Xeon with AMX,
     plain 1.3-2.5x; on the AMD EPYC oneDNN's blocked layout read 77% of the bandwidth at 7B). The layers timed end
-    in the plain layout, the one they are loaded in; {} when there are none."""
+    in the plain layout, the one they are loaded in when the engine times them; {} when there are none."""
     layers = probe_layers(decoding_bf16_layers(model), 2)
     if not layers:
         return {}

@@ -277,11 +277,14 @@ def test_the_cpu_int4_layout_packed_a_slice_of_rows_at_a_time_is_the_whole_matri
 
 @pytest.mark.parametrize("mode, dtype", [("int8", "float32"), ("int4", "float32"), ("w8a8", "bfloat16"),
                                          ("fast", "bfloat16")])
-def test_converting_while_loading_gives_the_model_converting_after_loading_does(mode, dtype, tiny):
+def test_converting_while_loading_gives_the_model_converting_after_loading_does(mode, dtype, tiny, monkeypatch):
+    import llava_next.engine
     from llava_next.config import read_config
     from llava_next.checkpoint import weight_files
     from llava_next.pipeline import build_model
 
+    # (bfloat16 decoding layers left plain for the engine, whatever LLAVA_NEXT_BF16_LAYOUT says where this runs)
+    monkeypatch.setattr(llava_next.engine, "BF16_LAYOUT", "measure")
     directory = tiny("mistral")
     cfg, files, dtype = read_config(directory / "config.json"), weight_files(directory), getattr(torch, dtype)
     while_loading, plan = build_model(cfg, files, dtype, torch.device("cpu"), False, convert=mode, group_size=32)

@@ -416,7 +416,7 @@ def test_a_cpu_engine_keeps_its_bfloat16_decoding_weights_in_the_layout_it_measu
         blocked_out = layers[0](x)
     expected = pipe.generate(chat("Describe it."), [smooth_image(300, 200)], max_new_tokens=6, logprobs=2)
     times = time_bf16_layouts(pipe.model, repeats=2)
-    # (the timing ends in the plain layout, the one loading leaves them in)
+    # (the timing ends in the plain layout, the one the engine's measuring loads leave them in)
     assert set(times) == {"blocked", "plain"} and all(t > 0 for t in times.values()) and not any(m.packed for m in layers)
     calls = []
     monkeypatch.setattr(torch, "mv", lambda *args, mv=torch.mv: (calls.append("mv"), mv(*args))[1])
@@ -468,7 +468,26 @@ def test_a_cpu_engine_keeps_its_bfloat16_decoding_weights_in_the_layout_it_measu
     monkeypatch.setattr(engine_module, "BF16_LAYOUT", "columns")
     with pytest.raises(llava_next.errors.LlavaError,
                        match="LLAVA_NEXT_BF16_LAYOUT='columns'.*measure, remeasure, blocked, plain"):
+        # (refused before any weight is read)
+        monkeypatch.setattr(llava_next.pipeline, "load_weights", lambda *args, **kwargs: pytest.fail("loaded"))
         llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False)
+
+
+@pytest.mark.skipif(not can_pack(torch.empty(0, dtype=torch.bfloat16)),
+                    reason="oneDNN's blocked bfloat16 layout needs a CPU with native bfloat16")
+@pytest.mark.parametrize("name", ["mistral", "vicuna_tied"])
+def test_loading_asks_for_the_bfloat16_layout_under_the_shapes_the_engine_remembers_it_by(tiny, monkeypatch, name):
+    # The engine remembers its layout choice under its decoding layers' shapes; loading asks for it before those
+    # layers exist, so it must name the same layers in the same order (a tied lm_head is the embedding's: not one)
+    from llava_next.quantize import decoding_bf16_layers
+
+    asked = []
+    monkeypatch.setattr(llava_next.pipeline, "bf16_layout_known", lambda shapes: asked.append(shapes))
+    pipe = llava_next.load(tiny(name), dtype="bfloat16", progress=False, prefix_cache=False)
+    layers = decoding_bf16_layers(pipe.model)
+    assert asked == [[(m.out_features, m.in_features) for m in layers]] and len(layers) > 1
+    tied = pipe.model.lm_head.weight is pipe.model.language_model.embed_tokens.weight
+    assert tied == (name == "vicuna_tied") and (pipe.model.lm_head in layers) != tied
 
 
 @pytest.mark.skipif(not can_pack(torch.empty(0, dtype=torch.bfloat16)),
@@ -497,11 +516,10 @@ def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_ma
     # beside the rest of the model
     loaded_blocked = []
 
-    def load_weights(model, *args, **kwargs):
-        llava_next.pipeline.load_weights.__wrapped__(model, *args, **kwargs)
+    def load_weights(model, *args, read=llava_next.pipeline.load_weights, **kwargs):
+        read(model, *args, **kwargs)
         loaded_blocked.append({m.packed for m in decoding_bf16_layers(model)})
 
-    load_weights.__wrapped__ = llava_next.pipeline.load_weights
     monkeypatch.setattr(llava_next.pipeline, "load_weights", load_weights)
     monkeypatch.setattr(engine_module, "BF16_LAYOUT", "measure")
     monkeypatch.setattr(engine_module, "time_bf16_layouts", timing({"blocked": 1.0, "plain": 2.0}))
@@ -528,6 +546,10 @@ def test_a_measured_bfloat16_layout_is_remembered_for_later_loads_on_the_same_ma
     prompt, _ = first.prepare(chat("Describe it."), [smooth_image(300, 200)])
     with torch.inference_mode():
         assert torch.equal(first.model(**prompt), third.model(**prompt))
+    # the environment's setting over the remembered choice: set plain, loaded plain
+    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "plain")
+    assert load().engine.bf16_layout == "plain" and len(timed) == 2 and loaded_blocked[-1] == {False}
+    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "measure")
     assert third.engine.bf16_layout_seconds == {"blocked": 1.0, "plain": 1.2}
     assert "remembered in " + str(layout_cache.cache_file()) in third.engine.bf16_layout_reason
     assert load().engine.bf16_layout == "blocked" and len(timed) == 2
