@@ -716,13 +716,19 @@ def block_int8_columns(model: nn.Module, blocked: bool = True) -> int:
     """Lays the weights of a LlavaModel's CPU int8 layers that decoding steps run (the decoder's, the lm_head's;
     int8's, not w8a8's, decoding_int8_layers) out for compiled steps of few rows (blocked_int8_matmul), or back
     (`blocked=False`: steps of many rows, which PyTorch's kernel multiplies in one pass over the plain weights).
-    Layer by layer, so the model's memory grows by one layer at most, each replaced weight handed back to the system:
-    under the engine's allocator settings (memory.keep_freed_memory) the freed ones stayed with the process, 74 MiB
-    of the medium preset's 303 MiB int8 model. Returns the number of layers changed."""
+    Returns the number of layers changed."""
+    return lay_out_int8_layers(decoding_int8_layers(model), blocked)
+
+
+def lay_out_int8_layers(layers: list[Int8Linear], blocked: bool) -> int:
+    """Puts each layer's weights in column blocks, or back, one at a time (the model's memory grows by one layer at
+    most), each replaced weight handed back to the system: under the engine's allocator settings
+    (memory.keep_freed_memory) the freed ones stayed with the process, 74 MiB of the medium preset's 303 MiB int8
+    model. Returns the number of layers changed."""
     changed = 0
-    for module in decoding_int8_layers(model):
-        if module.blocked != blocked:
-            module.block_columns() if blocked else module.unblock_columns()
+    for layer in layers:
+        if layer.blocked != blocked:
+            layer.block_columns() if blocked else layer.unblock_columns()
             release_free_memory()
             changed += 1
     return changed
@@ -768,12 +774,12 @@ def time_int8_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
         return {}
 
     def lay_out(blocked: bool):
-        for layer in layers:
-            layer.block_columns() if blocked else layer.unblock_columns()
-            if blocked:
-                # sizes fixed, as the engine's compiled step has them (engine.mark_weights_static): with symbolic ones
-                # inductor's loop ran ~2x slower, and the probe chose the plain layout where the step decoded 1.3x
-                # faster in blocks (7B widths, a Zen 5 AMD EPYC; BENCHMARKS.md)
+        lay_out_int8_layers(layers, blocked)
+        # sizes fixed, as the engine's compiled step has them (engine.mark_weights_static): with symbolic ones
+        # inductor's loop ran ~2x slower, and the probe chose the plain layout where the step decoded 1.3x faster in
+        # blocks (7B widths, a Zen 5 AMD EPYC; BENCHMARKS.md)
+        if blocked:
+            for layer in layers:
                 torch._dynamo.mark_static(layer.weight)
                 torch._dynamo.mark_static(layer.scales)
 
