@@ -576,10 +576,12 @@ BF16_LAYOUTS = ("measure", "remeasure", "blocked", "plain")
 BF16_BLOCKED_MIN_SPEEDUP = 1.05
 
 
-BF16_TIMINGS_NAME = "bfloat16 decoding layers"  # (what the layout cache calls their timings)
+# what the layout cache calls these layers' timings: one name for the engine's lookup and for the one loading makes
+# (bf16_layout_known), so that both find the same entry
+BF16_TIMINGS_NAME = "bfloat16 decoding layers"
 
 
-def faster_bf16_layout(times: dict[str, float]) -> str:
+def bf16_layout_from_timings(times: dict[str, float]) -> str:
     return "blocked" if times and times["blocked"] * BF16_BLOCKED_MIN_SPEEDUP < times["plain"] else "plain"
 
 
@@ -596,7 +598,7 @@ def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[s
                                    ("blocked", "plain"), lambda: time_bf16_layouts(model),
                                    f"the blocked layout is taken when more than {BF16_BLOCKED_MIN_SPEEDUP}x as fast "
                                    "for one row")
-    layout = BF16_LAYOUT if BF16_LAYOUT in ("blocked", "plain") else faster_bf16_layout(times)
+    layout = BF16_LAYOUT if BF16_LAYOUT in ("blocked", "plain") else bf16_layout_from_timings(times)
     lay_out_bf16_weights(layers, packed=layout == "blocked")  # (handing each replaced weight back as it goes)
     return layout, times, reason
 
@@ -616,7 +618,7 @@ def bf16_layout_known(shapes: list[tuple[int, int]]) -> str | None:
         remembered = layout_cache.recall(layout_cache.key(BF16_TIMINGS_NAME, shapes), ("blocked", "plain"))
     except Exception:  # (as layout_timings: a cache that cannot be read means measuring)
         return None
-    return faster_bf16_layout(remembered["seconds"]) if is_trusted(remembered) else None
+    return bf16_layout_from_timings(remembered["seconds"]) if is_trusted(remembered) else None
 
 
 # The kernel a CPU engine's float32 linears multiply in: "measure" (both timed on the model's own decoding layers,

@@ -177,7 +177,8 @@ def build_model(cfg: LlavaConfig, files: list[Path], dtype: torch.dtype, device:
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
     model.language_model.reset_rope()
-    # (bfloat16 decoding layers are laid out as they are read where the engine's layout for them is known already)
+    # bfloat16 decoding layers laid out as they are read where the engine's layout for them is known already:
+    # laid out after loading, each was held in both layouts beside the rest of the model for a moment
     packed = convert == "fast" and bf16_layout_known(decoding_bf16_shapes(model)) == "blocked"
     converter = ConvertWhileLoading(model, convert, group_size, packed) if convert is not None else None
     load_weights(model, files, progress=progress, rename=rename, more=more,

@@ -126,16 +126,19 @@ def test_a_packed_bfloat16_fast_linear_gives_nn_linears_values_bit_for_bit():
 def test_loading_packs_prompt_only_weights_and_leaves_decoding_ones_to_the_engine(tiny, monkeypatch):
     import llava_next.engine
 
-    # loading packs the prompt-only layers and leaves the decoding ones plain, for the engine to lay out
-    monkeypatch.setattr(llava_next.engine, "BF16_LAYOUT", "plain")
+    # loading packs the prompt-only layers and, where the engine's choice is not known yet (a measuring load; this
+    # test's own layout cache, conftest.py), leaves the decoding ones plain for the engine to time and lay out
+    monkeypatch.setattr(llava_next.engine, "BF16_LAYOUT", "measure")
+    monkeypatch.setattr(llava_next.engine, "time_bf16_layouts", lambda model: {"blocked": 2.0, "plain": 1.0})
     pipe = llava_next.load(tiny("vicuna_tied"), dtype="bfloat16", progress=False)
+    assert pipe.engine.bf16_layout_reason.startswith("measured by load 1")
     model = pipe.model
     assert model.lm_head.weight is model.language_model.embed_tokens.weight  # one copy, still shared
     qkv = model.language_model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, FastLinear) and not qkv.weight.is_mkldnn
     vision = [m for m in model.vision_tower.modules() if isinstance(m, FastLinear)]
     assert vision and all(m.weight.is_mkldnn for m in vision)
-    monkeypatch.setattr(llava_next.engine, "BF16_LAYOUT", "blocked")  # the engine's choice reorders them
+    monkeypatch.setattr(llava_next.engine, "BF16_LAYOUT", "blocked")  # set: laid out while loading
     pipe = llava_next.load(tiny("vicuna_tied"), dtype="bfloat16", progress=False)
     qkv = pipe.model.language_model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, FastLinear) and qkv.weight.is_mkldnn

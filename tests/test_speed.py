@@ -333,10 +333,13 @@ def test_a_compiled_engine_measures_which_int8_layout_is_faster_and_keeps_it(tin
     block_columns = Int8Linear.block_columns
     monkeypatch.setattr(Int8Linear, "block_columns", lambda self: (laid_out.append(self), block_columns(self))[1])
     monkeypatch.setattr(quantize_module, "LAYOUT_PROBE_BYTES", 1)
+    handed_back = []  # (each replaced weight handed back to the system as it goes, quantize.lay_out_int8_layers)
+    monkeypatch.setattr(quantize_module, "release_free_memory", lambda: handed_back.append(1))
     time_int8_layouts(pipe.model, repeats=1)
     decoding = quantize_module.decoding_int8_layers(pipe.model)
     assert len(decoding) > quantize_module.LAYOUT_PROBE_GROUP
     assert laid_out == decoding[:quantize_module.LAYOUT_PROBE_GROUP] and not any(m.blocked for m in decoding)
+    assert len(handed_back) == 2 * quantize_module.LAYOUT_PROBE_GROUP  # into blocks, and back
     # the blocks are timed compiled for their fixed sizes, as the engine's step compiles them (mark_weights_static):
     # for symbolic sizes inductor's loop ran ~2x slower at 7B widths, and the engine chose the slower layout
     timed = []
