@@ -725,8 +725,8 @@ def lay_out_int8_layers(layers: list[Int8Linear], blocked: bool) -> int:
     most), each replaced weight handed back to the system: under the engine's allocator settings
     (memory.keep_freed_memory) the freed ones stayed with the process, 74 MiB of the medium preset's 303 MiB int8
     model. (The hand-back is process-wide: blocks kept for a prompt's activations go too, and the next prompt faults
-    them in again; layouts change at load and when a server starts, not between prompts.) Returns the number of
-    layers changed."""
+    them in again; layouts change at load, when a server starts and once if a compile fails, not between prompts.)
+    Returns the number of layers changed."""
     changed = 0
     for layer in layers:
         if layer.blocked != blocked:
