@@ -76,8 +76,9 @@ INT4_KERNEL_ROWS = 128
 BLOCK_COLUMNS = 16
 BLOCKED_ROWS = 16
 # Compiled CUDA decoding steps of up to this many rows multiply int8 weights as a sum over the inputs
-# (summed_int8_matmul), which inductor fuses into one kernel reading each weight byte once per row. F.linear on the weights made 16-bit instead reads them once for any number of rows, but compiled it first writes
-# and reads a 16-bit copy of every weight, 5 bytes a weight in all: the sum moves fewer bytes up to ~4 rows.
+# (summed_int8_matmul), which inductor fuses into one kernel reading each weight byte once per row. F.linear on the
+# weights made 16-bit instead reads them once for any number of rows, but compiled it first writes and reads a
+# 16-bit copy of every weight, 5 bytes a weight in all: the sum moves fewer bytes up to ~4 rows.
 CUDA_SUMMED_ROWS = 4
 QUANTIZE_SLICE_BYTES = 4 * 2**20
 PROMPT_SLICE_BYTES = 16 * 2**20
@@ -137,7 +138,9 @@ def onednn_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if rows.shape[0] == 1 and weight.dtype == torch.bfloat16 and not weight.is_mkldnn:
         # PyTorch's bfloat16 matrix-vector kernel (float32 sums, rounded once, as oneDNN's): on an Intel Xeon with
         # AMX it read a 7B matrix at 19 GB/s where oneDNN read the reordered one at 7.6 and the plain one at 12.8
-        return torch.mv(weight, rows[0]).unsqueeze(0) if bias is None else torch.addmv(bias, weight, rows[0]).unsqueeze(0)
+        if bias is None:
+            return torch.mv(weight, rows[0]).unsqueeze(0)
+        return torch.addmv(bias, weight, rows[0]).unsqueeze(0)
     return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
 
 
