@@ -596,24 +596,24 @@ def conversion_plan(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP
         raise QuantizeError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size!r}")
     plan = {}
     shared = shared_weights(model)
-    float_layers = float_prompt_layers(model) if mode in ("int8", "int4") else {}
+    # the prompt-only layers (vision tower, projector) stay float under every mode but w8a8: in oneDNN's blocked
+    # layout where it can hold them (float_prompt_layers), the others as they are
+    float_layers = float_prompt_layers(model) if mode != "w8a8" else {}
     for name in targets(model):
         linear = model.get_submodule(name)
-        if mode == "fast":
-            if linear.weight.dtype == torch.float32:
-                plan[name] = "fast"
-            elif not can_pack(linear.weight) or id(linear.weight) in shared:  # (a tied lm_head: no second copy)
-                pass  # in 16 bits nn.Linear already runs oneDNN where the CPU has the instructions
-            elif runs_in_decoding(name):
-                # loaded plain: the engine times both layouts on them and reorders them only where oneDNN's
-                # blocked one is faster (engine.bf16_layout_for_decoding), so no processor pays for both; blocked
-                # as they are read where that choice is known before loading (decoding_packed)
-                plan[name] = "fast/packed" if decoding_packed else "fast"
-            else:
-                plan[name] = "fast/packed"  # prompts only (the vision tower, the projector)
-        elif mode in ("int8", "int4") and not runs_in_decoding(name):
-            if name in float_layers:  # (the others stay nn.Linear)
+        if mode == "fast" and linear.weight.dtype == torch.float32:
+            plan[name] = "fast"
+        elif mode != "w8a8" and not runs_in_decoding(name):
+            if name in float_layers:
                 plan[name] = float_layers[name]
+        elif mode == "fast":
+            # (16-bit layers that cannot be packed stay nn.Linear, which runs oneDNN where the CPU has the
+            # instructions; a tied lm_head gets no second copy.) The others load plain: the engine times both layouts
+            # on them and reorders them only where oneDNN's blocked one is faster (engine.bf16_layout_for_decoding),
+            # so no processor pays for both; blocked as they are read where that choice is known before loading
+            # (decoding_packed)
+            if can_pack(linear.weight) and id(linear.weight) not in shared:
+                plan[name] = "fast/packed" if decoding_packed else "fast"
         elif mode == "int4" and linear.in_features % group_size == 0 and linear.out_features % 16 == 0:
             plan[name] = f"int4/g{group_size}"
         else:
