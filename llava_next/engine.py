@@ -511,6 +511,16 @@ def check_setting(variable: str, setting: str, allowed: tuple[str, ...], what: s
                          f"measure which {what} is faster here")
 
 
+def check_cpu_settings() -> None:
+    """Every measured choice's environment setting checked at once: load() calls this before reading any weight, so
+    a mistyped setting is refused at the start of a load instead of when the engine is built after it (each choice
+    checks its own again where it is made, for callers that make it directly)."""
+    check_setting("LLAVA_NEXT_BF16_LAYOUT", BF16_LAYOUT, BF16_LAYOUTS, "bfloat16 layout")
+    check_setting("LLAVA_NEXT_FLOAT32_KERNEL", FLOAT32_KERNEL, FLOAT32_KERNELS, "float32 kernel")
+    check_setting("LLAVA_NEXT_W8A8_ONE_ROW", W8A8_ONE_ROW, W8A8_ONE_ROW_FORMS, "w8a8 form for one row")
+    check_setting("LLAVA_NEXT_INT8_LAYOUT", INT8_LAYOUT, INT8_LAYOUTS, "int8 layout")
+
+
 def is_trusted(remembered: dict | None) -> bool:
     """Whether a remembered timing (layout_cache.recall) decides without timing again."""
     return remembered is not None and remembered["measurements"] >= layout_cache.MEASUREMENTS_TO_TRUST

@@ -15,7 +15,7 @@ from .adapter import is_adapter, merge_adapter, read_adapter_config
 from .checkpoint import (CheckpointError, load_weights, map_weight_name, new_checkpoint_directory, read_json,
                          read_safetensors_index, resolve_checkpoint, save_weights, weight_files)
 from .config import LlavaConfig, read_config, to_hf_dict
-from .engine import Engine, Generation, SamplingParams, TextStream, bf16_layout_known
+from .engine import Engine, Generation, SamplingParams, TextStream, bf16_layout_known, check_cpu_settings
 from .errors import LlavaError, counted
 from .image import DEFAULT_MAX_PIXELS, ImageLimits
 from .load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL, DTYPE_NAMES, QUANTIZE_MODES
@@ -344,6 +344,8 @@ def load(
     if (quantize or saved_quantization) and trainable:
         raise QuantizeError("a quantized model cannot be trained; load the float checkpoint with trainable=True")
     device = resolve_device(device)
+    if device.type == "cpu":  # (the engine's measured choices are made on the CPU only)
+        check_cpu_settings()
     dtype, dtype_reason = resolve_dtype(dtype, device, cfg, quantized=bool(quantize or saved_quantization))
     limits = ImageLimits(max_pixels=max_image_pixels)
     if layout is not None:

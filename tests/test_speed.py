@@ -936,11 +936,20 @@ def test_the_measuring_lock_nests_and_writers_that_measured_without_it_lose_no_e
     assert sorted(entries) == sorted(f"writer{n}-{i}" for n in range(4) for i in range(40))
 
 
-def test_an_unknown_int8_layout_in_the_environment_is_refused_by_name(tiny, monkeypatch):
-    monkeypatch.setattr(llava_next.engine, "INT8_LAYOUT", "columns")
-    with pytest.raises(llava_next.errors.LlavaError,
-                       match="LLAVA_NEXT_INT8_LAYOUT='columns'.*measure, remeasure, blocks, plain"):
-        llava_next.load(tiny("mistral"), dtype="bfloat16", quantize="int8", progress=False, compile=True)
+@pytest.mark.parametrize("setting, value, allowed", [
+    ("INT8_LAYOUT", "columns", "measure, remeasure, blocks, plain"),
+    ("BF16_LAYOUT", "columns", "measure, remeasure, blocked, plain"),
+    ("FLOAT32_KERNEL", "mkl", "measure, remeasure, onednn, pytorch"),
+    ("W8A8_ONE_ROW", "int_mm", "measure, remeasure, int8 rows, weight-only"),
+])
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_an_unknown_engine_setting_in_the_environment_is_refused_by_name_before_any_weight_is_read(
+        tiny, monkeypatch, setting, value, allowed, quantize):
+    # whatever the load's dtype or quantization: a typo is not found only after minutes of loading a 7B model
+    monkeypatch.setattr(llava_next.engine, setting, value)
+    monkeypatch.setattr(llava_next.pipeline, "load_weights", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(llava_next.errors.LlavaError, match=f"LLAVA_NEXT_{setting}={value!r}.*{allowed}"):
+        llava_next.load(tiny("mistral"), dtype="float32", quantize=quantize, progress=False, compile=True)
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
