@@ -109,14 +109,14 @@ class PrefixCache:
     def match(self, tokens: list) -> SavedPrefix | None:
         """The saved prefix as far as `tokens` (token_identities) shares it, if at all; at least the last prompt
         token is always recomputed, since its logits are needed."""
-        if not self.enabled or self.saved is None:
+        if not self.enabled:
             return None
-        saved = self.saved.tokens
+        saved = self.saved.tokens if self.saved is not None else []
         limit = min(len(saved), len(tokens) - 1)
         n = 0
         while n < limit and saved[n] == tokens[n]:
             n += 1
-        if n == 0:
+        if n <= 1:  # (nothing saved, or only the BOS token that every prompt starts with: nothing worth reusing)
             self.stats.misses += 1
             return None
         self.stats.hits += 1

@@ -35,7 +35,8 @@ def test_a_conversation_with_caches_answers_as_cold_runs_do(name, tiny):
         assert answer.text == expected.text
         history.append({"role": "assistant", "content": expected.text})
     stats = cached.cache_stats()
-    assert stats["prefix"]["hits"] == 2 and stats["prefix"]["reused_tokens"] > 0
+    # the first turn found nothing saved (a miss); each follow-up reused the turns before it
+    assert stats["prefix"]["misses"] == 1 and stats["prefix"]["hits"] == 2 and stats["prefix"]["reused_tokens"] > 0
     assert stats["image_features"]["hits"] >= 1  # the first image again in turns 2 and 3
     assert cold.cache_stats()["prefix"]["hits"] == 0 and cold.cache_stats()["image_features"]["entries"] == 0
 
@@ -53,6 +54,23 @@ def test_reused_prefix_gives_the_logits_of_a_full_pass(tiny):
     result = pipe.generate(follow, [image], max_new_tokens=1)
     assert pipe.cache_stats()["prefix"]["hits"] >= 1
     assert result.token_ids == [int(full.argmax())]
+
+
+def test_a_prompt_that_shares_only_the_bos_token_with_the_saved_prefix_is_a_miss(tiny):
+    pipe = fresh(tiny("vicuna"))
+    pipe.generate(chat(1, "What is it?"), [smooth_image(300, 200)], max_new_tokens=3)
+    assert pipe.cache_stats()["prefix"] | {"saved_tokens": 0} == {"hits": 0, "misses": 1, "reused_tokens": 0,
+                                                                  "saved_tokens": 0}
+    # a raw prompt: BOS, then nothing the chat template's prompt began with
+    raw = pipe.prepare("Tell me a story.")[0]["input_ids"][0]
+    templated = pipe.prepare(chat(1, "What is it?"), [smooth_image(300, 200)])[0]["input_ids"][0]
+    assert raw[0] == templated[0] and raw[1] != templated[1]
+    pipe.generate("Tell me a story.", max_new_tokens=3)
+    stats = pipe.cache_stats()["prefix"]
+    assert (stats["hits"], stats["misses"], stats["reused_tokens"]) == (0, 2, 0)
+    pipe.generate("Tell me a story. Once", max_new_tokens=3)  # (its start was saved by the request before)
+    stats = pipe.cache_stats()["prefix"]
+    assert stats["hits"] == 1 and stats["misses"] == 2 and stats["reused_tokens"] > 1
 
 
 def test_a_different_image_at_the_same_place_is_never_served_from_the_cache(tiny):

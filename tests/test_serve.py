@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -286,6 +287,12 @@ def test_health_models_metrics_and_disconnect(tiny_server):
                  "llava_next_time_to_first_token_seconds_count", "llava_next_time_per_output_token_seconds_bucket",
                  "llava_next_image_features_cache_hits_total", "llava_next_prefix_cache_hits_total"):
         assert name in metrics, name
+    # the cache counters are the engine's own (the requests here share their prompt's start: a hit, tokens reused)
+    prefix = pipe.engine.cache_stats()["prefix"]
+    for kind, value in (("hits", prefix["hits"]), ("misses", prefix["misses"]), ("reused_tokens", prefix["reused_tokens"])):
+        sample = re.search(rf"^llava_next_prefix_cache_{kind}_total (\S+)$", metrics, re.MULTILINE)
+        assert float(sample.group(1)) == value, kind
+    assert prefix["misses"] >= 1  # (the server's first request found nothing saved)
     answered = float(metrics.split('llava_next_requests_total{status="200"} ')[1].split()[0])
     assert answered >= 1
 
