@@ -289,7 +289,8 @@ def test_health_models_metrics_and_disconnect(tiny_server):
         assert name in metrics, name
     # the cache counters are the engine's own (the requests here share their prompt's start: a hit, tokens reused)
     prefix = pipe.engine.cache_stats()["prefix"]
-    for kind, value in (("hits", prefix["hits"]), ("misses", prefix["misses"]), ("reused_tokens", prefix["reused_tokens"])):
+    for kind, value in (("hits", prefix["hits"]), ("misses", prefix["misses"]),
+                        ("reused_tokens", prefix["reused_tokens"])):
         sample = re.search(rf"^llava_next_prefix_cache_{kind}_total (\S+)$", metrics, re.MULTILINE)
         assert float(sample.group(1)) == value, kind
     assert prefix["misses"] >= 1  # (the server's first request found nothing saved)

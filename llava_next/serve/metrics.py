@@ -24,7 +24,8 @@ class CacheCollector:
                 family = CounterMetricFamily(f"llava_next_{cache}_cache_{kind}", f"{cache} cache {kind}")
                 family.add_metric([], stats[cache][kind])
                 yield family
-        family = CounterMetricFamily("llava_next_prefix_cache_reused_tokens", "prompt tokens taken from the prefix cache")
+        family = CounterMetricFamily("llava_next_prefix_cache_reused_tokens",
+                                     "prompt tokens taken from the prefix cache")
         family.add_metric([], stats["prefix"].get("reused_tokens", 0))
         yield family
 
