@@ -106,6 +106,8 @@ def _read(source: str | os.PathLike | bytes, limits: ImageLimits, name: str | No
     if isinstance(source, bytes):
         label, data = name or "image bytes", source
     else:
+        if not str(source).strip():  # (Path("") is the current directory)
+            raise ImageError(f"{name or 'image'}: an empty path: name an image file")
         label = name or printable(source)
         data = _read_file(Path(source), limits, label)
     if len(data) > limits.max_bytes:
@@ -130,7 +132,7 @@ def _open(data: bytes, limits: ImageLimits, label: str) -> Image.Image:
     if width * height > limits.max_pixels:
         raise ImageTooLarge(
             f"{label}: {width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels} "
-            "(raise it with max_image_pixels if you trust this image)"
+            "(raise it with --max-image-pixels, or load(max_image_pixels=...), if you trust this image)"
         )
     return image
 

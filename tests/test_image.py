@@ -171,7 +171,8 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     path = tmp_path / "bomb.png"
     Image.new("L", (5000, 5000)).save(path)  # a small file: 25 million pixels of zeros
     assert path.stat().st_size < 100_000
-    with pytest.raises(ImageTooLarge, match=r"5000x5000 = 25000000 pixels is over the limit of 1000000"):
+    with pytest.raises(ImageTooLarge, match=r"5000x5000 = 25000000 pixels is over the limit of 1000000 \(raise it "
+                                            r"with --max-image-pixels, or load\(max_image_pixels=...\), if"):
         decode_image(path, ImageLimits(max_pixels=1_000_000))
     with pytest.raises(ImageTooLarge, match=r"bytes is over the limit of 1000 bytes"):
         decode_image(path, ImageLimits(max_bytes=1000))
@@ -192,6 +193,9 @@ def test_not_an_image_is_a_clear_error(tmp_path):
         decode_image(path)
     with pytest.raises(ImageError, match="no such image file"):
         decode_image(tmp_path / "missing.png")
+    for empty in ("", " "):  # (Path("") is the current directory: not "is a directory")
+        with pytest.raises(ImageError, match="an empty path: name an image file"):
+            decode_image(empty)
 
 
 def test_byte_limit(tmp_path):
