@@ -287,3 +287,20 @@ def test_gqa_questions_are_joined_with_the_images_configuration_of_a_hub_layout(
     assert result.answered == 2 and [s["id"] for s in result.skipped] == ["q2"]
     assert "no image for imageId 'missing'" in result.skipped[0]["reason"]
     assert set(result.metrics) == {"exact_match"}
+
+
+def test_parquet_without_pyarrow_says_what_to_install(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_pyarrow(name, *args, **kwargs):
+        if name.startswith("pyarrow"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_pyarrow)
+    # (the package is not on PyPI: the advice is what the README gives)
+    with pytest.raises(TaskDataError, match=r"needs pyarrow: pip install pyarrow \(or, in the checkout, "
+                                            r"pip install -e '\.\[eval\]'\)"):
+        runner._parquet_rows([tmp_path / "test-00000-of-00001.parquet"])

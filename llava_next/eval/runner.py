@@ -83,7 +83,8 @@ def _parquet_rows(files: list[Path]) -> tuple[Iterator[dict[str, Any]], int | No
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise TaskDataError("reading parquet needs pyarrow: pip install 'llava-next[eval]'") from None
+        raise TaskDataError("reading parquet needs pyarrow: pip install pyarrow (or, in the checkout, "
+                            "pip install -e '.[eval]')") from None
     total = 0
     for f in files:
         try:
