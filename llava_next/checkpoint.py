@@ -44,6 +44,16 @@ class CheckpointError(LlavaError, RuntimeError):
     """A checkpoint could not be found, downloaded or matched to the model."""
 
 
+def check_model_name(name_or_path: str | os.PathLike) -> None:
+    """Refuses, without reading anything, a model that is neither "demo", an existing path nor a Hub id: what a server
+    checks before it starts listening (it loads afterwards, and a path mistyped would only show in its 503s)."""
+    name = str(name_or_path)
+    if name == "demo" or Path(name).expanduser().exists():
+        return
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise CheckpointError(f"{name!r} is neither an existing directory nor a Hub id of the form 'owner/name'")
+
+
 def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
     """A local directory holding the checkpoint: the path itself, the bundled demo, or a Hub snapshot."""
     if revision is not None and (str(name_or_path) == "demo" or Path(name_or_path).expanduser().exists()):
@@ -64,10 +74,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
                                       "it (llava-next train ... --resume latest) before using its model")
             raise CheckpointError(f"{path} has no config.json: it is not a checkpoint directory")
         return path
-    name = str(name_or_path)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise CheckpointError(f"{name!r} is neither an existing directory nor a Hub id of the form 'owner/name'")
-    return _download(name, revision)
+    check_model_name(name_or_path)
+    return _download(str(name_or_path), revision)
 
 
 def _download(repo_id: str, revision: str | None) -> Path:

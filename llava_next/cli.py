@@ -452,6 +452,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         conv_template=args.conv_template)
     if settings.allowed_local_media_path and not os.path.isdir(settings.allowed_local_media_path):
         raise LlavaError(f"--allowed-local-media-path {settings.allowed_local_media_path}: not a directory")
+    from .checkpoint import check_model_name
+
+    check_model_name(settings.model)  # (loaded after the server listens: a mistyped path is refused before)
     serve(settings)
     return 0
 
@@ -498,6 +501,8 @@ class Parser(argparse.ArgumentParser):
     also when the mistyped option is a required one (--promt: argparse would only say --prompt is missing)."""
 
     def parse_args(self, args=None, namespace=None):
+        for command in self.subcommands():  # (their error messages name the commands that take an option they lack)
+            command.root = self
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
             command = self
@@ -507,10 +512,35 @@ class Parser(argparse.ArgumentParser):
             command.error(f"unrecognized arguments: {command.guessed(unknown)}")
         return parsed
 
+    root: "Parser | None" = None  # (the top-level parser, for a subcommand's)
+
+    def subcommands(self) -> list["Parser"]:
+        """Every (sub)command below this parser."""
+        below = list(self._subparsers._group_actions[0].choices.values()) if self._subparsers else []
+        return below + [c for command in below for c in command.subcommands()]
+
+    def commands_by_option(self) -> dict[str, list[str]]:
+        """Each option of the (sub)commands below this parser -> the commands that take it ("data synth")."""
+        found: dict[str, list[str]] = {}
+        for command in self.subcommands():
+            for option in {o for action in command._actions for o in action.option_strings} - {"-h", "--help"}:
+                found.setdefault(option, []).append(command.prog.split(" ", 1)[-1])
+        return found
+
     def guessed(self, unknown: list[str]) -> str:
+        """The unknown options, each with the known one it is closest to, or the commands that take it where it is
+        another command's (quantize --compile: the nearest option here would mislead)."""
         known = [o for action in self._actions for o in action.option_strings]
-        return " ".join(f"{u} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
-            u.split("=")[0], known, n=1)) else u for u in unknown)
+        elsewhere = self.root.commands_by_option() if self.root is not None else {}
+
+        def hint(u: str) -> str:
+            option = u.split("=")[0]
+            if elsewhere and option in elsewhere:
+                return f"{u} (an option of {', '.join(elsewhere[option])}, not of {self.prog.split(' ', 1)[-1]})"
+            close = difflib.get_close_matches(option, known, n=1)
+            return f"{u} (did you mean {close[0]}?)" if close else u
+
+        return " ".join(hint(u) for u in unknown)
 
     def _parse_known_args(self, arg_strings, *rest, **options):
         self._arg_strings = arg_strings  # for error(): argparse checks required options before it returns unknown ones

@@ -269,6 +269,13 @@ def test_data_and_recipe_files_that_are_not_what_they_should_be_are_one_line(tmp
     (["data", "synth", "--out", "x", "--n", "1", "--seeed=3"], "data synth: error: unrecognized arguments: --seeed=3 "
                                                                "(did you mean --seed?)"),
     (["info", "--json", "extra"], "info: error: unrecognized arguments: extra"),
+    # another command's option: named as such, not "did you mean" the nearest spelling here (--conv-template)
+    (["quantize", "--quantize", "int8", "--out", "x", "--compile"],
+     "quantize: error: unrecognized arguments: --compile (an option of generate, chat, info, eval, serve, not of "
+     "quantize)"),
+    (["data", "synth", "--n", "2", "--model", "demo"], "the following arguments are required: --out; unrecognized "
+     "arguments: --model (an option of generate, chat, info, convert, quantize, train, eval, serve, not of data "
+     "synth) demo"),
     # a required option mistyped: argparse's own message would only say that it is missing
     (["generate", "--promt", "Hi"], "generate: error: the following arguments are required: --prompt; "
                                     "unrecognized arguments: --promt (did you mean --prompt?)"),
@@ -395,3 +402,14 @@ def test_python_callers_mistakes_are_named(tmp_path):
             llava_next.load(model, progress=False, revision="v2")
     with pytest.raises(LlavaError, match="there is no text to train a tokenizer on"):
         train_tokenizer(["", "  "], tmp_path / "tok")
+
+
+def test_serve_refuses_a_model_path_that_does_not_exist_before_it_listens(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    import llava_next.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "serve", lambda settings: pytest.fail("listened"))
+    for model in (str(tmp_path / "nodir"), "./nodir", "~/no/such/model"):
+        assert cli.main(["serve", "--model", model]) == 2
+        assert capsys.readouterr().err == (f"llava-next: error: {model!r} is neither an existing directory nor a Hub "
+                                           "id of the form 'owner/name'\n")
