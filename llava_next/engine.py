@@ -31,7 +31,7 @@ from .model.decoder import KVCache, whole_key_blocks
 from .model.llava import ImageTokenMismatch, LlavaModel
 from .prompt import IncrementalDetokenizer, Tokenizer
 from .quantize import (block_int8_columns, decoding_bf16_layers, decoding_int8_layers, decoding_w8a8_layers,
-                       float32_fast_linears, lay_out_bf16_weights, runs_in_decoding, time_bf16_layouts,
+                       bf16_stand_ins, float32_fast_linears, lay_out_bf16_weights, runs_in_decoding, time_bf16_layouts,
                        time_float32_kernels, time_int8_layouts, time_w8a8_one_row)
 from .sampling_params import GenerationError, SamplingParams
 
@@ -496,7 +496,7 @@ def int8_layout_for_compiled_steps(model: torch.nn.Module) -> tuple[bool, dict[s
     # plain: the step's own compile will say so; the caller lays every layer out plain, any in blocks included)
     times, reason = layout_timings(
         INT8_LAYOUT, "LLAVA_NEXT_INT8_LAYOUT", f"int8 decoding layers, compiled, {layers[0].scales.dtype} rows",
-        layers, ("column blocks", "plain"), lambda: time_int8_layouts(model),
+        layer_shapes(layers), ("column blocks", "plain"), lambda: time_int8_layouts(model),
         f"column blocks are kept when more than {INT8_BLOCKS_MIN_SPEEDUP}x as fast for one row")
     if INT8_LAYOUT in ("blocks", "plain"):
         return INT8_LAYOUT == "blocks", times, reason
@@ -526,13 +526,17 @@ def is_trusted(remembered: dict | None) -> bool:
     return remembered is not None and remembered["measurements"] >= layout_cache.MEASUREMENTS_TO_TRUST
 
 
-def layout_timings(setting: str, variable: str, what: str, layers: list[torch.nn.Module], layouts: tuple[str, str],
+def layer_shapes(layers: list[torch.nn.Module]) -> list[tuple[int, int]]:
+    return [(m.out_features, m.in_features) for m in layers]
+
+
+def layout_timings(setting: str, variable: str, what: str, shapes: list[tuple[int, int]], layouts: tuple[str, str],
                    measure: Callable[[], dict[str, float]], rule: str) -> tuple[dict[str, float], str]:
     """(the timings of `layouts` that a choice between them is made by, how they were had): none where the
-    environment's `setting` fixes the choice; remembered for this processor and these layers (layout_cache.py) once
-    measured by MEASUREMENTS_TO_TRUST loads, unless `setting` is "remeasure" (which starts the count again); else
-    measured, each layout's time the faster of this and the remembered measurements, and remembered; none, and why,
-    when measuring fails."""
+    environment's `setting` fixes the choice; remembered for this processor and layers of these (out, in) `shapes`
+    (layout_cache.py) once measured by MEASUREMENTS_TO_TRUST loads, unless `setting` is "remeasure" (which starts the
+    count again); else measured, each layout's time the faster of this and the remembered measurements, and
+    remembered; none, and why, when measuring fails."""
     if setting not in ("measure", "remeasure"):
         return {}, f"set by {variable}={setting}"
 
@@ -543,7 +547,7 @@ def layout_timings(setting: str, variable: str, what: str, layers: list[torch.nn
                                        f"{layout_cache.cache_file()} ({variable}=remeasure times it again); {rule}")
 
     try:
-        key = layout_cache.key(what, [(m.out_features, m.in_features) for m in layers])
+        key = layout_cache.key(what, shapes)
         # (a trusted timing needs no lock; the lock is for measuring, and for the recall that decides whether to)
         if setting == "measure" and (found := trusted(layout_cache.recall(key, layouts))):
             return found
@@ -586,8 +590,7 @@ BF16_LAYOUTS = ("measure", "remeasure", "blocked", "plain")
 BF16_BLOCKED_MIN_SPEEDUP = 1.05
 
 
-# what the layout cache calls these layers' timings: one name for the engine's lookup and for the one loading makes
-# (bf16_layout_known), so that both find the same entry
+# what the layout cache calls these layers' timings, before loading and after alike
 BF16_TIMINGS_NAME = "bfloat16 decoding layers"
 
 
@@ -595,40 +598,49 @@ def bf16_layout_from_timings(times: dict[str, float]) -> str:
     return "blocked" if times and times["blocked"] * BF16_BLOCKED_MIN_SPEEDUP < times["plain"] else "plain"
 
 
-def bf16_layout_for_decoding(model: torch.nn.Module) -> tuple[str | None, dict[str, float], str | None]:
-    """Lays a CPU model's bfloat16 decoding layers (loaded plain, or already blocked where bf16_layout_known said so)
-    out in the layout they multiply one row fastest in; returns (the layout, the timings that decided it, how it was
-    decided), or (None, {}, None) for a model without such layers."""
+def bf16_layout_choice(shapes: list[tuple[int, int]], measure: Callable[[], dict[str, float]]
+                       ) -> tuple[str | None, dict[str, float], str | None]:
+    """(the layout for bfloat16 decoding layers of these (out, in) shapes, the timings that decided it, how it was
+    decided), `measure` timing the two layouts where nothing fixes or remembers the choice; (None, {}, None) without
+    such layers."""
     check_setting("LLAVA_NEXT_BF16_LAYOUT", BF16_LAYOUT, BF16_LAYOUTS, "bfloat16 layout")
-    layers = decoding_bf16_layers(model)
-    if not layers:
+    if not shapes:
         return None, {}, None
     # (a timing that fails, most likely oneDNN refusing its reorder, leaves the layers plain, as loaded)
-    times, reason = layout_timings(BF16_LAYOUT, "LLAVA_NEXT_BF16_LAYOUT", BF16_TIMINGS_NAME, layers,
-                                   ("blocked", "plain"), lambda: time_bf16_layouts(model),
+    times, reason = layout_timings(BF16_LAYOUT, "LLAVA_NEXT_BF16_LAYOUT", BF16_TIMINGS_NAME, shapes,
+                                   ("blocked", "plain"), measure,
                                    f"the blocked layout is taken when more than {BF16_BLOCKED_MIN_SPEEDUP}x as fast "
                                    "for one row")
     layout = BF16_LAYOUT if BF16_LAYOUT in ("blocked", "plain") else bf16_layout_from_timings(times)
-    lay_out_bf16_weights(layers, packed=layout == "blocked")  # (handing each replaced weight back as it goes)
     return layout, times, reason
 
 
-def bf16_layout_known(shapes: list[tuple[int, int]]) -> str | None:
-    """The layout bf16_layout_for_decoding will choose for bfloat16 decoding layers of these (out, in) shapes, where
-    it is known before they are loaded: set by the environment, or remembered and trusted (layout_cache.py); else
-    None (the engine times them once loaded). Loading lays each layer out as it is read when this says "blocked":
-    reordering after loading held a layer in both layouts at once while the rest of the model was in memory (the
-    medium preset's 62.6 MiB lm_head: its load peak 1.21x the model instead of 1.06x, BENCHMARKS.md)."""
-    check_setting("LLAVA_NEXT_BF16_LAYOUT", BF16_LAYOUT, BF16_LAYOUTS, "bfloat16 layout")
-    if not shapes or BF16_LAYOUT == "remeasure":
-        return None
-    if BF16_LAYOUT in ("blocked", "plain"):
-        return BF16_LAYOUT
+def bf16_layout_before_loading(shapes: list[tuple[int, int]]) -> tuple[str | None, dict[str, float], str | None]:
+    """bf16_layout_choice for a model's bfloat16 decoding layers of these shapes (quantize.decoding_bf16_shapes)
+    before their weights are loaded, where it must be timed on stand-ins of their shapes (quantize.bf16_stand_ins,
+    handed back before loading starts: they hold at most LAYOUT_PROBE_BYTES and one layer more, under the loaded
+    model's size). Loading then lays each layer out as it is read. Reordered after loading instead, one layer at a
+    time, a layer was held in both layouts beside the whole model (the medium preset's 62.6 MiB lm_head: a load peak
+    of 1.21x the model instead of 1.06x, BENCHMARKS.md)."""
     try:
-        remembered = layout_cache.recall(layout_cache.key(BF16_TIMINGS_NAME, shapes), ("blocked", "plain"))
-    except Exception:  # (as layout_timings: a cache that cannot be read means measuring)
-        return None
-    return bf16_layout_from_timings(remembered["seconds"]) if is_trusted(remembered) else None
+        return bf16_layout_choice(shapes, lambda: time_bf16_layouts(bf16_stand_ins(shapes)))
+    finally:
+        release_free_memory()
+
+
+def bf16_layout_for_decoding(model: torch.nn.Module, decided: tuple[str | None, dict[str, float], str | None] | None
+                             = None) -> tuple[str | None, dict[str, float], str | None]:
+    """Lays a CPU model's bfloat16 decoding layers (loaded plain, or already laid out as bf16_layout_before_loading
+    chose: `decided`) out in the layout they multiply one row fastest in; returns (the layout, the timings that
+    decided it, how it was decided), or (None, {}, None) for a model without such layers. Without `decided` (a model
+    converted after loading, as an adapter's merge is) the layouts are timed on the model's own layers."""
+    layers = decoding_bf16_layers(model)
+    if not layers:
+        return None, {}, None
+    if decided is None or decided[0] is None:
+        decided = bf16_layout_choice(layer_shapes(layers), lambda: time_bf16_layouts(layers))
+    lay_out_bf16_weights(layers, packed=decided[0] == "blocked")  # (handing each replaced weight back as it goes)
+    return decided
 
 
 # The kernel a CPU engine's float32 linears multiply in: "measure" (both timed on the model's own decoding layers,
@@ -647,7 +659,8 @@ def float32_kernel_for_linears(model: torch.nn.Module) -> tuple[str | None, dict
     decoding = [layer for name, layer in linears if runs_in_decoding(name)]
     if not decoding:
         return None, {}, None
-    times, reason = layout_timings(FLOAT32_KERNEL, "LLAVA_NEXT_FLOAT32_KERNEL", "float32 linears", decoding,
+    times, reason = layout_timings(FLOAT32_KERNEL, "LLAVA_NEXT_FLOAT32_KERNEL", "float32 linears",
+                                   layer_shapes(decoding),
                                    ("oneDNN", "PyTorch"), lambda: time_float32_kernels(model),
                                    "the faster for one row is taken (oneDNN in a tie)")
     if FLOAT32_KERNEL in ("onednn", "pytorch"):
@@ -677,7 +690,8 @@ def w8a8_one_row_form(model: torch.nn.Module) -> tuple[str | None, dict[str, flo
     layers = decoding_w8a8_layers(model)
     if not layers:
         return None, {}, None
-    times, reason = layout_timings(W8A8_ONE_ROW, "LLAVA_NEXT_W8A8_ONE_ROW", "w8a8 decoding layers, one row", layers,
+    times, reason = layout_timings(W8A8_ONE_ROW, "LLAVA_NEXT_W8A8_ONE_ROW", "w8a8 decoding layers, one row",
+                                   layer_shapes(layers),
                                    ("int8 rows", "weight-only"), lambda: time_w8a8_one_row(model),
                                    "the faster for one row is taken (weight-only in a tie)")
     if W8A8_ONE_ROW in ("int8 rows", "weight-only"):
@@ -702,7 +716,10 @@ class Engine:
     Neither cache changes an answer; both are off unless asked for."""
 
     def __init__(self, model: LlavaModel, tokenizer: Tokenizer, eos_token_ids: typing.Sequence[int],
-                 image_cache_bytes: int = 0, prefix_cache: bool = False, compile: bool = False):
+                 image_cache_bytes: int = 0, prefix_cache: bool = False, compile: bool = False,
+                 bf16_layout: tuple[str | None, dict[str, float], str | None] | None = None):
+        """`bf16_layout`: the choice loading made for the bfloat16 decoding layers and laid them out in
+        (bf16_layout_before_loading); None: the engine chooses (bf16_layout_for_decoding)."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = sorted(set(eos_token_ids))
@@ -731,7 +748,8 @@ class Engine:
         self._kv_space: KVCache | None = None
         if self.device.type == "cpu":
             keep_freed_memory()  # a prompt's activations reused, not page-faulted in again (memory.py)
-            self.bf16_layout, self.bf16_layout_seconds, self.bf16_layout_reason = bf16_layout_for_decoding(model)
+            self.bf16_layout, self.bf16_layout_seconds, self.bf16_layout_reason = (
+                bf16_layout_for_decoding(model, bf16_layout))
             self.float32_kernel, self.float32_kernel_seconds, self.float32_kernel_reason = (
                 float32_kernel_for_linears(model))
             self.w8a8_one_row, self.w8a8_one_row_seconds, self.w8a8_one_row_reason = w8a8_one_row_form(model)

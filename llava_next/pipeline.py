@@ -15,7 +15,8 @@ from .adapter import is_adapter, merge_adapter, read_adapter_config
 from .checkpoint import (CheckpointError, load_weights, map_weight_name, new_checkpoint_directory, read_json,
                          read_safetensors_index, resolve_checkpoint, save_weights, weight_files)
 from .config import LlavaConfig, read_config, to_hf_dict
-from .engine import Engine, Generation, SamplingParams, TextStream, bf16_layout_known, check_cpu_settings
+from .engine import (Engine, Generation, SamplingParams, TextStream, bf16_layout_before_loading,
+                     check_cpu_settings)
 from .errors import LlavaError, counted
 from .image import DEFAULT_MAX_PIXELS, ImageLimits
 from .load_options import DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_MODEL, DTYPE_NAMES, QUANTIZE_MODES
@@ -167,9 +168,10 @@ def allocate(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 def build_model(cfg: LlavaConfig, files: list[Path], dtype: torch.dtype, device: torch.device, progress: bool,
                 for_inference: bool = True, rename=map_weight_name, more=(), convert: str | None = None,
-                group_size: int = DEFAULT_GROUP_SIZE) -> tuple[LlavaModel, dict[str, str]]:
+                group_size: int = DEFAULT_GROUP_SIZE) -> tuple[LlavaModel, dict[str, str], tuple | None]:
     """The model filled from the files, its linears converted to `convert`'s form (one of QUANTIZE_MODES, or "fast")
-    as they are loaded; returns it and {linear: what it became}."""
+    as they are loaded; returns it, {linear: what it became} and, for "fast", the layout its bfloat16 decoding layers
+    were laid out in (engine.bf16_layout_before_loading's answer, for the Engine; else None)."""
     # Built on the meta device and filled from the files: no time spent on random init, no second copy in memory.
     with torch.device("meta"):
         model = LlavaModel(cfg, for_inference=for_inference)
@@ -177,13 +179,14 @@ def build_model(cfg: LlavaConfig, files: list[Path], dtype: torch.dtype, device:
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
     model.language_model.reset_rope()
-    # bfloat16 decoding layers laid out as they are read where the engine's layout for them is known already:
-    # laid out after loading, each was held in both layouts beside the rest of the model for a moment
-    packed = convert == "fast" and bf16_layout_known(decoding_bf16_shapes(model)) == "blocked"
+    # bfloat16 decoding layers laid out as they are read, in the layout chosen before loading (the allocation above is
+    # not touched yet): laid out after loading, each was held in both layouts beside the rest of the model for a moment
+    bf16_layout = bf16_layout_before_loading(decoding_bf16_shapes(model)) if convert == "fast" else None
+    packed = bf16_layout is not None and bf16_layout[0] == "blocked"
     converter = ConvertWhileLoading(model, convert, group_size, packed) if convert is not None else None
     load_weights(model, files, progress=progress, rename=rename, more=more,
                  on_loaded=converter.loaded if converter is not None else None)
-    return model.eval(), converter.finish() if converter is not None else {}
+    return model.eval(), converter.finish() if converter is not None else {}, bf16_layout
 
 
 def build_quantized_model(cfg: LlavaConfig, quantization: dict[str, Any], files: list[Path], dtype: torch.dtype,
@@ -357,6 +360,7 @@ def load(
             f"{directory}: the tokenizer has {processor.tokenizer.vocab_size} tokens but the model only "
             f"{cfg.text.vocab_size} embeddings"
         )
+    bf16_layout = None
     if saved_quantization:
         llava = build_quantized_model(cfg, saved_quantization, weight_files(directory), dtype, device)
         quantization = saved_quantization
@@ -366,9 +370,9 @@ def load(
         if quantize is None and device.type == "cpu" and not trainable:
             convert = "fast"  # (compiled decoding calls the same linears, oneDNN's as opaque operators)
         # An adapter is merged into the float weights: the conversion follows it
-        llava, converted = build_model(cfg, weight_files(directory), dtype, device, progress,
-                                       for_inference=not trainable, convert=convert if adapter_config is None else None,
-                                       group_size=group_size, **weights)
+        llava, converted, bf16_layout = build_model(
+            cfg, weight_files(directory), dtype, device, progress, for_inference=not trainable,
+            convert=convert if adapter_config is None else None, group_size=group_size, **weights)
         if adapter_config is not None:
             merge_adapter(llava, adapter, adapter_config)
             if convert is not None:
@@ -381,8 +385,8 @@ def load(
     eos = eos_token_ids(generation_config, cfg, processor.tokenizer)
     if layout is not None:
         eos += [i for i in end_of_turn_ids(layout, processor.tokenizer) if i not in eos]
-    engine = Engine(llava, processor.tokenizer, eos,
-                    image_cache_bytes=image_cache_bytes, prefix_cache=prefix_cache, compile=compile)
+    engine = Engine(llava, processor.tokenizer, eos, image_cache_bytes=image_cache_bytes, prefix_cache=prefix_cache,
+                    compile=compile, bf16_layout=bf16_layout)
     return Pipeline(llava, processor, engine, directory, dtype_reason=dtype_reason, original=layout,
                     load_seconds=time.perf_counter() - began, quantization=quantization,
                     sampling_defaults=sampling_defaults(generation_config, str(directory / "generation_config.json")))

@@ -576,7 +576,7 @@ def float_prompt_layers(model: nn.Module) -> dict[str, str]:
 
 def decoding_bf16_shapes(model: nn.Module) -> list[tuple[int, int]]:
     """(out, in) of the layers that decoding_bf16_layers will return once the "fast" conversion has made FastLinear
-    of them, in the same order: known before their weights are loaded (engine.bf16_layout_known)."""
+    of them, in the same order: known before their weights are loaded (engine.bf16_layout_before_loading)."""
     shapes = []
     for name, kind in conversion_plan(model, "fast").items():
         linear = model.get_submodule(name)
@@ -588,8 +588,8 @@ def decoding_bf16_shapes(model: nn.Module) -> list[tuple[int, int]]:
 def conversion_plan(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
                     decoding_packed: bool = False) -> dict[str, str]:
     """{module name: what `mode` makes of it} for the model's linear layers, without touching them. `decoding_packed`:
-    "fast" lays out the bfloat16 decoding layers in oneDNN's blocked layout too (where the engine's choice for them is
-    known before loading, engine.bf16_layout_known), not plain for the engine to time."""
+    "fast" lays out the bfloat16 decoding layers in oneDNN's blocked layout too (where the engine chose it for them
+    before loading, engine.bf16_layout_before_loading), not plain."""
     if mode not in QUANTIZE_MODES + ("fast",):
         raise QuantizeError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, not {mode!r}")
     if mode == "int4" and group_size not in GROUP_SIZES:
@@ -608,10 +608,9 @@ def conversion_plan(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP
                 plan[name] = float_layers[name]
         elif mode == "fast":
             # (16-bit layers that cannot be packed stay nn.Linear, which runs oneDNN where the CPU has the
-            # instructions; a tied lm_head gets no second copy.) The others load plain: the engine times both layouts
-            # on them and reorders them only where oneDNN's blocked one is faster (engine.bf16_layout_for_decoding),
-            # so no processor pays for both; blocked as they are read where that choice is known before loading
-            # (decoding_packed)
+            # instructions; a tied lm_head gets no second copy.) The others load plain, or blocked as they are read
+            # where the engine's timing before loading found oneDNN's blocked layout faster (decoding_packed), so no
+            # processor pays for both
             if can_pack(linear.weight) and id(linear.weight) not in shared:
                 plan[name] = "fast/packed" if decoding_packed else "fast"
         elif mode == "int4" and linear.in_features % group_size == 0 and linear.out_features % 16 == 0:
@@ -826,13 +825,13 @@ def lay_out_bf16_weights(layers: list[FastLinear], packed: bool) -> None:
             release_free_memory()
 
 
-def time_bf16_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
-    """Seconds one row takes through the bfloat16 layers a decoding step runs (decoding_bf16_layers, the first
-    LAYOUT_PROBE_BYTES of them) in each layout: {"blocked": oneDNN on the reordered weights, "plain": torch.mv on
-    the plain ones}; the fastest of the passes. Which is faster depends on the processor (on an Intel Xeon with AMX,
-    plain 1.3-2.5x; on the AMD EPYC oneDNN's blocked layout read 77% of the bandwidth at 7B). The layers timed end
-    in the plain layout, the one they are loaded in when the engine times them; {} when there are none."""
-    layers = probe_layers(decoding_bf16_layers(model), 2)
+def time_bf16_layouts(layers: list[FastLinear], repeats: int = 5) -> dict[str, float]:
+    """Seconds one row takes through bfloat16 layers a decoding step runs (a model's decoding_bf16_layers, or stand-ins
+    of their shapes, bf16_stand_ins; the first LAYOUT_PROBE_BYTES of them) in each layout: {"blocked": oneDNN on the
+    reordered weights, "plain": torch.mv on the plain ones}; the fastest of the passes. Which is faster depends on the
+    processor (on an Intel Xeon with AMX, plain 1.3-2.5x; on the AMD EPYC oneDNN's blocked layout read 77% of the
+    bandwidth at 7B). The layers timed end in the plain layout; {} when there are none."""
+    layers = probe_layers(layers, 2)
     if not layers:
         return {}
     generator = torch.Generator().manual_seed(0)
@@ -845,6 +844,21 @@ def time_bf16_layouts(model: nn.Module, repeats: int = 5) -> dict[str, float]:
     # plain, blocked, plain again: a shared machine's slow spell during one pass does not decide alone
     blocked, plain = (lambda: lay_out_bf16_weights(layers, True)), (lambda: lay_out_bf16_weights(layers, False))
     return fastest_passes([("plain", plain, run), ("blocked", blocked, run), ("plain", plain, run)], repeats)
+
+
+def bf16_stand_ins(shapes: list[tuple[int, int]]) -> list[FastLinear]:
+    """Plain bfloat16 layers of these (out, in) shapes, as many as time_bf16_layouts times (the first
+    LAYOUT_PROBE_BYTES), each weight one constant: the layouts timed before a model's weights are loaded, on weights
+    of their shapes (a matmul's speed does not depend on the values), so that loading lays each layer out as it is
+    read instead of reordering them all afterwards, holding one in both layouts beside the loaded model."""
+    with torch.device("meta"):
+        probe = probe_layers([nn.Linear(i, o, bias=False) for o, i in shapes], 2)
+    stand_ins = []
+    for linear in probe:
+        linear.weight = nn.Parameter(torch.full((linear.out_features, linear.in_features), 1 / 64,
+                                                dtype=torch.bfloat16), requires_grad=False)
+        stand_ins.append(FastLinear(linear))
+    return stand_ins
 
 
 def float32_fast_linears(model: nn.Module) -> list[tuple[str, FastLinear]]:

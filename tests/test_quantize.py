@@ -126,8 +126,8 @@ def test_a_packed_bfloat16_fast_linear_gives_nn_linears_values_bit_for_bit():
 def test_loading_packs_prompt_only_weights_and_leaves_decoding_ones_to_the_engine(tiny, monkeypatch):
     import llava_next.engine
 
-    # loading packs the prompt-only layers and, where the engine's choice is not known yet (a measuring load; this
-    # test's own layout cache, conftest.py), leaves the decoding ones plain for the engine to time and lay out
+    # loading packs the prompt-only layers, and the decoding ones only where the layout chosen before loading is the
+    # blocked one: here a measuring load (this test's own layout cache, conftest.py) that timed plain faster
     monkeypatch.setattr(llava_next.engine, "BF16_LAYOUT", "measure")
     monkeypatch.setattr(llava_next.engine, "time_bf16_layouts", lambda model: {"blocked": 2.0, "plain": 1.0})
     pipe = llava_next.load(tiny("vicuna_tied"), dtype="bfloat16", progress=False)
@@ -286,12 +286,12 @@ def test_converting_while_loading_gives_the_model_converting_after_loading_does(
     from llava_next.checkpoint import weight_files
     from llava_next.pipeline import build_model
 
-    # (bfloat16 decoding layers left plain for the engine, whatever LLAVA_NEXT_BF16_LAYOUT says where this runs)
-    monkeypatch.setattr(llava_next.engine, "BF16_LAYOUT", "measure")
+    # (bfloat16 decoding layers loaded plain, as convert_linears leaves them, whatever this processor would choose)
+    monkeypatch.setattr(llava_next.engine, "BF16_LAYOUT", "plain")
     directory = tiny("mistral")
     cfg, files, dtype = read_config(directory / "config.json"), weight_files(directory), getattr(torch, dtype)
-    while_loading, plan = build_model(cfg, files, dtype, torch.device("cpu"), False, convert=mode, group_size=32)
-    after, _ = build_model(cfg, files, dtype, torch.device("cpu"), False)
+    while_loading, plan, _ = build_model(cfg, files, dtype, torch.device("cpu"), False, convert=mode, group_size=32)
+    after, _, _ = build_model(cfg, files, dtype, torch.device("cpu"), False)
     assert convert_linears(after, mode, 32) == plan and len(plan) > 0
     for name, kind in plan.items():
         assert kind.startswith(type(while_loading.get_submodule(name)).__name__[:4].lower())  # Int8Linear: int8...
