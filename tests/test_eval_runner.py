@@ -304,3 +304,15 @@ def test_parquet_without_pyarrow_says_what_to_install(monkeypatch, tmp_path):
     with pytest.raises(TaskDataError, match=r"needs pyarrow: pip install pyarrow \(or, in the checkout, "
                                             r"pip install -e '\.\[eval\]'\)"):
         runner._parquet_rows([tmp_path / "test-00000-of-00001.parquet"])
+
+
+def test_a_prompt_places_its_images_as_lmms_evals_llava_models_do():
+    # images before the text, unless the task's text has "<image>" typed in it: lmms-eval's LLaVA models then leave
+    # the context as it is (the images where it says)
+    from PIL import Image
+
+    image = Image.new("RGB", (8, 8))
+    assert runner.messages_of(Sample("0", [image, image], "Which is larger?", "A")) == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Which is larger?"}]}]
+    assert runner.messages_of(Sample("1", [image], "Look: <image>\nWhat is it?", "a cat")) == [
+        {"role": "user", "content": [{"type": "text", "text": "Look: <image>\nWhat is it?"}]}]

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from ..errors import LlavaWarning
 from ..outputs import output_directory
+from ..prompt import user_turn
 from .tasks import Sample, Skip, Task, TaskDataError, get_task
 
 
@@ -164,8 +165,9 @@ class TaskResult:
 
 
 def messages_of(sample: Sample) -> list[dict[str, Any]]:
-    """The LLaVA convention, as lmms-eval's LLaVA models prompt: the images first, then the text."""
-    return [{"role": "user", "content": [{"type": "image"}] * len(sample.images) + [{"type": "text", "text": sample.prompt}]}]
+    """As lmms-eval's LLaVA models prompt: the images first, then the text, or, where the text has `<image>` typed
+    in it, the images there (prompt.user_turn, as the CLI's)."""
+    return [user_turn(sample.prompt, len(sample.images))]
 
 
 def read_predictions(path: Path) -> dict[int, dict[str, Any]]:
