@@ -479,6 +479,9 @@ INT8_LAYOUT = os.environ.get("LLAVA_NEXT_INT8_LAYOUT", "measure")
 INT8_LAYOUTS = ("measure", "remeasure", "blocks", "plain")
 
 
+# why a compiled CPU engine's int8 weights are plain where its steps carry many rows (Engine.expect_many_rows)
+MANY_ROWS_INT8_LAYOUT = "plain for steps of many rows"
+
 # The blocks are kept only when they are clearly faster for one row: in a tie (the noise of a shared machine, or
 # weights that fit in the cache) the plain layout wins, being the faster one for steps of two rows and more (1.4-1.6x
 # on the medium preset on an Intel Xeon, BENCHMARKS.md) and for eager calls, which dequantize the blocks.
@@ -744,7 +747,7 @@ class Engine:
         self.w8a8_one_row_layers: list[torch.nn.Module] = []  # (those that multiply one row in int8, where alone)
         # Static decoding: every step has the same shapes (the whole KV space, a mask over all of it) and the KV
         # space keeps its address from one request to the next, which a CUDA graph needs to be replayed.
-        self.static_decode = compile and self.device.type == "cuda"
+        self.static_decode = False
         self._kv_space: KVCache | None = None
         if self.device.type == "cpu":
             keep_freed_memory()  # a prompt's activations reused, not page-faulted in again (memory.py)
@@ -756,29 +759,44 @@ class Engine:
             if self.w8a8_one_row == "int8 rows":
                 self.w8a8_one_row_layers = decoding_w8a8_layers(model)
         if compile:
-            # One decoding step through torch.compile: CUDA graphs on a GPU ("reduce-overhead"), inductor's C++
-            # kernels on a CPU. Sizes are dynamic, so it compiles once, not once per position or batch size.
-            # Every engine's graphs are entries of the same function (LlavaModel.forward), which PyTorch stops
-            # compiling after recompile_limit entries (8) and runs eagerly from then on, for every model in the
-            # process: the ninth compiled pipeline of a notebook or an evaluation script would decode eagerly.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_LIMIT)
-            if self.device.type == "cuda":
-                self.decode_step = torch.compile(model, dynamic=True, mode="reduce-overhead")
+            self.compile_decoding()
+
+    def compile_decoding(self, many_rows: bool = False) -> None:
+        """Runs each decoding step through torch.compile from now on (before the first request: a CUDA engine's KV
+        space is then static). `many_rows`: the steps will mostly carry many rows (a server's concurrent requests),
+        so a CPU engine's int8 weights stay plain for PyTorch's kernel (expect_many_rows), neither timed nor laid out
+        in column blocks first."""
+        model = self.model
+        # One decoding step through torch.compile: CUDA graphs on a GPU ("reduce-overhead"), inductor's C++
+        # kernels on a CPU. Sizes are dynamic, so it compiles once, not once per position or batch size.
+        # Every engine's graphs are entries of the same function (LlavaModel.forward), which PyTorch stops
+        # compiling after recompile_limit entries (8) and runs eagerly from then on, for every model in the
+        # process: the ninth compiled pipeline of a notebook or an evaluation script would decode eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_LIMIT)
+        if self.device.type == "cuda":
+            # Static decoding: every step has the same shapes (the whole KV space, a mask over all of it) and the KV
+            # space keeps its address from one request to the next, which a CUDA graph needs to be replayed.
+            self.static_decode = True
+            self.decode_step = torch.compile(model, dynamic=True, mode="reduce-overhead")
+        else:
+            # int8 steps of one row in column blocks (quantize.blocked_int8_matmul) where that is the faster
+            # layout on this processor (~1.5x PyTorch's kernel on some, slower on others; w8a8's _int_mm is
+            # faster than either)
+            if many_rows:
+                self.int8_blocks, self.int8_layout_seconds = False, {}
+                self.int8_layout_reason = MANY_ROWS_INT8_LAYOUT if decoding_int8_layers(model) else None
             else:
-                # int8 steps of one row in column blocks (quantize.blocked_int8_matmul) where that is the faster
-                # layout on this processor (~1.5x PyTorch's kernel on some, slower on others; w8a8's _int_mm is
-                # faster than either)
                 self.int8_blocks, self.int8_layout_seconds, self.int8_layout_reason = (
                     int8_layout_for_compiled_steps(model))
-                block_int8_columns(model, blocked=self.int8_blocks)
-                mark_weights_static(model)
-                # emulate_precision_casts: fused 16-bit arithmetic rounded after each operation as eager rounds it,
-                # so the compiled step's logits are the eager step's bit for bit (measured: no slower; int8 layers in
-                # column blocks excepted, whose eager calls dequantize them to 16 bits). The float
-                # linears are FastLinear's oneDNN calls, kept opaque (quantize.py), or float32's F.linear where the
-                # engine chose PyTorch's kernel. (Inductor's `freezing`, weights
-                # as graph constants, was on before they were: measured without it, same speed and memory.)
-                self.decode_step = torch.compile(model, dynamic=True, options={"emulate_precision_casts": True})
+            block_int8_columns(model, blocked=self.int8_blocks)
+            mark_weights_static(model)
+            # emulate_precision_casts: fused 16-bit arithmetic rounded after each operation as eager rounds it,
+            # so the compiled step's logits are the eager step's bit for bit (measured: no slower; int8 layers in
+            # column blocks excepted, whose eager calls dequantize them to 16 bits). The float
+            # linears are FastLinear's oneDNN calls, kept opaque (quantize.py), or float32's F.linear where the
+            # engine chose PyTorch's kernel. (Inductor's `freezing`, weights
+            # as graph constants, was on before they were: measured without it, same speed and memory.)
+            self.decode_step = torch.compile(model, dynamic=True, options={"emulate_precision_casts": True})
 
     @property
     def device(self) -> torch.device:
@@ -789,7 +807,7 @@ class Engine:
         multiply int8 weights with PyTorch's kernel, which reads the plain weights once for all the rows, instead of
         the column-blocked form, which is faster for one row but reads them once per row."""
         if self.decode_step is not self.model:
-            self._plain_int8_weights("plain for steps of many rows")
+            self._plain_int8_weights(MANY_ROWS_INT8_LAYOUT)
 
     def single_rows_alone(self, alone: bool) -> None:
         """Whether a decoding step's single row is a sequence alone (a scheduler of one slot): w8a8 layers then

@@ -311,6 +311,37 @@ def test_int8_weights_leave_the_column_blocks_for_a_server_and_for_eager_decodin
     assert pipe.engine.int8_layout_reason == "plain: decoding eagerly"
 
 
+@pytest.mark.parametrize("max_concurrent, blocked", [(4, False), (1, True)])
+def test_a_compiling_server_lays_int8_weights_out_for_the_rows_its_steps_will_carry(tiny, monkeypatch, max_concurrent,
+                                                                                    blocked):
+    # A server loads its model eagerly, then compiles the decoding step knowing its slots: with several, a CPU
+    # engine's int8 weights stay plain (PyTorch's kernel reads them once for all rows), never timed or laid out in
+    # column blocks first and straight back when the scheduler starts; with one, as generate() compiles them
+    pytest.importorskip("fastapi")
+    from llava_next.serve.app import ServeSettings, ServerState
+
+    monkeypatch.setattr(llava_next.engine, "INT8_LAYOUT", "remeasure")  # (timed at every load: fake timings)
+    timed, laid_out = [], []
+    monkeypatch.setattr(llava_next.engine, "time_int8_layouts",
+                        lambda model: (timed.append(1), {"column blocks": 1.0, "plain": 2.0})[1])
+    monkeypatch.setattr(llava_next.engine, "block_int8_columns",
+                        lambda model, blocked, real=llava_next.engine.block_int8_columns: (
+                            laid_out.append(blocked), real(model, blocked=blocked))[1])
+    state = ServerState(ServeSettings(model=str(tiny("mistral")), dtype="bfloat16", quantize="int8", compile=True,
+                                      max_concurrent=max_concurrent, kv_memory=2**26))
+    state.load()
+    try:
+        assert state.failure is None and state.pipe.engine.decode_step is not state.pipe.model
+        layers = [m for m in state.pipe.model.language_model.modules() if isinstance(m, Int8Linear)]
+        assert layers and all(m.blocked == blocked for m in layers)
+        # (with many rows the plain layers are only told to stay plain, when compiled and when the scheduler starts)
+        assert laid_out == ([True] if blocked else [False, False]) and len(timed) == int(blocked)
+        reason = state.pipe.engine.int8_layout_reason
+        assert reason.startswith("measured") if blocked else reason == "plain for steps of many rows"
+    finally:
+        state.engine.shutdown()
+
+
 def test_a_compiled_engine_measures_which_int8_layout_is_faster_and_keeps_it(tiny, monkeypatch):
     # Which layout multiplies one row faster depends on the processor (BENCHMARKS.md): a compiled CPU engine times
     # both on its own layers and keeps the faster; the timing leaves every layer as it was and changes no output.

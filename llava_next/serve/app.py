@@ -129,9 +129,13 @@ class ServerState:
             raise ApiError(503, "the model is still loading; try again shortly", headers={"Retry-After": "5"})
         return self.pipe, self.engine
 
-    def start(self, pipe: Pipeline) -> None:
+    def start(self, pipe: Pipeline, compile: bool = False) -> None:
+        """Serves `pipe`; `compile`: its decoding steps through torch.compile first, told how many rows they carry
+        (with more than one slot a CPU engine keeps int8 weights plain instead of laying them out for one row)."""
         s = self.settings
         slots, capacity = kv_space(pipe, s.max_concurrent, s.kv_memory)
+        if compile:
+            pipe.engine.compile_decoding(many_rows=slots > 1)
         self.engine = BackgroundEngine(pipe.engine, slots, capacity, s.prefill_chunk, s.max_queue)
         self.pipe = pipe
         log.info("ready: %s, KV space %d sequences x %d tokens (%.2f GiB), dtype %s", s.name(), slots, capacity,
@@ -142,8 +146,8 @@ class ServerState:
         try:
             pipe = load(s.model, dtype=s.dtype, device=s.device, revision=s.revision, progress=False,
                         max_image_pixels=s.max_image_pixels, quantize=s.quantize, group_size=s.group_size,
-                        compile=s.compile, vision_tower=s.vision_tower, conv_template=s.conv_template)
-            self.start(pipe)
+                        vision_tower=s.vision_tower, conv_template=s.conv_template)
+            self.start(pipe, compile=s.compile)
         except Exception as e:  # noqa: BLE001 - reported by /health and every request, and logged
             self.failure = f"{type(e).__name__}: {e}"
             if isinstance(e, (LlavaError, FileNotFoundError)):  # the operator's to fix: the message says it all
