@@ -116,7 +116,7 @@ class PrefixCache:
         n = 0
         while n < limit and saved[n] == tokens[n]:
             n += 1
-        if n <= 1:  # (nothing saved, or only the BOS token that every prompt starts with: nothing worth reusing)
+        if n <= 1:  # (nothing saved, or only the first token, a BOS that every prompt starts with: nothing to reuse)
             self.stats.misses += 1
             return None
         self.stats.hits += 1

@@ -44,13 +44,23 @@ class CheckpointError(LlavaError, RuntimeError):
     """A checkpoint could not be found, downloaded or matched to the model."""
 
 
+# what the Hub accepts as a repository id (letters, digits, "-", "_", "."), owner and name
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
 def check_model_name(name_or_path: str | os.PathLike) -> None:
-    """Refuses, without reading anything, a model that is neither "demo", an existing path nor a Hub id: what a server
-    checks before it starts listening (it loads afterwards, and a path mistyped would only show in its 503s)."""
+    """Refuses, without reading a weight or the network, a model that is neither "demo", a directory nor a Hub id:
+    what a server checks before it starts listening (it loads afterwards, and a mistyped path would only show in its
+    503s). A directory's own checks (config.json, an adapter) are the loader's."""
     name = str(name_or_path)
-    if name == "demo" or Path(name).expanduser().exists():
+    if not name.strip():
+        raise CheckpointError("no model given: name a checkpoint directory, a Hub id or 'demo'")
+    path = Path(name).expanduser()
+    if name == "demo" or path.is_dir():
         return
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; point at the checkpoint's directory (the one with config.json)")
+    if not HUB_ID.fullmatch(name) or name.startswith((".", "/", "~")):
         raise CheckpointError(f"{name!r} is neither an existing directory nor a Hub id of the form 'owner/name'")
 
 
@@ -60,21 +70,19 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
         raise CheckpointError(f"a revision ({revision!r}) applies to Hub ids; {name_or_path} is a local "
                               f"{'model' if str(name_or_path) == 'demo' else 'path'}: drop --revision (revision=) "
                               "to read it as it is")
+    check_model_name(name_or_path)
     if str(name_or_path) == "demo":
         if not (DEMO_MODEL_DIR / "config.json").exists():
             raise CheckpointError(f"the bundled demo model is missing from {DEMO_MODEL_DIR}; run `make demo-model`")
         return DEMO_MODEL_DIR
     path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; point at the checkpoint's directory (the one with config.json)")
+    if path.is_dir():
         if not (path / "config.json").exists():
             if (path / "train_log.jsonl").exists():  # a training run's output, written when the run finishes
                 raise CheckpointError(f"{path} is a training run that has not finished (no config.json yet): finish "
                                       "it (llava-next train ... --resume latest) before using its model")
             raise CheckpointError(f"{path} has no config.json: it is not a checkpoint directory")
         return path
-    check_model_name(name_or_path)
     return _download(str(name_or_path), revision)
 
 

@@ -453,8 +453,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.allowed_local_media_path and not os.path.isdir(settings.allowed_local_media_path):
         raise LlavaError(f"--allowed-local-media-path {settings.allowed_local_media_path}: not a directory")
     from .checkpoint import check_model_name
+    from .engine import check_cpu_settings
+    from .pipeline import resolve_device
 
-    check_model_name(settings.model)  # (loaded after the server listens: a mistyped path is refused before)
+    # (the model is loaded after the server listens: what would fail its load for certain is refused before)
+    check_model_name(settings.model)
+    if resolve_device(settings.device).type == "cpu":
+        check_cpu_settings()
     serve(settings)
     return 0
 

@@ -581,9 +581,10 @@ def layout_timings(setting: str, variable: str, what: str, shapes: list[tuple[in
     return times, f"{how}; {rule}"
 
 
-# The layout a CPU engine holds its bfloat16 decoding layers' weights in: "measure" (both timed on the model's own
-# weights, quantize.time_bf16_layouts, by the first two loads on which this processor, PyTorch and thread count
-# meet these layer shapes; the timings are remembered, layout_cache.py), "remeasure" (timed again, and remembered),
+# The layout a CPU engine holds its bfloat16 decoding layers' weights in: "measure" (both timed before loading on
+# stand-ins of the decoding layers' shapes, on the model's own weights for a model converted after loading,
+# quantize.time_bf16_layouts, by the first two loads on which this processor, PyTorch and thread count meet these
+# layer shapes; the timings are remembered, layout_cache.py), "remeasure" (timed again, and remembered),
 # "blocked" (oneDNN's reordered layout) or "plain" (as loaded; torch.mv for one row). From the environment, as
 # INT8_LAYOUT.
 BF16_LAYOUT = os.environ.get("LLAVA_NEXT_BF16_LAYOUT", "measure")
@@ -765,7 +766,9 @@ class Engine:
         """Runs each decoding step through torch.compile from now on (before the first request: a CUDA engine's KV
         space is then static). `many_rows`: the steps will mostly carry many rows (a server's concurrent requests),
         so a CPU engine's int8 weights stay plain for PyTorch's kernel (expect_many_rows), neither timed nor laid out
-        in column blocks first."""
+        in column blocks first. A no-op on an engine that compiles already."""
+        if self.decode_step is not self.model:
+            return
         model = self.model
         # One decoding step through torch.compile: CUDA graphs on a GPU ("reduce-overhead"), inductor's C++
         # kernels on a CPU. Sizes are dynamic, so it compiles once, not once per position or batch size.

@@ -311,6 +311,9 @@ def load(
             raise LoadError(f"{name} must be True or False, got {value!r}")
     if not str(model).strip():
         raise LoadError("no model given: name a checkpoint directory, a Hub id or 'demo'")
+    device = resolve_device(device)
+    if device.type == "cpu":  # (the engine's measured choices are made on the CPU only; before any download too)
+        check_cpu_settings()
     adapter = Path(model).expanduser() if str(model) != "demo" else None
     adapter_config = read_adapter_config(adapter) if adapter is not None and is_adapter(adapter) else None
     if adapter_config is not None:
@@ -346,9 +349,6 @@ def load(
     group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     if (quantize or saved_quantization) and trainable:
         raise QuantizeError("a quantized model cannot be trained; load the float checkpoint with trainable=True")
-    device = resolve_device(device)
-    if device.type == "cpu":  # (the engine's measured choices are made on the CPU only)
-        check_cpu_settings()
     dtype, dtype_reason = resolve_dtype(dtype, device, cfg, quantized=bool(quantize or saved_quantization))
     limits = ImageLimits(max_pixels=max_image_pixels)
     if layout is not None:

@@ -96,7 +96,7 @@ class FastLinear(nn.Module):
     """A float linear through oneDNN on the CPU (nn.Linear's own path elsewhere). `packed`: the weight is held in
     oneDNN's blocked layout (an mkldnn tensor), reordered once here; the dense one is freed. A plain bfloat16 weight
     multiplies one row with torch.mv instead (onednn_linear), which on some processors reads it faster than oneDNN
-    reads either layout: the engine times the two layouts on a model's decoding layers (time_bf16_layouts). A
+    reads either layout: the engine times the two layouts for a model's decoding layers (time_bf16_layouts). A
     float32 layer runs F.linear instead where the engine measured that faster (`onednn`, time_float32_kernels)."""
 
     def __init__(self, linear: nn.Linear, packed: bool = False):

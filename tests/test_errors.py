@@ -409,7 +409,17 @@ def test_serve_refuses_a_model_path_that_does_not_exist_before_it_listens(capsys
     import llava_next.serve.app as app_module
 
     monkeypatch.setattr(app_module, "serve", lambda settings: pytest.fail("listened"))
-    for model in (str(tmp_path / "nodir"), "./nodir", "~/no/such/model"):
+    for model in (str(tmp_path / "nodir"), "./nodir", "~/no/such/model", "C:/llava", "a/b/c"):
         assert cli.main(["serve", "--model", model]) == 2
         assert capsys.readouterr().err == (f"llava-next: error: {model!r} is neither an existing directory nor a Hub "
                                            "id of the form 'owner/name'\n")
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    for model, says in ((str(tmp_path / "weights.safetensors"), "is a file; point at the checkpoint's directory"),
+                        (" ", "no model given")):
+        assert cli.main(["serve", "--model", model]) == 2 and says in capsys.readouterr().err
+    # a mistyped engine setting too, which every CPU load would refuse
+    import llava_next.engine
+
+    monkeypatch.setattr(llava_next.engine, "INT8_LAYOUT", "columns")
+    assert cli.main(["serve", "--model", "demo", "--device", "cpu"]) == 2
+    assert "LLAVA_NEXT_INT8_LAYOUT='columns' is not one of" in capsys.readouterr().err

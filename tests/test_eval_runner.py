@@ -312,7 +312,7 @@ def test_a_prompt_places_its_images_as_lmms_evals_llava_models_do():
     from PIL import Image
 
     image = Image.new("RGB", (8, 8))
-    assert runner.messages_of(Sample("0", [image, image], "Which is larger?", "A")) == [
-        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Which is larger?"}]}]
+    assert runner.messages_of(Sample("0", [image, image], "Which is larger?", "A")) == [{"role": "user", "content": [
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "Which is larger?"}]}]
     assert runner.messages_of(Sample("1", [image], "Look: <image>\nWhat is it?", "a cat")) == [
         {"role": "user", "content": [{"type": "text", "text": "Look: <image>\nWhat is it?"}]}]

@@ -123,7 +123,7 @@ def test_a_packed_bfloat16_fast_linear_gives_nn_linears_values_bit_for_bit():
 
 
 @pytest.mark.skipif(not can_pack(torch.ones(1, dtype=torch.bfloat16)), reason="no native bfloat16 oneDNN here")
-def test_loading_packs_prompt_only_weights_and_leaves_decoding_ones_to_the_engine(tiny, monkeypatch):
+def test_loading_packs_prompt_only_weights_and_decoding_ones_as_the_layout_chosen_before_loading_says(tiny, monkeypatch):
     import llava_next.engine
 
     # loading packs the prompt-only layers, and the decoding ones only where the layout chosen before loading is the

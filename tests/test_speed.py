@@ -338,6 +338,10 @@ def test_a_compiling_server_lays_int8_weights_out_for_the_rows_its_steps_will_ca
         assert laid_out == ([True] if blocked else [False, False]) and len(timed) == int(blocked)
         reason = state.pipe.engine.int8_layout_reason
         assert reason.startswith("measured") if blocked else reason == "plain for steps of many rows"
+        # compiling again does nothing: no second graph entry, nothing timed or laid out again
+        step, before = state.pipe.engine.decode_step, (list(laid_out), list(timed))
+        state.pipe.engine.compile_decoding(many_rows=not blocked)
+        assert state.pipe.engine.decode_step is step and (laid_out, timed) == before
     finally:
         state.engine.shutdown()
 
@@ -503,6 +507,18 @@ def test_a_cpu_engine_keeps_its_bfloat16_decoding_weights_in_the_layout_it_measu
     pipe = llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False, prefix_cache=False)
     assert pipe.engine.bf16_layout == "plain" and not any(m.packed for m in decoding_bf16_layers(pipe.model))
     assert pipe.engine.bf16_layout_reason == "not measured: RuntimeError: no such layout"
+    # in place (a model converted after loading, as an adapter's merge is): the same, on the model's own layers
+    assert engine_module.bf16_layout_for_decoding(pipe.model) == ("plain", {}, "not measured: RuntimeError: no such "
+                                                                  "layout")
+    assert not any(m.packed for m in decoding_bf16_layers(pipe.model))
+    # laid out in place after loading, or while loading: the same weights, the same logits
+    monkeypatch.setattr(engine_module, "BF16_LAYOUT", "blocked")
+    while_loading = llava_next.load(tiny("mistral"), dtype="bfloat16", progress=False, prefix_cache=False)
+    assert engine_module.bf16_layout_for_decoding(pipe.model)[0] == "blocked"
+    assert all(m.packed for m in decoding_bf16_layers(pipe.model))
+    prompt, _ = pipe.prepare(chat("Describe it."), [smooth_image(300, 200)])
+    with torch.inference_mode():
+        assert torch.equal(pipe.model(**prompt), while_loading.model(**prompt))
     # float32 models have nothing to lay out; an unknown layout in the environment is refused by name
     pipe = llava_next.load(tiny("mistral"), dtype="float32", progress=False)
     assert pipe.engine.bf16_layout is None and pipe.engine.bf16_layout_reason is None
@@ -984,7 +1000,8 @@ def test_an_unknown_engine_setting_in_the_environment_is_refused_by_name_before_
         tiny, monkeypatch, setting, value, allowed, quantize):
     # whatever the load's dtype or quantization: a typo is not found only after minutes of loading a 7B model
     monkeypatch.setattr(llava_next.engine, setting, value)
-    monkeypatch.setattr(llava_next.pipeline, "load_weights", lambda *args, **kwargs: pytest.fail("loaded"))
+    # (nor is a checkpoint downloaded first)
+    monkeypatch.setattr(llava_next.pipeline, "resolve_checkpoint", lambda *args, **kwargs: pytest.fail("resolved"))
     with pytest.raises(llava_next.errors.LlavaError, match=f"LLAVA_NEXT_{setting}={value!r}.*{allowed}"):
         llava_next.load(tiny("mistral"), dtype="float32", quantize=quantize, progress=False, compile=True)
 
