@@ -1,4 +1,4 @@
-"""The generation engine's caches: image features by content, and the KV cache of the last conversation prefix.
+"""The generation engine's caches: image features by content, and the KV caches of finished requests' prefixes.
 
 Both exist so that a question asked again about the same image, or the next turn of a conversation, does not redo
 work whose result is already known. Neither may ever change an answer: image features are keyed by a cryptographic
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -91,45 +91,77 @@ class ImageFeatureCache:
 
 @dataclass
 class SavedPrefix:
-    """The KV cache of a finished single-sequence request: valid for the first len(tokens) slots."""
+    """The KV cache of a finished request (one row): valid for the first len(tokens) slots."""
 
     tokens: list  # token_identities of what went through the model
     cache: KVCache
+    prompt_length: int | None = None  # how many of the tokens were the request's prompt (None: all)
 
 
-@dataclass
+def shared_length(a: list, b: list, limit: int) -> int:
+    """How many leading entries a and b share, at most `limit`."""
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
 class PrefixCache:
-    """The last finished single-sequence request's KV cache, offered to the next request that starts the same way."""
+    """Finished requests' KV caches, offered to a request that starts the same way (the next turn of a conversation).
 
-    enabled: bool = True
-    saved: SavedPrefix | None = None
-    stats: CacheStats = field(default_factory=CacheStats)
-    reused_tokens: int = 0
+    Bounded in bytes, least recently used first out: the newest entry is always kept, older ones while all of them
+    fit in `max_bytes` (0, the default: the newest only, one conversation at a time, as a notebook or `chat` needs;
+    a server keeps several conversations' turns). An entry whose whole prompt a newer one shares (the turn before,
+    in the same conversation, whose answer the next prompt holds as the template renders it) is dropped when the
+    newer one is saved: it would serve only what the newer one does, and the old answer's own tokens."""
+
+    def __init__(self, enabled: bool = True, max_bytes: int = 0):
+        self.enabled, self.max_bytes = enabled, max_bytes
+        self.entries: list[SavedPrefix] = []  # least recently used first
+        self.stats = CacheStats()
+        self.reused_tokens = 0
+
+    @staticmethod
+    def nbytes(entry: SavedPrefix) -> int:
+        return 2 * entry.cache.keys.numel() * entry.cache.keys.element_size()
 
     def match(self, tokens: list) -> SavedPrefix | None:
-        """The saved prefix as far as `tokens` (token_identities) shares it, if at all; at least the last prompt
-        token is always recomputed, since its logits are needed."""
+        """The saved prefix that shares the most of `tokens` (token_identities), as far as it does, if at all; at
+        least the last prompt token is always recomputed, since its logits are needed."""
         if not self.enabled:
             return None
-        saved = self.saved.tokens if self.saved is not None else []
-        limit = min(len(saved), len(tokens) - 1)
-        n = 0
-        while n < limit and saved[n] == tokens[n]:
-            n += 1
+        best, n = None, 0
+        for entry in self.entries:
+            shared = shared_length(entry.tokens, tokens, min(len(entry.tokens), len(tokens) - 1))
+            if shared > n:
+                best, n = entry, shared
         if n <= 1:  # (nothing saved, or only the first token, a BOS that every prompt starts with: nothing to reuse)
             self.stats.misses += 1
             return None
+        self.entries.remove(best)
+        self.entries.append(best)
         self.stats.hits += 1
         self.reused_tokens += n
-        return SavedPrefix(saved[:n], self.saved.cache)
+        return SavedPrefix(best.tokens[:n], best.cache)
 
-    def save(self, tokens: list, cache: KVCache) -> None:
-        if self.enabled:
-            self.saved = SavedPrefix(list(tokens), cache)
+    def save(self, tokens: list, cache: KVCache, prompt_length: int | None = None) -> None:
+        if not self.enabled:
+            return
+        tokens = list(tokens)
+
+        def superseded(entry: SavedPrefix) -> bool:
+            prompt = len(entry.tokens) if entry.prompt_length is None else entry.prompt_length
+            return shared_length(entry.tokens, tokens, prompt) == prompt
+
+        self.entries = [e for e in self.entries if not superseded(e)]
+        self.entries.append(SavedPrefix(tokens, cache, prompt_length))
+        while len(self.entries) > 1 and sum(map(self.nbytes, self.entries)) > self.max_bytes:
+            self.entries.pop(0)
 
     def clear(self) -> None:
-        self.saved = None
+        self.entries = []
 
     def as_dict(self) -> dict[str, int]:
-        return {**self.stats.as_dict(), "reused_tokens": self.reused_tokens,
-                "saved_tokens": len(self.saved.tokens) if self.saved else 0}
+        return {**self.stats.as_dict(), "reused_tokens": self.reused_tokens, "entries": len(self.entries),
+                "saved_tokens": sum(len(e.tokens) for e in self.entries),
+                "bytes": sum(map(self.nbytes, self.entries)), "max_bytes": self.max_bytes}

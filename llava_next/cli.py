@@ -436,14 +436,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise LlavaError(f"the server needs the serve extra ({e.name} is missing): in the checkout, "
                          "pip install -e '.[serve]'") from None
-    try:
-        kv_memory = parse_bytes(args.kv_memory) if args.kv_memory else None
-    except ValueError as e:
-        raise LlavaError(f"--kv-memory: {e}") from None
+    memory = {}
+    for flag in ("kv_memory", "prefix_cache_memory"):
+        value = getattr(args, flag)
+        try:
+            memory[flag] = parse_bytes(value) if value else None
+        except ValueError as e:
+            raise LlavaError(f"--{flag.replace('_', '-')}: {e}") from None
     settings = ServeSettings(
         model=args.model, served_name=args.served_model_name, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("LLAVA_NEXT_API_KEY") or None, max_concurrent=args.max_concurrent,
-        kv_memory=kv_memory, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_images=args.max_images,
+        kv_memory=memory["kv_memory"], prefix_cache_memory=memory["prefix_cache_memory"], max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk, max_images=args.max_images,
         max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
         max_body_bytes=args.max_body_bytes, allow_remote_images=args.allow_remote_images,
         allowed_local_media_path=args.allowed_local_media_path, fetch_timeout=args.fetch_timeout,
@@ -478,6 +482,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                                                       "fewer when the KV memory is short)")
     p.add_argument("--kv-memory", help="KV cache memory, e.g. 4GiB (default: a quarter of free memory on CPU, half "
                                        "of free GPU memory)")
+    p.add_argument("--prefix-cache-memory", help="memory for finished conversations' KV caches, reused by their next "
+                                                 "turns, e.g. 1GiB (default: a quarter of the KV memory; 0: the "
+                                                 "newest conversation's only)")
     p.add_argument("--max-queue", type=NON_NEGATIVE, default=d.max_queue,
                    help=f"requests waiting beyond the running ones before answering 429 (default {d.max_queue})")
     p.add_argument("--prefill-chunk", type=POSITIVE, default=d.prefill_chunk,

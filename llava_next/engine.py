@@ -352,7 +352,7 @@ class Scheduler:
             rows = slice(seq.slot, seq.slot + 1)
             prefix.save(seq.identities + seq.token_ids[:-1],
                         KVCache(self.cache.keys[:, rows, :, : seq.length].clone(),
-                                self.cache.values[:, rows, :, : seq.length].clone()))
+                                self.cache.values[:, rows, :, : seq.length].clone()), len(seq.identities))
         seq.slot = -1
         seq.finish(reason)
         if seq not in changed:
@@ -715,12 +715,14 @@ def lay_out_int8_weights(model: torch.nn.Module, blocked: bool) -> None:
 
 
 class Engine:
-    """Runs requests on the model. It owns the caches: image features by content, and the KV cache of the last
-    finished sequence, which the next one reuses for the token ids it shares (the next turn of a conversation).
-    Neither cache changes an answer; both are off unless asked for."""
+    """Runs requests on the model. It owns the caches: image features by content, and the KV caches of finished
+    sequences (the newest, and older ones within prefix_cache_bytes), which a later one reuses for the token ids it
+    shares with one of them (the next turn of a conversation). Neither cache changes an answer; both are off unless
+    asked for."""
 
     def __init__(self, model: LlavaModel, tokenizer: Tokenizer, eos_token_ids: typing.Sequence[int],
-                 image_cache_bytes: int = 0, prefix_cache: bool = False, compile: bool = False,
+                 image_cache_bytes: int = 0, prefix_cache: bool = False, prefix_cache_bytes: int = 0,
+                 compile: bool = False,
                  bf16_layout: tuple[str | None, dict[str, float], str | None] | None = None):
         """`bf16_layout`: the choice loading made for the bfloat16 decoding layers and laid them out in
         (bf16_layout_before_loading); None: the engine chooses (bf16_layout_for_decoding)."""
@@ -728,7 +730,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_token_ids = sorted(set(eos_token_ids))
         self.image_cache = ImageFeatureCache(image_cache_bytes)
-        self.prefix_cache = PrefixCache(enabled=prefix_cache)
+        self.prefix_cache = PrefixCache(enabled=prefix_cache, max_bytes=prefix_cache_bytes)
         self.decode_step = model
         self.int8_blocks = False  # (whether the CPU int8 layers' weights are in column blocks, for compiled steps)
         self.int8_layout_seconds: dict[str, float] = {}

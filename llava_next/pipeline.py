@@ -267,6 +267,7 @@ def load(
     progress: bool = True,
     image_cache_bytes: int = 256 * 2**20,
     prefix_cache: bool = True,
+    prefix_cache_bytes: int = 0,
     quantize: str | None = None,
     group_size: int | None = None,
     compile: bool = False,
@@ -280,8 +281,9 @@ def load(
     loads its base model and merges the adapter into it.
 
     image_cache_bytes bounds the cache of image features (keyed by the image's content; 0 turns it off);
-    prefix_cache keeps the last single-prompt request's KV cache for the next one that starts the same way (the
-    next turn of a conversation). Neither changes any answer.
+    prefix_cache keeps finished requests' KV caches for the next one that starts the same way (the next turn of a
+    conversation): the newest always, older ones while they fit in prefix_cache_bytes (0: the newest only, one
+    conversation at a time; a server keeps several). Neither cache changes any answer.
 
     dtype "auto" (the default) is explained by `resolve_dtype`; `pipe.dtype_reason` says what it chose and why.
     quantize: "int8" or "int4" (weight-only; int4 in groups of `group_size` inputs, 128 by default) or "w8a8"
@@ -302,7 +304,8 @@ def load(
     checkpoint's, which training and save() need.
     """
     began = time.perf_counter()
-    for name, value, low in (("max_image_pixels", max_image_pixels, 1), ("image_cache_bytes", image_cache_bytes, 0)):
+    for name, value, low in (("max_image_pixels", max_image_pixels, 1), ("image_cache_bytes", image_cache_bytes, 0),
+                             ("prefix_cache_bytes", prefix_cache_bytes, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise LoadError(f"{name} must be an integer >= {low}, got {value!r}")
     for name, value in (("progress", progress), ("prefix_cache", prefix_cache), ("compile", compile),
@@ -386,7 +389,7 @@ def load(
     if layout is not None:
         eos += [i for i in end_of_turn_ids(layout, processor.tokenizer) if i not in eos]
     engine = Engine(llava, processor.tokenizer, eos, image_cache_bytes=image_cache_bytes, prefix_cache=prefix_cache,
-                    compile=compile, bf16_layout=bf16_layout)
+                    prefix_cache_bytes=prefix_cache_bytes, compile=compile, bf16_layout=bf16_layout)
     return Pipeline(llava, processor, engine, directory, dtype_reason=dtype_reason, original=layout,
                     load_seconds=time.perf_counter() - began, quantization=quantization,
                     sampling_defaults=sampling_defaults(generation_config, str(directory / "generation_config.json")))

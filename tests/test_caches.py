@@ -59,8 +59,8 @@ def test_reused_prefix_gives_the_logits_of_a_full_pass(tiny):
 def test_a_prompt_that_shares_only_the_bos_token_with_the_saved_prefix_is_a_miss(tiny):
     pipe = fresh(tiny("vicuna"))
     pipe.generate(chat(1, "What is it?"), [smooth_image(300, 200)], max_new_tokens=3)
-    assert pipe.cache_stats()["prefix"] | {"saved_tokens": 0} == {"hits": 0, "misses": 1, "reused_tokens": 0,
-                                                                  "saved_tokens": 0}
+    stats = pipe.cache_stats()["prefix"]
+    assert (stats["hits"], stats["misses"], stats["reused_tokens"], stats["entries"]) == (0, 1, 0, 1)
     # a raw prompt: BOS, then nothing the chat template's prompt began with
     raw = pipe.prepare("Tell me a story.")[0]["input_ids"][0]
     templated = pipe.prepare(chat(1, "What is it?"), [smooth_image(300, 200)])[0]["input_ids"][0]
@@ -138,3 +138,77 @@ def test_the_prefix_stops_where_the_images_differ(tiny):
     inputs, _ = pipe.prepare(prompt, [other])
     first_placeholder = inputs["input_ids"][0].tolist().index(pipe.config.image_token_id)
     assert pipe.cache_stats()["prefix"]["reused_tokens"] == first_placeholder
+
+
+def saved_kv(tokens: int):
+    from llava_next.model.decoder import KVCache
+
+    # (layers, rows, kv heads, tokens, head dim): the rows a scheduler clones when a sequence finishes
+    return KVCache(torch.randn(2, 1, 1, tokens, 4), torch.randn(2, 1, 1, tokens, 4))
+
+
+def test_the_prefix_cache_keeps_several_conversations_within_its_bytes_least_recently_used_out():
+    from llava_next.caches import PrefixCache
+
+    bytes_per_token = 2 * 2 * 4 * 4  # keys and values, 2 layers, head dim 4, float32
+    first, second, third = [1, 10, 11, 12], [1, 20, 21, 22, 23], [1, 30, 31]
+    # the default keeps the newest only: one conversation at a time
+    cache = PrefixCache()
+    cache.save(first, saved_kv(len(first)))
+    cache.save(second, saved_kv(len(second)))
+    assert cache.match(first + [13, 14]) is None and cache.as_dict()["entries"] == 1
+    # with room for two, both conversations' next turns find their own turn, the one that shares the most
+    cache = PrefixCache(max_bytes=(len(first) + len(second)) * bytes_per_token)
+    first_kv, second_kv = saved_kv(len(first)), saved_kv(len(second))
+    cache.save(first, first_kv)
+    cache.save(second, second_kv)
+    got = cache.match(second + [24])
+    assert got.tokens == second and got.cache is second_kv
+    got = cache.match(first[:3] + [99, 100])  # (shares three tokens: served as far as it shares)
+    assert got.tokens == first[:3] and got.cache is first_kv
+    assert cache.as_dict() | {"max_bytes": 0} == {"hits": 2, "misses": 0, "reused_tokens": 8, "entries": 2,
+                                                  "saved_tokens": 9, "bytes": 9 * bytes_per_token, "max_bytes": 0}
+    # a third conversation pushes out the least recently used one (the second: the first was matched after it)
+    cache.save(third, saved_kv(len(third)))
+    assert [e.tokens for e in cache.entries] == [first, third]
+    assert cache.match(second + [24]) is None and cache.match(first + [5]).tokens == first
+    # a conversation's next turn replaces its turn before, which it extends (it serves all that one did)
+    longer = first + [13]  # (kept alongside the first, the three would not fit: the third would go instead)
+    cache.save(longer, saved_kv(len(longer)))
+    assert [e.tokens for e in cache.entries] == [third, longer]
+    # the engine says how much of an entry was the prompt: the next turn holds that prompt whole, but the answer as
+    # the template renders it, which may tokenize differently; it still replaces the turn before, and an entry
+    # that shares only part of its prompt (another conversation under the same system prompt) stays
+    cache = PrefixCache(max_bytes=2**20)
+    cache.save([1, 5, 6, 40, 41], saved_kv(5), prompt_length=3)  # (prompt 1 5 6, answer 40 41)
+    cache.save([1, 5, 7, 50], saved_kv(4), prompt_length=3)
+    cache.save([1, 5, 6, 40, 42, 43, 60], saved_kv(7), prompt_length=6)
+    assert [e.tokens for e in cache.entries] == [[1, 5, 7, 50], [1, 5, 6, 40, 42, 43, 60]]
+    # one entry larger than the whole budget is still kept, alone (the newest always is)
+    cache.max_bytes = 10 * bytes_per_token
+    cache.save([2] * 64, saved_kv(64))
+    assert [e.tokens for e in cache.entries] == [[2] * 64]
+    cache.clear()
+    assert cache.as_dict()["entries"] == 0 and cache.match(first) is None
+
+
+def test_two_conversations_interleaved_reuse_their_own_prefixes_and_answer_as_cold_runs_do(tiny):
+    cold = fresh(tiny("vicuna"), image_cache_bytes=0, prefix_cache=False)
+    images = [smooth_image(300, 200, seed=4), random_image(200, 300, seed=5)]
+    reused = {}
+    for prefix_cache_bytes in (2**30, 0):
+        pipe = fresh(tiny("vicuna"), prefix_cache_bytes=prefix_cache_bytes, image_cache_bytes=0)
+        conversations = [pipe.conversation() for _ in images]
+        for turn, text in enumerate(("Describe it.", "And the colour?", "Anything else?")):
+            for conversation, image in zip(conversations, images):
+                answer = conversation.ask(text, images=[image] if turn == 0 else [], max_new_tokens=6)
+                asked = conversation.messages[:-1]  # (the conversation so far, without this answer)
+                assert answer.token_ids == cold.generate(asked, conversation.images, max_new_tokens=6).token_ids
+        stats = pipe.cache_stats()["prefix"]
+        # only the very first turn found nothing (the second conversation's first turn shares the template's
+        # system prompt with it)
+        assert stats["hits"] == 5 and stats["misses"] == 1 and stats["entries"] == (2 if prefix_cache_bytes else 1)
+        reused[prefix_cache_bytes] = stats["reused_tokens"]
+    # with room for both, each follow-up found its own conversation's turn before, images included, although the
+    # other conversation finished a turn in between; with the newest only, it found the other's system prompt
+    assert reused[2**30] > reused[0] + 4 * 10

@@ -464,3 +464,27 @@ def test_a_fault_is_a_logged_500_with_a_request_id_and_the_server_goes_on(tiny, 
         assert '"type": "server_error"' in streamed and streamed.rstrip().endswith("data: [DONE]")
         ok = httpx.post(f"{base}/v1/chat/completions", json={**long, "messages": ask("Hi")}, timeout=60)
         assert ok.status_code == 200
+
+
+def test_the_server_keeps_several_conversations_prefixes_within_its_prefix_cache_memory(tiny, monkeypatch, capsys):
+    from llava_next import cli
+    from llava_next.serve import app as app_module
+    from llava_next.serve.app import ServeSettings, ServerState
+
+    # by default a quarter of the KV space (load()'s default keeps the newest conversation's only)
+    for memory, expected in ((None, lambda kv: kv // 4), (12345, lambda kv: 12345), (0, lambda kv: 0)):
+        state = ServerState(ServeSettings(model=str(tiny("vicuna")), dtype="float32", max_concurrent=2,
+                                          kv_memory=2**24, prefix_cache_memory=memory))
+        state.load()
+        try:
+            assert state.failure is None
+            assert state.pipe.engine.prefix_cache.max_bytes == expected(state.engine.scheduler.kv_bytes)
+        finally:
+            state.engine.shutdown()
+    # the flag, in the sizes --kv-memory takes
+    given = []
+    monkeypatch.setattr(app_module, "serve", lambda settings: given.append(settings))
+    assert cli.main(["serve", "--model", "demo", "--prefix-cache-memory", "1GiB"]) == 0
+    assert given[-1].prefix_cache_memory == 2**30 and given[-1].kv_memory is None
+    assert cli.main(["serve", "--model", "demo", "--prefix-cache-memory", "lots"]) == 2
+    assert "--prefix-cache-memory: 'lots' is not a size" in capsys.readouterr().err

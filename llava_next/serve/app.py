@@ -136,10 +136,15 @@ class ServerState:
         slots, capacity = kv_space(pipe, s.max_concurrent, s.kv_memory)
         if compile:
             pipe.engine.compile_decoding(many_rows=slots > 1)
+        # finished conversations' KV for their next turns: several conversations', not only the newest (load()'s
+        # default, for one conversation at a time)
+        prefix = pipe.engine.prefix_cache
+        kv_bytes = pipe.engine.kv_bytes_per_token() * slots * capacity
+        prefix.max_bytes = kv_bytes // 4 if s.prefix_cache_memory is None else s.prefix_cache_memory
         self.engine = BackgroundEngine(pipe.engine, slots, capacity, s.prefill_chunk, s.max_queue)
         self.pipe = pipe
-        log.info("ready: %s, KV space %d sequences x %d tokens (%.2f GiB), dtype %s", s.name(), slots, capacity,
-                 self.engine.scheduler.kv_bytes / GiB, pipe.model.dtype)
+        log.info("ready: %s, KV space %d sequences x %d tokens (%.2f GiB), prefix cache %.2f GiB, dtype %s", s.name(),
+                 slots, capacity, self.engine.scheduler.kv_bytes / GiB, prefix.max_bytes / GiB, pipe.model.dtype)
 
     def load(self) -> None:
         s = self.settings
