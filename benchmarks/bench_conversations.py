@@ -1,6 +1,6 @@
 """Follow-up turns of several conversations asked in turn, as a server's users ask them: time to the first token of
 each follow-up, with the prefix cache holding the newest conversation only (`load(prefix_cache_bytes=0)`, the
-Python default) and holding them all (`--budget`, what `serve` keeps by default: a quarter of its KV space).
+Python default) and holding them all (`--budget`, 1 GiB by default; `serve` keeps a quarter of its KV space).
 
 Each of `--conversations` conversations opens with its own random image and a question, then asks `--turns` - 1
 follow-ups; the conversations take turns, so another one finishes a turn between any conversation's two. The image
@@ -46,12 +46,14 @@ def run(directory: Path, budget: int, conversations: int, turns: int, dtype: str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Follow-up turns of conversations that take turns, with a prefix "
+                                                 "cache of the newest conversation only and of all of them.")
     parser.add_argument("--preset", default="medium")
     parser.add_argument("--cache", default="/tmp/llava-next-bench", help="where preset checkpoints are built")
     parser.add_argument("--conversations", type=int, default=2)
     parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--budget", type=int, default=2**30, help="prefix_cache_bytes of the second run")
+    parser.add_argument("--budget", type=int, default=2**30, help="prefix_cache_bytes of the second run (default "
+                                                                   "1 GiB, room for every conversation here)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--run", type=int, help=argparse.SUPPRESS)  # (one run, in a process of its own)
     args = parser.parse_args()

@@ -99,10 +99,23 @@ class SavedPrefix:
 
 
 def shared_length(a: list, b: list, limit: int) -> int:
-    """How many leading entries a and b share, at most `limit`."""
-    n = 0
-    while n < limit and a[n] == b[n]:
-        n += 1
+    """How many leading entries a and b share, at most `limit` (and at most either's length). Compared a chunk at a
+    time (list equality runs in C), then the chunk that differs halved down to the first difference: a server's
+    prefix cache compares every admitted prompt with each of its entries."""
+    limit = min(limit, len(a), len(b))
+    n, step = 0, 512
+    while n < limit:
+        end = min(n + step, limit)
+        if a[n:end] == b[n:end]:
+            n = end
+            continue
+        while end - n > 1:  # (a[n:end] differs somewhere: keep the half where it first does)
+            middle = (n + end) // 2
+            if a[n:middle] == b[n:middle]:
+                n = middle
+            else:
+                end = middle
+        return n
     return n
 
 
@@ -118,6 +131,7 @@ class PrefixCache:
     def __init__(self, enabled: bool = True, max_bytes: int = 0):
         self.enabled, self.max_bytes = enabled, max_bytes
         self.entries: list[SavedPrefix] = []  # least recently used first
+        self.bytes = self.saved_tokens = 0  # (of the entries, kept as they change: read by every /metrics scrape)
         self.stats = CacheStats()
         self.reused_tokens = 0
 
@@ -132,7 +146,7 @@ class PrefixCache:
             return None
         best, n = None, 0
         for entry in self.entries:
-            shared = shared_length(entry.tokens, tokens, min(len(entry.tokens), len(tokens) - 1))
+            shared = shared_length(entry.tokens, tokens, len(tokens) - 1)
             if shared > n:
                 best, n = entry, shared
         if n <= 1:  # (nothing saved, or only the first token, a BOS that every prompt starts with: nothing to reuse)
@@ -153,15 +167,16 @@ class PrefixCache:
             prompt = len(entry.tokens) if entry.prompt_length is None else entry.prompt_length
             return shared_length(entry.tokens, tokens, prompt) == prompt
 
-        self.entries = [e for e in self.entries if not superseded(e)]
-        self.entries.append(SavedPrefix(tokens, cache, prompt_length))
-        while len(self.entries) > 1 and sum(map(self.nbytes, self.entries)) > self.max_bytes:
-            self.entries.pop(0)
+        kept = [e for e in self.entries if not superseded(e)]
+        kept.append(SavedPrefix(tokens, cache, prompt_length))
+        total = sum(map(self.nbytes, kept))
+        while len(kept) > 1 and total > self.max_bytes:
+            total -= self.nbytes(kept.pop(0))
+        self.entries, self.bytes, self.saved_tokens = kept, total, sum(len(e.tokens) for e in kept)
 
     def clear(self) -> None:
-        self.entries = []
+        self.entries, self.bytes, self.saved_tokens = [], 0, 0
 
     def as_dict(self) -> dict[str, int]:
         return {**self.stats.as_dict(), "reused_tokens": self.reused_tokens, "entries": len(self.entries),
-                "saved_tokens": sum(len(e.tokens) for e in self.entries),
-                "bytes": sum(map(self.nbytes, self.entries)), "max_bytes": self.max_bytes}
+                "saved_tokens": self.saved_tokens, "bytes": self.bytes, "max_bytes": self.max_bytes}

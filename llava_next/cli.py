@@ -482,9 +482,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                                                       "fewer when the KV memory is short)")
     p.add_argument("--kv-memory", help="KV cache memory, e.g. 4GiB (default: a quarter of free memory on CPU, half "
                                        "of free GPU memory)")
-    p.add_argument("--prefix-cache-memory", help="memory for finished conversations' KV caches, reused by their next "
-                                                 "turns, e.g. 1GiB (default: a quarter of the KV memory; 0: the "
-                                                 "newest conversation's only)")
+    p.add_argument("--prefix-cache-memory", help="memory, beside the KV memory, for finished conversations' KV "
+                                                 "caches, reused by their next turns, e.g. 1GiB (default: a quarter "
+                                                 "of the KV memory; 0: the newest conversation's only)")
     p.add_argument("--max-queue", type=NON_NEGATIVE, default=d.max_queue,
                    help=f"requests waiting beyond the running ones before answering 429 (default {d.max_queue})")
     p.add_argument("--prefill-chunk", type=POSITIVE, default=d.prefill_chunk,

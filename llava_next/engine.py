@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import layout_cache
 from .caches import ImageFeatureCache, PrefixCache, image_key, token_identities
-from .errors import LlavaError
+from .errors import LlavaError, LlavaWarning
 from .memory import keep_freed_memory, release_free_memory
 from .model.decoder import KVCache, whole_key_blocks
 from .model.llava import ImageTokenMismatch, LlavaModel
@@ -350,9 +350,13 @@ class Scheduler:
         if reason is None and prefix.enabled and seq.identities is not None and seq.length > 0:
             # every token but the last chosen one has been through the model: their keys are in the cache
             rows = slice(seq.slot, seq.slot + 1)
-            prefix.save(seq.identities + seq.token_ids[:-1],
-                        KVCache(self.cache.keys[:, rows, :, : seq.length].clone(),
-                                self.cache.values[:, rows, :, : seq.length].clone()), len(seq.identities))
+            try:
+                prefix.save(seq.identities + seq.token_ids[:-1],
+                            KVCache(self.cache.keys[:, rows, :, : seq.length].clone(),
+                                    self.cache.values[:, rows, :, : seq.length].clone()), len(seq.identities))
+            except Exception as e:  # noqa: BLE001 - (out of memory for the copy, say) the answer is done: it stands
+                warnings.warn(f"the prefix cache could not keep a finished request ({type(e).__name__}: {e}); "
+                              "later turns of its conversation will be computed again", LlavaWarning)
         seq.slot = -1
         seq.finish(reason)
         if seq not in changed:

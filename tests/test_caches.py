@@ -184,10 +184,15 @@ def test_the_prefix_cache_keeps_several_conversations_within_its_bytes_least_rec
     cache.save([1, 5, 7, 50], saved_kv(4), prompt_length=3)
     cache.save([1, 5, 6, 40, 42, 43, 60], saved_kv(7), prompt_length=6)
     assert [e.tokens for e in cache.entries] == [[1, 5, 7, 50], [1, 5, 6, 40, 42, 43, 60]]
+    # a new entry shorter than an older one's prompt (that prompt asked again, answered in one token) supersedes
+    # nothing, and fails nothing
+    cache.save([1, 5], saved_kv(2), prompt_length=1)
+    assert [e.tokens for e in cache.entries] == [[1, 5, 7, 50], [1, 5, 6, 40, 42, 43, 60], [1, 5]]
     # one entry larger than the whole budget is still kept, alone (the newest always is)
     cache.max_bytes = 10 * bytes_per_token
     cache.save([2] * 64, saved_kv(64))
     assert [e.tokens for e in cache.entries] == [[2] * 64]
+    assert cache.as_dict()["bytes"] == 64 * bytes_per_token and cache.as_dict()["saved_tokens"] == 64
     cache.clear()
     assert cache.as_dict()["entries"] == 0 and cache.match(first) is None
 
@@ -212,3 +217,48 @@ def test_two_conversations_interleaved_reuse_their_own_prefixes_and_answer_as_co
     # with room for both, each follow-up found its own conversation's turn before, images included, although the
     # other conversation finished a turn in between; with the newest only, it found the other's system prompt
     assert reused[2**30] > reused[0] + 4 * 10
+
+
+@pytest.mark.parametrize("a, b, limit, expected", [
+    ([1, 2, 3], [1, 2, 3], 3, 3), ([1, 2, 3], [1, 2, 4], 3, 2), ([1, 2, 3], [9], 5, 0), ([1, 2, 3], [1, 2], 9, 2),
+    ([], [1], 1, 0), (list(range(2000)), list(range(1300)) + [-1] + list(range(1301, 2000)), 2000, 1300),
+    (list(range(2000)), list(range(2000)), 1999, 1999), (list(range(1024)), list(range(1023)) + [7], 1024, 1023),
+])
+def test_shared_length_is_the_first_difference_within_the_limit(a, b, limit, expected):
+    from llava_next.caches import shared_length
+
+    assert shared_length(a, b, limit) == shared_length(b, a, limit) == expected
+    for cut in range(0, min(len(a), len(b)) + 1, 97):  # against counting one by one
+        one_by_one = next((i for i in range(min(cut, len(a), len(b))) if a[i] != b[i]), min(cut, len(a), len(b)))
+        assert shared_length(a, b, cut) == one_by_one
+
+
+def test_a_prompt_asked_again_after_its_conversation_went_on_is_answered_as_a_cold_run(tiny):
+    # (saving its one-token answer once compared past the new entry's end: an IndexError that failed the request)
+    pipe = fresh(tiny("vicuna"), prefix_cache_bytes=2**30)
+    cold = fresh(tiny("vicuna"), image_cache_bytes=0, prefix_cache=False)
+    image = smooth_image(300, 200, seed=6)
+    conversation = pipe.conversation()
+    conversation.ask("Describe it.", images=[image], max_new_tokens=4)
+    conversation.ask("And the colour?", max_new_tokens=4)
+    again = pipe.generate(chat(1, "Describe it."), [image], max_new_tokens=1)
+    assert again.token_ids == cold.generate(chat(1, "Describe it."), [image], max_new_tokens=1).token_ids
+    assert pipe.cache_stats()["prefix"]["entries"] == 2
+
+
+def test_a_prefix_cache_that_cannot_keep_a_finished_request_warns_and_the_answer_stands(tiny, monkeypatch):
+    from llava_next.caches import PrefixCache
+    from llava_next.errors import LlavaWarning
+
+    pipe = fresh(tiny("vicuna"))
+    expected = fresh(tiny("vicuna"), prefix_cache=False).generate(chat(1, "Hi."), [smooth_image(300, 200)],
+                                                                  max_new_tokens=4)
+
+    def out_of_memory(self, *args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(PrefixCache, "save", out_of_memory)
+    with pytest.warns(LlavaWarning, match="the prefix cache could not keep a finished request .RuntimeError: out of "
+                                          "memory.; later turns of its conversation will be computed again"):
+        got = pipe.generate(chat(1, "Hi."), [smooth_image(300, 200)], max_new_tokens=4)
+    assert got.token_ids == expected.token_ids and got.finish_reason == expected.finish_reason

@@ -131,7 +131,8 @@ class ServerState:
 
     def start(self, pipe: Pipeline, compile: bool = False) -> None:
         """Serves `pipe`; `compile`: its decoding steps through torch.compile first, told how many rows they carry
-        (with more than one slot a CPU engine keeps int8 weights plain instead of laying them out for one row)."""
+        (with more than one slot a CPU engine keeps int8 weights plain instead of laying them out for one row). The
+        pipe's prefix cache takes the server's budget (prefix_cache_memory), whatever it was loaded with."""
         s = self.settings
         slots, capacity = kv_space(pipe, s.max_concurrent, s.kv_memory)
         if compile:
