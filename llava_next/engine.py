@@ -24,7 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import layout_cache
-from .caches import ImageFeatureCache, PrefixCache, image_key, token_identities
+from .caches import CacheStats, ImageFeatureCache, PrefixCache, image_key, token_identities
 from .errors import LlavaError, LlavaWarning
 from .memory import keep_freed_memory, release_free_memory
 from .model.decoder import KVCache, whole_key_blocks
@@ -464,6 +464,16 @@ def varying_length_attention(device: torch.device) -> contextlib.AbstractContext
 COMPILED_GRAPHS_LIMIT = 64  # compiled pipelines in one process, ~1-3 graphs each (see Engine.__init__)
 
 
+def mark_model_sizes_static(cache: KVCache) -> None:
+    """Marks a KV cache's sizes that are the model's own (layers, kv heads, head size), which never change, static
+    for torch.compile. Left dynamic, a compiled step takes each for any other size equal to it when compiled (duck
+    sizing) and fixes both: a batch of as many rows as the model has layers or kv heads, or keys masked as wide as its
+    head size (64 on the medium preset), each compiled once more, measured with TORCH_LOGS=recompiles."""
+    for kv in (cache.keys, cache.values):
+        for tensor in (kv, kv._base) if kv._base is not None else (kv,):  # (a slice, and the space it is of)
+            torch._dynamo.mark_static(tensor, (0, 2, 4))
+
+
 def mark_weights_static(model: torch.nn.Module) -> None:
     """Quantized weights are buffers or plain attributes (Int4Linear.packed), which a step compiled with dynamic=True
     would give symbolic sizes; one equal to an activation's size (1536 rows of a projection, a mask 1536 keys wide)
@@ -838,6 +848,8 @@ class Engine:
     def decode(self, *args, **kwargs) -> torch.Tensor:
         if self.decode_step is self.model:
             return self.forward(*args, **kwargs)
+        if kwargs.get("cache") is not None:  # (a slice of the KV space each step: a new tensor, without marks)
+            mark_model_sizes_static(kwargs["cache"])  # (here: an eager engine never imports torch._dynamo)
         try:
             return self.decode_step(*args, **kwargs)
         except Exception as e:  # torch.compile needs a working C++ (or CUDA) toolchain: run eagerly without one
@@ -1023,6 +1035,41 @@ class BackgroundEngine:
                 raise EngineBusy(f"the queue is full ({self.max_waiting} requests waiting)")
             self._inbox.extend(seqs)
             self._wake.notify()
+
+    # The forms of a decoding step that a server meets, each compiled as a graph of its own (torch.compile
+    # specialises on them; TORCH_LOGS=recompiles): one row; rows at one length (a request's n choices); rows at
+    # different lengths, whose keys are masked in whole KEY_BLOCKs. (Graphs for two rows serve any number of rows and
+    # any mask width, the model's own sizes being marked static: mark_model_sizes_static.)
+    WARM_UP_PROMPTS = ((3,), (3, 3), (3, 40))  # prompt lengths, one tuple a group of rows
+    WARM_UP_TOKENS = 4
+
+    def warm_up(self) -> float:
+        """Runs short greedy sequences of each WARM_UP_PROMPTS group through the engine, so that a compiled decoding
+        step is compiled before a server's first requests would wait for it (7-27 s a graph on the medium preset on
+        a 2-core CPU); returns the seconds it took. They ignore end-of-sequence tokens, so that each one decodes.
+        The caches are left empty and their counts at zero. Call before submitting anything else."""
+        scheduler, engine = self.scheduler, self.engine
+        token = engine.tokenizer.encode("a", add_special_tokens=False)[0]
+        eos, scheduler.eos = scheduler.eos, frozenset()
+        began = time.perf_counter()
+        try:
+            for lengths in self.WARM_UP_PROMPTS:
+                if len(lengths) > scheduler.slots or max(lengths) + self.WARM_UP_TOKENS > scheduler.capacity:
+                    continue  # (a server that cannot meet this form)
+                seqs = [Sequence([token] * length, SamplingParams(max_new_tokens=self.WARM_UP_TOKENS),
+                                 IncrementalDetokenizer(engine.tokenizer)) for length in lengths]
+                try:
+                    self.submit(seqs)
+                except GenerationError:  # (longer than the model's context window)
+                    continue
+                while not all(seq.done for seq in seqs) and self._thread.is_alive():
+                    time.sleep(0.01)
+        finally:
+            scheduler.eos = eos
+            engine.clear_caches()
+            engine.prefix_cache.stats, engine.prefix_cache.reused_tokens = CacheStats(), 0
+            engine.image_cache.stats = CacheStats()
+        return time.perf_counter() - began
 
     def cancel(self, seqs: list[Sequence]) -> None:
         """Frees their KV rows at the next step."""

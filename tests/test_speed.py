@@ -7,6 +7,7 @@ import datetime
 import functools
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -309,6 +310,51 @@ def test_int8_weights_leave_the_column_blocks_for_a_server_and_for_eager_decodin
         got = answer(pipe)
     assert not any(m.blocked for m in layers) and got == expected
     assert pipe.engine.int8_layout_reason == "plain: decoding eagerly"
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
+def test_a_compiling_server_compiles_every_form_of_its_decoding_step_before_it_is_ready(tiny, monkeypatch):
+    # A compiled step is compiled for one row, for rows at one length and for rows at different lengths (masked
+    # keys), each when first met: 7-27 s each on the medium preset, which a server's first users would wait for.
+    # The server meets them all before it says it is ready, and nothing of it shows in the caches or their counts.
+    pytest.importorskip("fastapi")
+    from torch._dynamo.utils import counters
+
+    from llava_next.engine import BackgroundEngine, Sequence
+    from llava_next.prompt import IncrementalDetokenizer
+    from llava_next.sampling_params import SamplingParams
+    from llava_next.serve.app import ServeSettings, ServerState
+
+    def graphs_compiled_while_serving(warm_up: bool) -> int:
+        # (the graphs compiled so far in this process, by other tests or by the other server here, are forgotten:
+        # a new model's step would take them)
+        torch._dynamo.reset()
+        if not warm_up:
+            monkeypatch.setattr(BackgroundEngine, "warm_up", lambda self: 0.0)
+        state = ServerState(ServeSettings(model=str(tiny("mistral")), dtype="float32", compile=True,
+                                          max_concurrent=4, kv_memory=2**24))
+        state.load()
+        try:
+            assert state.failure is None and state.engine.steps > (0 if warm_up else -1)
+            assert state.pipe.cache_stats() == state.pipe.engine.cache_stats()
+            assert all(state.pipe.cache_stats()[cache][kind] == 0 for cache in ("image_features", "prefix")
+                       for kind in ("hits", "misses", "entries"))
+            tokenizer = state.pipe.processor.tokenizer
+            before = counters["stats"]["unique_graphs"]
+            for lengths in ((3,), (3, 40), (5, 5), (150, 2), (7, 9, 11)):  # (the last: three rows, other widths)
+                seqs = [Sequence([9] * n, SamplingParams(max_new_tokens=8), IncrementalDetokenizer(tokenizer))
+                        for n in lengths]
+                state.engine.submit(seqs)
+                while not all(seq.done for seq in seqs):
+                    time.sleep(0.01)
+                assert all(seq.error is None for seq in seqs)
+            return counters["stats"]["unique_graphs"] - before
+        finally:
+            state.engine.shutdown()
+
+    assert graphs_compiled_while_serving(warm_up=False) == 3  # (what a warm-up spares the first requests)
+    monkeypatch.undo()
+    assert graphs_compiled_while_serving(warm_up=True) == 0
 
 
 @pytest.mark.parametrize("max_concurrent, blocked", [(4, False), (1, True)])

@@ -143,6 +143,9 @@ class ServerState:
         kv_bytes = pipe.engine.kv_bytes_per_token() * slots * capacity
         prefix.max_bytes = kv_bytes // 4 if s.prefix_cache_memory is None else s.prefix_cache_memory
         self.engine = BackgroundEngine(pipe.engine, slots, capacity, s.prefill_chunk, s.max_queue)
+        if pipe.engine.decode_step is not pipe.model:  # compiled: before the first users, not while they wait
+            log.info("compiling the decoding step (a few short requests of its own)")
+            log.info("compiled in %.1f s", self.engine.warm_up())
         self.pipe = pipe
         log.info("ready: %s, KV space %d sequences x %d tokens (%.2f GiB), prefix cache %.2f GiB, dtype %s", s.name(),
                  slots, capacity, self.engine.scheduler.kv_bytes / GiB, prefix.max_bytes / GiB, pipe.model.dtype)
