@@ -1025,13 +1025,16 @@ class BackgroundEngine:
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queues all of `seqs` or none: EngineBusy when the queue is full, GenerationError when one cannot fit."""
+        self._enqueue(seqs, bounded=True)
+
+    def _enqueue(self, seqs: list[Sequence], bounded: bool) -> None:
         for seq in seqs:
             seq.params.validate()
             self.scheduler.limit_new_tokens(seq)
         with self._wake:
             if self._stopping:
                 raise EngineBusy("the server is shutting down")
-            if self.waiting + len(seqs) > self.max_waiting:
+            if bounded and self.waiting + len(seqs) > self.max_waiting:
                 raise EngineBusy(f"the queue is full ({self.max_waiting} requests waiting)")
             self._inbox.extend(seqs)
             self._wake.notify()
@@ -1040,14 +1043,18 @@ class BackgroundEngine:
     # specialises on them; TORCH_LOGS=recompiles): one row; rows at one length (a request's n choices); rows at
     # different lengths, whose keys are masked in whole KEY_BLOCKs. (Graphs for two rows serve any number of rows and
     # any mask width, the model's own sizes being marked static: mark_model_sizes_static.)
-    WARM_UP_PROMPTS = ((3,), (3, 3), (3, 40))  # prompt lengths, one tuple a group of rows
+    # (prompt lengths, one tuple a group of rows; the longer first: the first prompt is prefilled whole, so that the
+    # second joins it at a different length even with the smallest prefill chunks)
+    WARM_UP_PROMPTS = ((3,), (3, 3), (40, 3))
     WARM_UP_TOKENS = 4
 
     def warm_up(self) -> float:
         """Runs short greedy sequences of each WARM_UP_PROMPTS group through the engine, so that a compiled decoding
-        step is compiled before a server's first requests would wait for it (7-27 s a graph on the medium preset on
+        step is compiled before a server's first requests would wait for it (3-27 s a form on the medium preset on
         a 2-core CPU); returns the seconds it took. They ignore end-of-sequence tokens, so that each one decodes.
-        The caches are left empty and their counts at zero. Call before submitting anything else."""
+        The caches are left empty and their counts at zero. Call before submitting anything else; raises LlavaError
+        when the engine's thread stopped meanwhile. (On a GPU, CUDA graphs are also recorded for each number of rows
+        when first met: a short pause, not a compile.)"""
         scheduler, engine = self.scheduler, self.engine
         token = engine.tokenizer.encode("a", add_special_tokens=False)[0]
         eos, scheduler.eos = scheduler.eos, frozenset()
@@ -1059,11 +1066,19 @@ class BackgroundEngine:
                 seqs = [Sequence([token] * length, SamplingParams(max_new_tokens=self.WARM_UP_TOKENS),
                                  IncrementalDetokenizer(engine.tokenizer)) for length in lengths]
                 try:
-                    self.submit(seqs)
-                except GenerationError:  # (longer than the model's context window)
+                    self._enqueue(seqs, bounded=False)  # (nothing else is queued yet: past a queue limit of 1 too)
+                except GenerationError as e:  # (longer than the model's context window)
+                    warnings.warn(f"not compiled before serving, rows of lengths {lengths}: {e}", LlavaWarning)
                     continue
-                while not all(seq.done for seq in seqs) and self._thread.is_alive():
+                # (finished_at, not done: a sequence is done before it leaves its row and the prefix cache keeps it)
+                while any(seq.finished_at is None for seq in seqs) and self._thread.is_alive():
                     time.sleep(0.01)
+                for seq in seqs:
+                    if seq.error is not None:
+                        warnings.warn(f"a warm-up request failed ({type(seq.error).__name__}: {seq.error})",
+                                      LlavaWarning)
+            if not self._thread.is_alive():
+                raise LlavaError("the engine's thread stopped while compiling the decoding step")
         finally:
             scheduler.eos = eos
             engine.clear_caches()

@@ -336,6 +336,8 @@ def test_a_compiling_server_compiles_every_form_of_its_decoding_step_before_it_i
         state.load()
         try:
             assert state.failure is None and state.engine.steps > (0 if warm_up else -1)
+            assert state.pipe.engine.decode_step is not state.pipe.model  # (compiled: no eager fallback)
+            assert state.engine.scheduler.eos == frozenset(state.pipe.engine.eos_token_ids)  # (restored)
             assert state.pipe.cache_stats() == state.pipe.engine.cache_stats()
             assert all(state.pipe.cache_stats()[cache][kind] == 0 for cache in ("image_features", "prefix")
                        for kind in ("hits", "misses", "entries"))
@@ -352,7 +354,7 @@ def test_a_compiling_server_compiles_every_form_of_its_decoding_step_before_it_i
         finally:
             state.engine.shutdown()
 
-    assert graphs_compiled_while_serving(warm_up=False) == 3  # (what a warm-up spares the first requests)
+    assert graphs_compiled_while_serving(warm_up=False) > 0  # (what a warm-up spares the first requests)
     monkeypatch.undo()
     assert graphs_compiled_while_serving(warm_up=True) == 0
 
