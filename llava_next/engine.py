@@ -24,7 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import layout_cache
-from .caches import CacheStats, ImageFeatureCache, PrefixCache, image_key, token_identities
+from .caches import ImageFeatureCache, PrefixCache, image_key, token_identities
 from .errors import LlavaError, LlavaWarning
 from .memory import keep_freed_memory, release_free_memory
 from .model.decoder import KVCache, whole_key_blocks
@@ -655,7 +655,7 @@ def bf16_layout_for_decoding(model: torch.nn.Module, decided: tuple[str | None, 
     layers = decoding_bf16_layers(model)
     if not layers:
         return None, {}, None
-    if decided is None or decided[0] is None:
+    if decided is None:
         decided = bf16_layout_choice(layer_shapes(layers), lambda: time_bf16_layouts(layers))
     lay_out_bf16_weights(layers, packed=decided[0] == "blocked")  # (handing each replaced weight back as it goes)
     return decided
@@ -1052,12 +1052,13 @@ class BackgroundEngine:
         """Runs short greedy sequences of each WARM_UP_PROMPTS group through the engine, so that a compiled decoding
         step is compiled before a server's first requests would wait for it (3-27 s a form on the medium preset on
         a 2-core CPU); returns the seconds it took. They ignore end-of-sequence tokens, so that each one decodes.
-        The caches are left empty and their counts at zero. Call before submitting anything else; raises LlavaError
-        when the engine's thread stopped meanwhile. (On a GPU, CUDA graphs are also recorded for each number of rows
-        when first met: a short pause, not a compile.)"""
-        scheduler, engine = self.scheduler, self.engine
+        The prefix cache is off meanwhile: nothing of them is kept or counted. Call before submitting anything else;
+        raises LlavaError when the engine's thread stopped meanwhile. (On a GPU, CUDA graphs are also recorded for
+        each number of rows when first met: a short pause, not a compile.)"""
+        scheduler, engine, prefix = self.scheduler, self.engine, self.engine.prefix_cache
         token = engine.tokenizer.encode("a", add_special_tokens=False)[0]
         eos, scheduler.eos = scheduler.eos, frozenset()
+        enabled, prefix.enabled = prefix.enabled, False  # (text only: the image cache is not asked either)
         began = time.perf_counter()
         try:
             for lengths in self.WARM_UP_PROMPTS:
@@ -1070,7 +1071,7 @@ class BackgroundEngine:
                 except GenerationError as e:  # (longer than the model's context window)
                     warnings.warn(f"not compiled before serving, rows of lengths {lengths}: {e}", LlavaWarning)
                     continue
-                # (finished_at, not done: a sequence is done before it leaves its row and the prefix cache keeps it)
+                # (finished_at, not done: a sequence is done before it leaves its row)
                 while any(seq.finished_at is None for seq in seqs) and self._thread.is_alive():
                     time.sleep(0.01)
                 for seq in seqs:
@@ -1080,10 +1081,7 @@ class BackgroundEngine:
             if not self._thread.is_alive():
                 raise LlavaError("the engine's thread stopped while compiling the decoding step")
         finally:
-            scheduler.eos = eos
-            engine.clear_caches()
-            engine.prefix_cache.stats, engine.prefix_cache.reused_tokens = CacheStats(), 0
-            engine.image_cache.stats = CacheStats()
+            scheduler.eos, prefix.enabled = eos, enabled
         return time.perf_counter() - began
 
     def cancel(self, seqs: list[Sequence]) -> None:

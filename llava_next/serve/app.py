@@ -137,18 +137,18 @@ class ServerState:
         slots, capacity = kv_space(pipe, s.max_concurrent, s.kv_memory)
         if compile:
             pipe.engine.compile_decoding(many_rows=slots > 1)
-        # finished conversations' KV for their next turns: several conversations', not only the newest (load()'s
-        # default, for one conversation at a time)
-        prefix = pipe.engine.prefix_cache
-        kv_bytes = pipe.engine.kv_bytes_per_token() * slots * capacity
-        prefix.max_bytes = kv_bytes // 4 if s.prefix_cache_memory is None else s.prefix_cache_memory
         self.engine = BackgroundEngine(pipe.engine, slots, capacity, s.prefill_chunk, s.max_queue)
+        # finished conversations' KV for their next turns: several conversations', not only the newest (load()'s
+        # default, for one conversation at a time); set before any request (the warm-up keeps nothing)
+        prefix = pipe.engine.prefix_cache
+        kv_bytes = self.engine.scheduler.kv_bytes
+        prefix.max_bytes = kv_bytes // 4 if s.prefix_cache_memory is None else s.prefix_cache_memory
         if pipe.engine.decode_step is not pipe.model:  # compiled: before the first users, not while they wait
             log.info("compiling the decoding step (a few short requests of its own)")
             log.info("compiled in %.1f s", self.engine.warm_up())
         self.pipe = pipe
         log.info("ready: %s, KV space %d sequences x %d tokens (%.2f GiB), prefix cache %.2f GiB, dtype %s", s.name(),
-                 slots, capacity, self.engine.scheduler.kv_bytes / GiB, prefix.max_bytes / GiB, pipe.model.dtype)
+                 slots, capacity, kv_bytes / GiB, prefix.max_bytes / GiB, pipe.model.dtype)
 
     def load(self) -> None:
         s = self.settings

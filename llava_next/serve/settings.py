@@ -20,7 +20,8 @@ class ServeSettings:
     api_key: str | None = None  # clients send `Authorization: Bearer <key>` on /v1/ routes
     max_concurrent: int | None = None  # sequences decoding at once (default: 8 on CPU, 32 on GPU, fewer if KV is short)
     kv_memory: int | None = None  # bytes of KV space (default: a quarter of free memory on CPU, half on GPU)
-    # bytes of finished conversations' KV kept for their next turns, beyond the newest (default: a quarter of kv_memory)
+    # bytes of finished conversations' KV kept for their next turns (default: a quarter of kv_memory; the newest is
+    # kept even when larger)
     prefix_cache_memory: int | None = None
     max_queue: int = 64  # sequences waiting for a KV row; more is answered 429
     prefill_chunk: int = 256  # prompt tokens per step while others are decoding
